@@ -1,0 +1,140 @@
+//! Authentication at the edge: the [`Authenticator`] trait every credential
+//! source implements, the [`Identity`] it returns, and username
+//! normalisation. A wrong password stops here; the backend never sees it.
+//!
+//! Sources: [`static_users`] (a YAML users file or a Dovecot passwd-file).
+//! Password checks run on the blocking thread pool, never on the async
+//! workers that carry other sessions.
+
+pub mod password;
+pub mod static_users;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::config::Auth as AuthConfig;
+use crate::imap::Secret;
+
+/// Who logged in, and where their mailbox lives if the directory says so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The normalised username; also the name used at the backend.
+    pub user: String,
+    /// A backend name from the directory; `None` lets the hash place the user.
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown user or wrong password: the client is told only that it failed.
+    #[error("invalid credentials")]
+    Rejected,
+    /// The source could not answer (down, timed out).
+    #[error("authentication source unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthError>> + Send + 'a>>;
+
+/// A source of truth about users and their credentials.
+pub trait Authenticator: Send + Sync {
+    /// Checks `password` for the already normalised `user`.
+    fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a>;
+
+    /// Name for logs and the `source` metric label.
+    fn name(&self) -> &'static str;
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum UsernameError {
+    #[error("user name is empty")]
+    Empty,
+    #[error("user name is longer than 255 bytes")]
+    TooLong,
+    #[error("user name is not UTF-8")]
+    NotUtf8,
+    #[error("user name contains control characters")]
+    ControlCharacters,
+}
+
+/// Applies the configured normalisation: lower-casing and a default domain.
+/// Refuses names no mail system would hold (control characters, non-UTF-8),
+/// so they never reach a log line, a directory query or a backend raw.
+pub fn normalise_username(raw: &[u8], config: &AuthConfig) -> Result<String, UsernameError> {
+    if raw.is_empty() {
+        return Err(UsernameError::Empty);
+    }
+    if raw.len() > 255 {
+        return Err(UsernameError::TooLong);
+    }
+    let text = std::str::from_utf8(raw).map_err(|_| UsernameError::NotUtf8)?;
+    if text.chars().any(char::is_control) {
+        return Err(UsernameError::ControlCharacters);
+    }
+    let mut user = if config.lowercase_usernames {
+        text.to_lowercase()
+    } else {
+        text.to_owned()
+    };
+    if let Some(domain) = &config.default_domain {
+        if !user.contains('@') {
+            user.push('@');
+            user.push_str(domain);
+        }
+    }
+    Ok(user)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthSource;
+    use std::time::Duration;
+
+    fn config(lower: bool, domain: Option<&str>) -> AuthConfig {
+        AuthConfig {
+            source: AuthSource::Static,
+            static_users: None,
+            failure_delay: Duration::ZERO,
+            lowercase_usernames: lower,
+            default_domain: domain.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn usernames_are_lowercased_and_get_the_default_domain() {
+        let c = config(true, Some("example.com"));
+        assert_eq!(
+            normalise_username(b"Alice", &c).unwrap(),
+            "alice@example.com"
+        );
+        assert_eq!(
+            normalise_username(b"Bob@Example.ORG", &c).unwrap(),
+            "bob@example.org"
+        );
+        let c = config(false, None);
+        assert_eq!(normalise_username(b"Alice", &c).unwrap(), "Alice");
+    }
+
+    #[test]
+    fn hostile_usernames_are_refused() {
+        let c = config(true, None);
+        assert_eq!(normalise_username(b"", &c), Err(UsernameError::Empty));
+        assert_eq!(
+            normalise_username(b"a\r\nb", &c),
+            Err(UsernameError::ControlCharacters)
+        );
+        assert_eq!(
+            normalise_username(b"a\0b", &c),
+            Err(UsernameError::ControlCharacters)
+        );
+        assert_eq!(
+            normalise_username(b"\xff\xfe", &c),
+            Err(UsernameError::NotUtf8)
+        );
+        assert_eq!(
+            normalise_username(&[b'a'; 300], &c),
+            Err(UsernameError::TooLong)
+        );
+    }
+}

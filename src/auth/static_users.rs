@@ -1,0 +1,245 @@
+//! The `static` source: users, password hashes and optional backends from a
+//! file, held in memory. Two formats: Postern's YAML
+//! (`users: [{ user, password, backend }]`) and Dovecot's passwd-file
+//! (`user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]`, only the first two
+//! fields read), so an existing Dovecot file can be used as it is.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::password::PasswordHash;
+use super::{normalise_username, AuthError, AuthFuture, Authenticator, Identity};
+use crate::config::{Auth as AuthConfig, UsersFormat};
+use crate::imap::Secret;
+
+#[derive(Debug, Clone)]
+struct Entry {
+    hash: PasswordHash,
+    backend: Option<String>,
+}
+
+/// Users loaded from one file; immutable once built.
+#[derive(Debug)]
+pub struct StaticUsers {
+    users: HashMap<String, Arc<Entry>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersFile {
+    users: Vec<UserRecord>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserRecord {
+    user: String,
+    password: String,
+    #[serde(default)]
+    backend: Option<String>,
+}
+
+impl StaticUsers {
+    /// Loads and checks the users file. `backend_exists` validates each
+    /// user's backend name against the pool.
+    pub fn load(
+        path: &Path,
+        format: UsersFormat,
+        auth: &AuthConfig,
+        backend_exists: &dyn Fn(&str) -> bool,
+    ) -> Result<StaticUsers, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read users file {}: {e}", path.display()))?;
+        let records = match format {
+            UsersFormat::Yaml => {
+                let file: UsersFile = crate::config::from_yaml(&text)
+                    .map_err(|e| format!("users file {}: {e}", path.display()))?;
+                file.users
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| (format!("key `users[{i}]`"), r))
+                    .collect::<Vec<_>>()
+            }
+            UsersFormat::PasswdFile => parse_passwd_file(&text),
+        };
+        let mut users = HashMap::with_capacity(records.len());
+        for (place, record) in records {
+            let fail = |msg: String| format!("users file {}: {place}: {msg}", path.display());
+            let user = normalise_username(record.user.as_bytes(), auth)
+                .map_err(|e| fail(e.to_string()))?;
+            let hash = PasswordHash::parse(&record.password)
+                .map_err(|e| fail(format!("user `{user}`: {e}")))?;
+            if let Some(b) = &record.backend {
+                if !backend_exists(b) {
+                    return Err(fail(format!(
+                        "user `{user}`: backend `{b}` is not in backends.pool"
+                    )));
+                }
+            }
+            let entry = Arc::new(Entry {
+                hash,
+                backend: record.backend,
+            });
+            if users.insert(user.clone(), entry).is_some() {
+                return Err(fail(format!("user `{user}` is listed twice")));
+            }
+        }
+        Ok(StaticUsers { users })
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .map(|(n, line)| {
+            let mut fields = line.splitn(3, ':');
+            let user = fields.next().unwrap_or_default().to_owned();
+            let password = fields.next().unwrap_or_default().to_owned();
+            (
+                format!("line {}", n + 1),
+                UserRecord {
+                    user,
+                    password,
+                    backend: None,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Authenticator for StaticUsers {
+    fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let Some(entry) = self.users.get(user).cloned() else {
+                return Err(AuthError::Rejected);
+            };
+            let check = Arc::clone(&entry);
+            let ok = tokio::task::spawn_blocking(move || check.hash.verify(password.expose()))
+                .await
+                .map_err(|e| AuthError::Unavailable(format!("password check failed: {e}")))?;
+            if ok {
+                Ok(Identity {
+                    user: user.to_owned(),
+                    backend: entry.backend.clone(),
+                })
+            } else {
+                Err(AuthError::Rejected)
+            }
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "static"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AuthSource;
+    use std::time::Duration;
+
+    fn auth() -> AuthConfig {
+        AuthConfig {
+            source: AuthSource::Static,
+            static_users: None,
+            failure_delay: Duration::ZERO,
+            lowercase_usernames: true,
+            default_domain: None,
+        }
+    }
+
+    fn write(text: &str) -> tempfile_path::TempPath {
+        tempfile_path::TempPath::with(text)
+    }
+
+    /// A file removed on drop, without a tempfile dependency.
+    mod tempfile_path {
+        pub struct TempPath(pub std::path::PathBuf);
+        impl TempPath {
+            pub fn with(text: &str) -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "postern-users-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::write(&p, text).unwrap();
+                TempPath(p)
+            }
+        }
+        impl Drop for TempPath {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn yaml_users_authenticate_and_carry_their_backend() {
+        let f = write("users:\n  - { user: Alice, password: \"{PLAIN}pw\", backend: mail-b }\n  - { user: bob, password: \"{PLAIN}x\" }\n");
+        let users =
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|b| b == "mail-b").unwrap();
+        let id = users
+            .authenticate("alice", Secret::new(b"pw".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(id.backend.as_deref(), Some("mail-b"));
+        assert!(matches!(
+            users
+                .authenticate("alice", Secret::new(b"nope".to_vec()))
+                .await,
+            Err(AuthError::Rejected)
+        ));
+        assert!(matches!(
+            users
+                .authenticate("nobody", Secret::new(b"pw".to_vec()))
+                .await,
+            Err(AuthError::Rejected)
+        ));
+    }
+
+    #[tokio::test]
+    async fn dovecot_passwd_file_is_read_as_it_is() {
+        let f = write("# comment\nalice:{PLAIN}pw:1000:1000::/home/alice::\n\nbob:{SHA256-CRYPT}$5$6yO3P.WhRn2wFF/1$puUdG/K7SJPqdhbkuhh0ih3Rz/SQLa8.fjepoLQA9//\n");
+        let users = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true).unwrap();
+        assert_eq!(users.len(), 2);
+        assert!(users
+            .authenticate("bob", Secret::new(b"secret".to_vec()))
+            .await
+            .is_ok());
+        assert!(users
+            .authenticate("alice", Secret::new(b"pw".to_vec()))
+            .await
+            .is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_place() {
+        let f = write("users:\n  - { user: alice, password: \"{MD5}x\" }\n");
+        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true).unwrap_err();
+        assert!(err.contains("users[0]") && err.contains("MD5"), "{err}");
+        let f = write("users:\n  - { user: alice, password: \"{PLAIN}x\", backend: nowhere }\n");
+        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| false).unwrap_err();
+        assert!(err.contains("nowhere"), "{err}");
+        let f = write("users:\n  - { user: alice, pasword: \"{PLAIN}x\" }\n");
+        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true).unwrap_err();
+        assert!(err.contains("line 2") && err.contains("pasword"), "{err}");
+        let f = write("alice:{PLAIN}a\nbob:nohash\n");
+        let err = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true).unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+    }
+}

@@ -1,0 +1,402 @@
+//! Connecting and logging in to a backend IMAP server for a user.
+//!
+//! Sequence: TCP connect (bounded by `connect_timeout`), then within
+//! `login_timeout`: read the greeting (refusing `PREAUTH` and `BYE`), ask for
+//! CAPABILITY if the greeting carried none, send `ID` with the client's
+//! address pipelined with the login (`AUTHENTICATE PLAIN` with SASL-IR when
+//! offered, else `AUTHENTICATE PLAIN` with a continuation, else `LOGIN` with
+//! quoting or literals), and capture the post-login capabilities. Everything
+//! the backend says before its tagged OK stays here; bytes after it are
+//! handed to the relay so nothing is lost.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::imap::{push_string, sasl, Capabilities, Secret};
+use crate::route::Backend;
+
+/// Longest backend response line kept while logging in (literals included).
+const MAX_RESPONSE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("backend greeting refused: {0}")]
+    Greeting(String),
+    #[error("backend rejected the login: {0}")]
+    Rejected(String),
+    #[error("backend protocol error: {0}")]
+    Protocol(String),
+    #[error("backend connection failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl BackendError {
+    /// Bounded label for the `result` of the backend-login metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BackendError::Connect { .. } => "connect_error",
+            BackendError::Timeout(_) => "timeout",
+            BackendError::Greeting(_) => "bad_greeting",
+            BackendError::Rejected(_) => "rejected",
+            BackendError::Protocol(_) | BackendError::Io(_) => "protocol_error",
+        }
+    }
+}
+
+/// The client's connection, forwarded to the backend in `ID`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddresses {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+pub struct LoginRequest<'a> {
+    pub user: &'a str,
+    pub password: &'a Secret,
+    pub forward: Option<ClientAddresses>,
+    pub session_id: &'a str,
+    pub connect_timeout: Duration,
+    pub login_timeout: Duration,
+}
+
+/// A backend connection on which the user is logged in.
+pub struct BackendSession {
+    pub stream: TcpStream,
+    /// The backend's capabilities after login, as it announced them.
+    pub capabilities: Capabilities,
+    /// Bytes the backend sent after its tagged OK; they belong to the client.
+    pub pending: Vec<u8>,
+}
+
+pub async fn connect_and_login(
+    backend: &Backend,
+    req: &LoginRequest<'_>,
+) -> Result<BackendSession, BackendError> {
+    let stream = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
+        .await
+        .map_err(|_| BackendError::Timeout("connecting"))??;
+    tokio::time::timeout(req.login_timeout, login(stream, req))
+        .await
+        .map_err(|_| BackendError::Timeout("logging in"))?
+}
+
+async fn connect(address: &str) -> Result<TcpStream, BackendError> {
+    let failed = |reason: String| BackendError::Connect {
+        address: address.to_owned(),
+        reason,
+    };
+    let addrs = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| failed(format!("cannot resolve: {e}")))?;
+    let mut last = failed("no addresses".into());
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                s.set_nodelay(true)?;
+                return Ok(s);
+            }
+            Err(e) => last = failed(e.to_string()),
+        }
+    }
+    Err(last)
+}
+
+async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
+    let mut conn = Conn {
+        stream,
+        buf: Vec::with_capacity(1024),
+    };
+    let greeting = conn.read_response().await?;
+    let mut caps = match greeting.strip_prefix("* ") {
+        Some(rest) if starts_with_word(rest, "OK") => capability_code(rest).unwrap_or_default(),
+        Some(rest) if starts_with_word(rest, "PREAUTH") => {
+            return Err(BackendError::Greeting(
+                "PREAUTH: the backend logged us in as somebody already".into(),
+            ))
+        }
+        Some(rest) if starts_with_word(rest, "BYE") => {
+            return Err(BackendError::Greeting(clip(&greeting)))
+        }
+        _ => {
+            return Err(BackendError::Greeting(format!(
+                "not an IMAP greeting: {}",
+                clip(&greeting)
+            )))
+        }
+    };
+    if caps.is_empty() {
+        conn.send(b"P0 CAPABILITY\r\n").await?;
+        caps = conn.await_tagged("P0").await?.capabilities;
+    }
+
+    // One write carries ID and the login, so the backend costs one round trip.
+    let mut out = Vec::with_capacity(256);
+    if let Some(addrs) = req.forward {
+        out.extend_from_slice(b"P1 ID (");
+        let fields = [
+            (
+                "x-originating-ip",
+                addrs.peer.ip().to_canonical().to_string(),
+            ),
+            ("x-originating-port", addrs.peer.port().to_string()),
+            (
+                "x-connected-ip",
+                addrs.local.ip().to_canonical().to_string(),
+            ),
+            ("x-connected-port", addrs.local.port().to_string()),
+            ("x-session-id", req.session_id.to_owned()),
+        ];
+        for (i, (k, v)) in fields.iter().enumerate() {
+            if i > 0 {
+                out.push(b' ');
+            }
+            push_string(&mut out, k.as_bytes(), false);
+            out.push(b' ');
+            push_string(&mut out, v.as_bytes(), false);
+        }
+        out.extend_from_slice(b")\r\n");
+    }
+    // Segments after the first wait for a `+` continuation.
+    let mut segments: Vec<Vec<u8>> = Vec::new();
+    if caps.has("AUTH=PLAIN") {
+        let ir = sasl::encode_plain(b"", req.user.as_bytes(), req.password.expose());
+        if caps.has("SASL-IR") {
+            out.extend_from_slice(b"P2 AUTHENTICATE PLAIN ");
+            out.extend_from_slice(ir.expose());
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(b"P2 AUTHENTICATE PLAIN\r\n");
+            let mut line = ir.expose().to_vec();
+            line.extend_from_slice(b"\r\n");
+            segments.push(line);
+        }
+    } else if !caps.has("LOGINDISABLED") {
+        let non_sync = caps.has("LITERAL+") || caps.has("LITERAL-");
+        let mut current = std::mem::take(&mut out);
+        current.extend_from_slice(b"P2 LOGIN ");
+        for (i, value) in [req.user.as_bytes(), req.password.expose()]
+            .into_iter()
+            .enumerate()
+        {
+            if i == 1 {
+                current.push(b' ');
+            }
+            if push_string(&mut current, value, non_sync) {
+                segments.push(std::mem::take(&mut current));
+                current.extend_from_slice(value);
+            }
+        }
+        current.extend_from_slice(b"\r\n");
+        segments.push(current);
+        out = segments.remove(0);
+    } else {
+        return Err(BackendError::Protocol(
+            "backend offers neither AUTH=PLAIN nor LOGIN (LOGINDISABLED)".into(),
+        ));
+    }
+    let sent = conn.send(&out).await;
+    wipe(&mut out);
+    sent?;
+
+    if req.forward.is_some() {
+        conn.await_tagged("P1").await?;
+    }
+    let mut segments = segments.into_iter();
+    let mut post_login = None;
+    let done = loop {
+        let line = conn.read_response().await?;
+        if line.starts_with('+') {
+            let Some(mut next) = segments.next() else {
+                return Err(BackendError::Protocol(
+                    "unexpected continuation during login".into(),
+                ));
+            };
+            let sent = conn.send(&next).await;
+            wipe(&mut next);
+            sent?;
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("* ") {
+            if let Some(c) = rest.strip_prefix("CAPABILITY ") {
+                post_login = Some(Capabilities::parse(c));
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("P2 ") {
+            break rest.to_owned();
+        }
+        return Err(BackendError::Protocol(format!(
+            "unexpected line: {}",
+            clip(&line)
+        )));
+    };
+    if !starts_with_word(&done, "OK") {
+        return Err(BackendError::Rejected(clip(&done)));
+    }
+    let capabilities = match capability_code(&done).or(post_login) {
+        Some(c) => c,
+        None => {
+            conn.send(b"P3 CAPABILITY\r\n").await?;
+            conn.await_tagged("P3").await?.capabilities
+        }
+    };
+    Ok(BackendSession {
+        stream: conn.stream,
+        capabilities,
+        pending: conn.buf,
+    })
+}
+
+fn wipe(buf: &mut Vec<u8>) {
+    zeroize::Zeroize::zeroize(buf);
+}
+
+fn starts_with_word(text: &str, word: &str) -> bool {
+    text.len() >= word.len()
+        && text[..word.len()].eq_ignore_ascii_case(word)
+        && text[word.len()..].chars().next().is_none_or(|c| c == ' ')
+}
+
+/// `[CAPABILITY …]` at the start of a status response's text.
+fn capability_code(status: &str) -> Option<Capabilities> {
+    let after = status.split_once(' ')?.1;
+    let code = after.strip_prefix('[')?;
+    let end = code.find(']')?;
+    let code = &code[..end];
+    let list = code
+        .strip_prefix("CAPABILITY ")
+        .or_else(|| code.strip_prefix("capability "))?;
+    Some(Capabilities::parse(list))
+}
+
+/// A response line, shortened and made printable for logs and errors.
+fn clip(line: &str) -> String {
+    crate::imap::printable(line, 200)
+}
+
+struct Tagged {
+    capabilities: Capabilities,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Reads responses up to the tagged one for `tag`, keeping any
+    /// CAPABILITY seen on the way; a tagged NO/BAD is an error.
+    async fn await_tagged(&mut self, tag: &str) -> Result<Tagged, BackendError> {
+        let mut caps = Capabilities::default();
+        loop {
+            let line = self.read_response().await?;
+            if let Some(rest) = line.strip_prefix("* ") {
+                if let Some(c) = rest.strip_prefix("CAPABILITY ") {
+                    caps = Capabilities::parse(c);
+                }
+                continue;
+            }
+            let Some(status) = line.strip_prefix(tag).and_then(|r| r.strip_prefix(' ')) else {
+                return Err(BackendError::Protocol(format!(
+                    "unexpected line: {}",
+                    clip(&line)
+                )));
+            };
+            if !starts_with_word(status, "OK") {
+                return Err(BackendError::Protocol(format!(
+                    "{tag} failed: {}",
+                    clip(status)
+                )));
+            }
+            if let Some(c) = capability_code(status) {
+                caps = c;
+            }
+            return Ok(Tagged { capabilities: caps });
+        }
+    }
+
+    /// One response, its literals skipped over (an untagged `* ID` may carry
+    /// them); bounded by [`MAX_RESPONSE`].
+    async fn read_response(&mut self) -> Result<String, BackendError> {
+        let mut text = Vec::new();
+        loop {
+            let line = self.read_line().await?;
+            let marker = crate::imap::framing::literal_marker(&line);
+            text.extend_from_slice(&line);
+            let Some(m) = marker else { break };
+            if m.size > MAX_RESPONSE as u64 || text.len() + m.size as usize > MAX_RESPONSE {
+                return Err(BackendError::Protocol("response literal too large".into()));
+            }
+            let size = m.size as usize;
+            while self.buf.len() < size {
+                self.fill().await?;
+            }
+            self.buf.drain(..size);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    async fn read_line(&mut self) -> Result<Vec<u8>, BackendError> {
+        let mut searched = 0;
+        loop {
+            if let Some(at) = self.buf[searched..].iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=searched + at).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            searched = self.buf.len();
+            if searched > MAX_RESPONSE {
+                return Err(BackendError::Protocol("response line too long".into()));
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), BackendError> {
+        let mut chunk = [0u8; 4096];
+        let n = self.stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(BackendError::Protocol(
+                "backend closed the connection".into(),
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_codes() {
+        let caps =
+            capability_code("OK [CAPABILITY IMAP4rev1 SASL-IR AUTH=PLAIN] Dovecot ready.").unwrap();
+        assert!(caps.has("SASL-IR"));
+        assert!(capability_code("OK Logged in").is_none());
+        assert!(capability_code("OK [ALERT] hi").is_none());
+    }
+
+    #[test]
+    fn words() {
+        assert!(starts_with_word("OK done", "OK"));
+        assert!(starts_with_word("ok", "OK"));
+        assert!(!starts_with_word("OKAY", "OK"));
+    }
+}

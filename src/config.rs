@@ -1,0 +1,671 @@
+//! The YAML configuration: its schema, its defaults and its validation.
+//!
+//! Every struct rejects unknown keys, and every value that can be checked on
+//! its own (addresses, durations, sizes, enums) is checked while it is
+//! deserialised, so an error names the key path and the line of the file.
+//! Checks that span several keys run after parsing and name the key path.
+//! Relative file paths are resolved against the directory of the config file.
+//! This module reads files only to load the configuration and its users file;
+//! it opens no sockets and keeps no state.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// An error in the configuration, worded for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub tls: Tls,
+    pub auth: Auth,
+    pub backends: Backends,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub metrics: Metrics,
+    #[serde(default)]
+    pub log: Log,
+    /// Directory of the config file; relative paths are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    /// Used in logs and as the `listener` metric label.
+    pub name: String,
+    pub bind: SocketAddr,
+    pub tls: ListenerTls,
+    /// Allow LOGIN/AUTHENTICATE before STARTTLS on a `starttls` listener.
+    /// Meant for loopback testing only; off by default.
+    #[serde(default)]
+    pub allow_plaintext_auth: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerTls {
+    /// IMAPS: TLS from the first byte (port 993).
+    Implicit,
+    /// Plain IMAP that must upgrade with STARTTLS before login (port 143).
+    Starttls,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificates; the first is the default for clients without a known SNI name.
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+    /// Where a self-signed certificate is made and kept when `certificates` is empty.
+    #[serde(default)]
+    pub self_signed: SelfSigned,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Certificate {
+    /// PEM file: the end-entity certificate first, then its chain.
+    pub cert: PathBuf,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// SNI names this certificate answers (`mail.example.com`, `*.example.com`).
+    /// May be empty for the first (default) certificate.
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfSigned {
+    #[serde(default = "default_self_signed_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_self_signed_names")]
+    pub names: Vec<String>,
+}
+
+impl Default for SelfSigned {
+    fn default() -> Self {
+        SelfSigned {
+            dir: default_self_signed_dir(),
+            names: default_self_signed_names(),
+        }
+    }
+}
+
+fn default_self_signed_dir() -> PathBuf {
+    PathBuf::from("self-signed-tls")
+}
+
+fn default_self_signed_names() -> Vec<String> {
+    vec!["localhost".into()]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Auth {
+    pub source: AuthSource,
+    #[serde(rename = "static")]
+    pub static_users: Option<StaticUsers>,
+    /// How long a failed login waits, counted from when the credentials arrived.
+    #[serde(default = "default_failure_delay", deserialize_with = "duration")]
+    pub failure_delay: Duration,
+    /// Lower-case usernames before lookup and routing.
+    #[serde(default = "yes")]
+    pub lowercase_usernames: bool,
+    /// Appended as `@domain` to usernames that have no `@`.
+    #[serde(default)]
+    pub default_domain: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthSource {
+    Static,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticUsers {
+    pub users_file: PathBuf,
+    #[serde(default)]
+    pub format: UsersFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsersFormat {
+    /// `users: [{ user, password, backend? }]`
+    #[default]
+    Yaml,
+    /// Dovecot's `user:{SCHEME}hash:...` lines, read as they are.
+    PasswdFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backends {
+    pub pool: Vec<BackendServer>,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// Greeting, ID and login exchange with the backend, after connect.
+    #[serde(default = "default_login_timeout", deserialize_with = "duration")]
+    pub login_timeout: Duration,
+    #[serde(default)]
+    pub forward_client_address: ForwardClientAddress,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendServer {
+    /// Stable identity: the rendezvous hash uses it, so renaming moves users
+    /// and changing `address` does not.
+    pub name: String,
+    /// `host:port`; a host name is resolved when a session connects.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardClientAddress {
+    /// `ID ("x-originating-ip" …)` before login, as Dovecot reads it from trusted proxies.
+    #[default]
+    Id,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(
+        default = "default_tls_handshake_timeout",
+        deserialize_with = "duration"
+    )]
+    pub tls_handshake_timeout: Duration,
+    /// From accept until the backend login succeeds.
+    #[serde(default = "default_preauth_timeout", deserialize_with = "duration")]
+    pub preauth_timeout: Duration,
+    /// A relayed session with no bytes either way for this long is closed.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// Longest pre-auth command line, in bytes, not counting literals.
+    #[serde(default = "default_max_line", deserialize_with = "size")]
+    pub max_line: usize,
+    /// Largest pre-auth literal; bigger ones are refused without a `+`.
+    #[serde(default = "default_max_literal", deserialize_with = "size")]
+    pub max_literal: usize,
+    /// Bad pre-auth commands before the connection is closed.
+    #[serde(default = "default_max_bad_commands")]
+    pub max_bad_commands: u32,
+    /// Failed logins on one connection before it is closed.
+    #[serde(default = "default_max_auth_failures")]
+    pub max_auth_failures: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tls_handshake_timeout: default_tls_handshake_timeout(),
+            preauth_timeout: default_preauth_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_line: default_max_line(),
+            max_literal: default_max_literal(),
+            max_bad_commands: default_max_bad_commands(),
+            max_auth_failures: default_max_auth_failures(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    #[serde(default = "default_metrics_bind")]
+    pub bind: SocketAddr,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            bind: default_metrics_bind(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter: `info`, `postern=debug`, …; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_failure_delay() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_preauth_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(31 * 60)
+}
+fn default_max_line() -> usize {
+    8192
+}
+fn default_max_literal() -> usize {
+    8192
+}
+fn default_max_bad_commands() -> u32 {
+    10
+}
+fn default_max_auth_failures() -> u32 {
+    3
+}
+fn default_metrics_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Parses `500ms`, `10s`, `31m`, `2h`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (use 500ms, 10s, 31m, 2h)"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m, h)")),
+    };
+    if !(0.0..=1e9).contains(&seconds) {
+        return Err(format!("duration `{text}` is out of range"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Parses `8192`, `64KiB`, `1MiB`.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: usize = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (use 8192, 64KiB, 1MiB)"))?;
+    let factor = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1024,
+        "MiB" | "M" => 1024 * 1024,
+        other => return Err(format!("unknown size unit `{other}` (use KiB or MiB)")),
+    };
+    value
+        .checked_mul(factor)
+        .ok_or_else(|| format!("size `{text}` is too large"))
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumberOrText {
+    Number(u64),
+    Text(String),
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
+        NumberOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match NumberOrText::deserialize(d)? {
+        NumberOrText::Number(n) => usize::try_from(n).map_err(serde::de::Error::custom),
+        NumberOrText::Text(t) => parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Deserialises YAML, naming the key path and line of the first error.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let location = inner
+            .location()
+            .map(|l| format!("line {}, column {}: ", l.line(), l.column()))
+            .unwrap_or_default();
+        // serde_yaml appends its own "at line N column M"; the prefix already says it.
+        let mut message = inner.to_string();
+        if let Some(at) = message.find(" at line ") {
+            message.truncate(at);
+        }
+        if path == "." || path.is_empty() {
+            format!("{location}{message}")
+        } else {
+            format!("{location}key `{path}`: {message}")
+        }
+    })
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and
+    /// anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
+        let mut config: Config = from_yaml(text).map_err(invalid)?;
+        config.base_dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        config.validate().map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Resolves a path from the config against the config file's directory.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.base_dir.join(path)
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.listeners.is_empty() {
+            return Err("key `listeners`: at least one listener is needed".into());
+        }
+        let mut names = HashSet::new();
+        let mut binds = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            check_name(&format!("listeners[{i}].name"), &l.name)?;
+            if !names.insert(&l.name) {
+                return Err(format!(
+                    "key `listeners[{i}].name`: listener `{}` is defined twice",
+                    l.name
+                ));
+            }
+            if !binds.insert(l.bind) {
+                return Err(format!(
+                    "key `listeners[{i}].bind`: {} is used by another listener",
+                    l.bind
+                ));
+            }
+            if l.allow_plaintext_auth && l.tls == ListenerTls::Implicit {
+                return Err(format!(
+                    "key `listeners[{i}].allow_plaintext_auth`: only meaningful on a `starttls` listener"
+                ));
+            }
+        }
+        if binds.contains(&self.metrics.bind) {
+            return Err(format!(
+                "key `metrics.bind`: {} is also a listener's address",
+                self.metrics.bind
+            ));
+        }
+        for (i, c) in self.tls.certificates.iter().enumerate() {
+            if i > 0 && c.names.is_empty() {
+                return Err(format!(
+                    "key `tls.certificates[{i}].names`: every certificate but the first (the default) needs the SNI names it serves"
+                ));
+            }
+            for (j, n) in c.names.iter().enumerate() {
+                if n.is_empty() || n.contains(|ch: char| ch.is_whitespace() || ch == '/') {
+                    return Err(format!(
+                        "key `tls.certificates[{i}].names[{j}]`: `{n}` is not a host name"
+                    ));
+                }
+            }
+        }
+        if self.tls.certificates.is_empty() && self.tls.self_signed.names.is_empty() {
+            return Err("key `tls.self_signed.names`: at least one name is needed".into());
+        }
+        match self.auth.source {
+            AuthSource::Static if self.auth.static_users.is_none() => {
+                return Err(
+                    "key `auth.static`: `source: static` needs `static: { users_file: … }`".into(),
+                )
+            }
+            _ => {}
+        }
+        if let Some(domain) = &self.auth.default_domain {
+            if domain.is_empty() || domain.contains(['@', ' ']) {
+                return Err(format!(
+                    "key `auth.default_domain`: `{domain}` is not a domain"
+                ));
+            }
+        }
+        if self.backends.pool.is_empty() {
+            return Err("key `backends.pool`: at least one backend is needed".into());
+        }
+        let mut backend_names = HashSet::new();
+        for (i, b) in self.backends.pool.iter().enumerate() {
+            check_name(&format!("backends.pool[{i}].name"), &b.name)?;
+            if !backend_names.insert(&b.name) {
+                return Err(format!(
+                    "key `backends.pool[{i}].name`: backend `{}` is defined twice",
+                    b.name
+                ));
+            }
+            check_host_port(&b.address)
+                .map_err(|e| format!("key `backends.pool[{i}].address`: {e}"))?;
+        }
+        let l = &self.limits;
+        if l.max_line < 512 {
+            return Err("key `limits.max_line`: must be at least 512 bytes".into());
+        }
+        if l.max_bad_commands == 0 || l.max_auth_failures == 0 {
+            return Err(
+                "key `limits`: max_bad_commands and max_auth_failures must be at least 1".into(),
+            );
+        }
+        for (key, d) in [
+            ("tls_handshake_timeout", l.tls_handshake_timeout),
+            ("preauth_timeout", l.preauth_timeout),
+            ("idle_timeout", l.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("key `limits.{key}`: must be above zero"));
+            }
+        }
+        if self.backends.connect_timeout.is_zero() || self.backends.login_timeout.is_zero() {
+            return Err(
+                "key `backends`: connect_timeout and login_timeout must be above zero".into(),
+            );
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| format!("key `log.level`: {e}"))?;
+        Ok(())
+    }
+}
+
+fn check_name(key: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "key `{key}`: `{name}` must be 1-64 characters of letters, digits, `-`, `_` or `.`"
+        ))
+    }
+}
+
+/// Checks `host:port` or `[v6]:port` without resolving it.
+pub fn check_host_port(address: &str) -> Result<(), String> {
+    if address.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = address
+        .rsplit_once(':')
+        .ok_or_else(|| format!("`{address}` needs a port (host:port)"))?;
+    port.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("`{port}` in `{address}` is not a port"))?;
+    if host.is_empty() || host.contains([' ', '[', ']', ':']) {
+        return Err(format!("`{host}` in `{address}` is not a host name"));
+    }
+    Ok(())
+}
+
+impl fmt::Display for ListenerTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ListenerTls::Implicit => "implicit",
+            ListenerTls::Starttls => "starttls",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+listeners:
+  - { name: imaps, bind: \"127.0.0.1:9993\", tls: implicit }
+auth:
+  source: static
+  static: { users_file: users.yaml }
+backends:
+  pool:
+    - { name: mail-a, address: \"127.0.0.1:10143\" }
+";
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/postern/postern.yaml")).unwrap();
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(31 * 60));
+        assert_eq!(c.limits.preauth_timeout, Duration::from_secs(60));
+        assert_eq!(c.metrics.bind.port(), 9090);
+        assert_eq!(
+            c.resolve(&c.auth.static_users.as_ref().unwrap().users_file),
+            PathBuf::from("/etc/postern/users.yaml")
+        );
+        assert!(c.auth.lowercase_usernames);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = MINIMAL.replace("tls: implicit }", "tls: implicit, colour: blue }");
+        let err = Config::parse(&text, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+        assert!(err.contains("listeners[0]"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_is_named_with_key_and_line() {
+        let text = format!("{MINIMAL}limits:\n  idle_timeout: 31 fortnights\n");
+        let err = Config::parse(&text, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.idle_timeout"), "{err}");
+        assert!(err.contains("line 11"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_backend_is_refused() {
+        let text = MINIMAL.replace(
+            "    - { name: mail-a, address: \"127.0.0.1:10143\" }",
+            "    - { name: mail-a, address: \"127.0.0.1:10143\" }\n    - { name: mail-a, address: \"127.0.0.1:10144\" }",
+        );
+        let err = Config::parse(&text, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backends.pool[1].name"), "{err}");
+    }
+
+    #[test]
+    fn durations_and_sizes_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("31m").unwrap(), Duration::from_secs(1860));
+        assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
+        assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(parse_size("64KiB").unwrap(), 65536);
+        assert!(parse_size("99999999999999999999MiB").is_err());
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert!(check_host_port("mail.example.com:143").is_ok());
+        assert!(check_host_port("[::1]:143").is_ok());
+        assert!(check_host_port("mail.example.com").is_err());
+        assert!(check_host_port("mail:0").is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! Postern: a TLS-terminating IMAP proxy and load balancer that
+//! authenticates users at the edge.
+//!
+//! The data path, in the order a connection meets it:
+//!
+//! - [`server`]: listeners and accept loops; each connection gets its own task.
+//! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
+//! - [`session`]: one client, from greeting through pre-auth to the relay.
+//! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL.
+//! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password hashes.
+//! - [`route`]: backend selection (directory hint, rendezvous hashing).
+//! - [`backend`]: connect and log in to the chosen backend for the user.
+//! - [`relay`]: the opaque byte pump after login.
+//!
+//! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
+//! behind arc-swap), [`metrics`] (Prometheus families and the HTTP endpoint),
+//! [`logging`].
+
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod imap;
+pub mod live;
+pub mod logging;
+pub mod metrics;
+pub mod relay;
+pub mod route;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod tls;

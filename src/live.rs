@@ -1,0 +1,62 @@
+//! The live configuration: one immutable [`Runtime`] snapshot (config plus
+//! everything built from it: TLS, users, backend selection) behind
+//! `arc-swap`. Each session takes the snapshot current at accept and keeps it
+//! to the end, so replacing the snapshot never disturbs a running session.
+//! Building a snapshot validates everything; a bad one is never installed.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::auth::static_users::StaticUsers;
+use crate::auth::Authenticator;
+use crate::config::{AuthSource, Config};
+use crate::metrics::Metrics;
+use crate::route::{RendezvousPool, Selector};
+
+/// Everything a session needs, built from one config.
+pub struct Runtime {
+    pub config: Config,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub auth: Arc<dyn Authenticator>,
+    pub selector: Arc<dyn Selector>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Runtime {
+    /// Builds and checks a snapshot: certificates load and match their keys,
+    /// the users file parses and names only known backends.
+    pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Runtime, String> {
+        let tls = crate::tls::server_config(&config).map_err(|e| e.to_string())?;
+        let auth: Arc<dyn Authenticator> = match config.auth.source {
+            AuthSource::Static => {
+                let s = config.auth.static_users.as_ref().expect("validated");
+                let pool = &config.backends.pool;
+                let users = StaticUsers::load(
+                    &config.resolve(&s.users_file),
+                    s.format,
+                    &config.auth,
+                    &|name| pool.iter().any(|b| b.name == name),
+                )?;
+                Arc::new(users)
+            }
+        };
+        let selector = Arc::new(RendezvousPool::new(&config.backends.pool));
+        Ok(Runtime {
+            config,
+            tls,
+            auth,
+            selector,
+            metrics,
+        })
+    }
+
+    pub fn load(path: &Path, metrics: Arc<Metrics>) -> Result<Runtime, String> {
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        Runtime::build(config, metrics)
+    }
+}
+
+/// The current snapshot, swapped whole.
+pub type Live = Arc<ArcSwap<Runtime>>;

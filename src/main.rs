@@ -1,0 +1,121 @@
+//! The `postern` command line: `run`, `check-config`, `hash-password`.
+
+use std::io::BufRead;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand};
+
+use postern::auth::password::{self, Scheme};
+use postern::config::Config;
+use postern::live::Runtime;
+use postern::metrics::Metrics;
+
+#[derive(Parser)]
+#[command(
+    name = "postern",
+    version,
+    about = "TLS-terminating IMAP proxy and load balancer"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// The configuration file.
+        #[arg(short, long, default_value = "/etc/postern/postern.yaml")]
+        config: PathBuf,
+    },
+    /// Check a configuration (and its users file and certificates) without starting.
+    CheckConfig {
+        /// The configuration file.
+        config: PathBuf,
+    },
+    /// Print a password hash for a users file; reads the password from standard input.
+    HashPassword {
+        #[arg(long, value_enum, default_value = "argon2id")]
+        scheme: Scheme,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => check_config(config),
+        Command::HashPassword { scheme } => hash_password(scheme),
+    }
+}
+
+fn check_config(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    let summary = format!(
+        "{}: configuration OK ({} listeners, {} backends)",
+        path.display(),
+        config.listeners.len(),
+        config.backends.pool.len()
+    );
+    Runtime::build(config, Metrics::new())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    println!("{summary}");
+    Ok(())
+}
+
+fn hash_password(scheme: Scheme) -> anyhow::Result<()> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        eprint!("Password (echoed): ");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("empty password");
+    }
+    let hash = password::hash(password.as_bytes(), scheme).map_err(|e| anyhow::anyhow!(e))?;
+    println!("{hash}");
+    Ok(())
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    postern::logging::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let metrics = Metrics::new();
+        let rt = Runtime::build(config, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let live = Arc::new(ArcSwap::from_pointee(rt));
+        let current = live.load_full();
+        postern::metrics::serve(current.config.metrics.bind, Arc::clone(&metrics))
+            .await
+            .with_context(|| format!("metrics endpoint cannot bind {}", current.config.metrics.bind))?;
+        let listeners = postern::server::bind_all(&current.config.listeners).await?;
+        for (socket, info) in listeners {
+            tokio::spawn(postern::server::accept_loop(socket, info, Arc::clone(&live)));
+        }
+        metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "postern started");
+        shutdown_signal().await;
+        metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

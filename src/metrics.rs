@@ -1,0 +1,214 @@
+//! Metric families and the small HTTP endpoint that serves them.
+//!
+//! Families follow Prometheus naming (`_total` counters, base units:
+//! seconds and bytes). Labels have bounded values only: listener and backend
+//! names from the config, and fixed reason words. Usernames, client
+//! addresses and secrets are never labels.
+//!
+//! The endpoint (hyper, HTTP/1.1) serves `/metrics`, `/healthz` (the process
+//! answers) and `/readyz` (every listener is bound and accepting).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{Request, Response, StatusCode};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_accepted: IntCounterVec,
+    pub sessions_active: IntGaugeVec,
+    pub sessions_ended: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub authentications: IntCounterVec,
+    pub backend_logins: IntCounterVec,
+    pub relay_bytes: IntCounterVec,
+    pub session_duration: HistogramVec,
+    pub login_duration: HistogramVec,
+    pub starttls_discarded_bytes: IntCounter,
+    pub ready: AtomicBool,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let registry = Registry::new();
+        fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
+        }
+        fn histogram(
+            r: &Registry,
+            name: &str,
+            help: &str,
+            labels: &[&str],
+            buckets: Vec<f64>,
+        ) -> HistogramVec {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+                .expect("valid metric");
+            r.register(Box::new(h.clone())).expect("unique metric");
+            h
+        }
+        let sessions_active = IntGaugeVec::new(
+            Opts::new(
+                "postern_sessions_active",
+                "Client connections open now, per listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(sessions_active.clone()))
+            .expect("unique metric");
+        let starttls_discarded_bytes = IntCounter::new(
+            "postern_starttls_discarded_bytes_total",
+            "Bytes a client pipelined after STARTTLS, discarded unread.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(starttls_discarded_bytes.clone()))
+            .expect("unique metric");
+        Arc::new(Metrics {
+            connections_accepted: counter(
+                &registry,
+                "postern_connections_accepted_total",
+                "TCP connections accepted, per listener.",
+                &["listener"],
+            ),
+            sessions_ended: counter(
+                &registry,
+                "postern_sessions_ended_total",
+                "Client connections ended, by why they ended.",
+                &["reason"],
+            ),
+            tls_handshake_failures: counter(
+                &registry,
+                "postern_tls_handshake_failures_total",
+                "TLS handshakes with clients that failed, per listener and reason.",
+                &["listener", "reason"],
+            ),
+            authentications: counter(
+                &registry,
+                "postern_authentications_total",
+                "Client authentication attempts, by mechanism and result.",
+                &["mechanism", "result"],
+            ),
+            backend_logins: counter(
+                &registry,
+                "postern_backend_logins_total",
+                "Logins to backend servers, per backend and result.",
+                &["backend", "result"],
+            ),
+            relay_bytes: counter(
+                &registry,
+                "postern_relay_bytes_total",
+                "Bytes relayed after login, by direction.",
+                &["direction"],
+            ),
+            session_duration: histogram(
+                &registry,
+                "postern_session_duration_seconds",
+                "Time from backend login to the end of the relayed session.",
+                &["listener"],
+                vec![
+                    1.0,
+                    10.0,
+                    60.0,
+                    300.0,
+                    900.0,
+                    1800.0,
+                    3600.0,
+                    4.0 * 3600.0,
+                    12.0 * 3600.0,
+                    24.0 * 3600.0,
+                ],
+            ),
+            login_duration: histogram(
+                &registry,
+                "postern_login_duration_seconds",
+                "Time from the client's credentials to its tagged OK, backend login included.",
+                &["listener"],
+                vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
+            sessions_active,
+            starttls_discarded_bytes,
+            registry,
+            ready: AtomicBool::new(false),
+        })
+    }
+
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding cannot fail");
+        out
+    }
+}
+
+/// Serves the endpoint until the process ends. Bind errors are returned.
+pub async fn serve(bind: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    tracing::info!(%bind, "metrics endpoint listening");
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let metrics = Arc::clone(&metrics);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let metrics = Arc::clone(&metrics);
+                    async move { Ok::<_, std::convert::Infallible>(answer(&req, &metrics)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // A scrape takes milliseconds; a connection held open longer is dropped.
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), conn).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, content_type, body): (StatusCode, &str, Bytes) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            Bytes::from(metrics.render()),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n")),
+        "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
+        }
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"not ready\n"),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found\n"),
+        ),
+    };
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body))
+        .expect("valid response")
+}

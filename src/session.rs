@@ -1,0 +1,736 @@
+//! One client connection, from accept to close: TLS handshake (implicit
+//! listeners), greeting, the pre-auth command loop with STARTTLS, the
+//! credentials check, routing, backend login, then the relay.
+//!
+//! The whole pre-auth phase runs under one deadline (`preauth_timeout`), and
+//! every limit ends in `* BYE` with its reason. What the client reads is
+//! chosen here apart from what the log records: causes go to the log, the
+//! client gets a response code and a short reason. One line is logged when a
+//! session ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::auth::{normalise_username, AuthError};
+use crate::backend::{self, BackendError, BackendSession, ClientAddresses, LoginRequest};
+use crate::config::{ForwardClientAddress, ListenerTls};
+use crate::imap::command::{self, IdFields, ParseError, PreauthCommand};
+use crate::imap::framing::{CommandReader, FramingError};
+use crate::imap::sasl::{self, Credentials};
+use crate::imap::{printable, Secret};
+use crate::live::Runtime;
+use crate::relay::{self, Counters};
+use crate::route::Route;
+use crate::stream::ClientStream;
+
+/// What a listener tells its sessions.
+#[derive(Debug)]
+pub struct ListenerInfo {
+    pub name: String,
+    pub tls: ListenerTls,
+    pub allow_plaintext_auth: bool,
+}
+
+/// Why a session ended: a fixed word, used in the log line and as the
+/// `reason` label of `postern_sessions_ended_total`.
+type EndReason = &'static str;
+
+/// `Err` ends the pre-auth phase with that reason.
+type Step<T> = Result<T, EndReason>;
+
+pub async fn run(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerInfo>, rt: Arc<Runtime>) {
+    let id = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("session", id = %id);
+    async move {
+        let metrics = Arc::clone(&rt.metrics);
+        metrics
+            .connections_accepted
+            .with_label_values(&[&listener.name])
+            .inc();
+        let active = metrics.sessions_active.with_label_values(&[&listener.name]);
+        active.inc();
+        let local = tcp.local_addr().unwrap_or(peer);
+        let _ = tcp.set_nodelay(true);
+        let mut session = Session {
+            id,
+            peer,
+            local,
+            listener,
+            rt,
+            accepted: Instant::now(),
+            user: None,
+            backend: None,
+            client_id: None,
+            bad_commands: 0,
+            auth_failures: 0,
+        };
+        let ending = session.drive(tcp).await;
+        active.dec();
+        metrics
+            .sessions_ended
+            .with_label_values(&[ending.reason])
+            .inc();
+        tracing::info!(
+            client = %session.peer,
+            listener = %session.listener.name,
+            user = session.user.as_deref().unwrap_or("-"),
+            backend = session.backend.as_deref().unwrap_or("-"),
+            bytes_in = ending.client_to_backend,
+            bytes_out = ending.backend_to_client,
+            duration_ms = session.accepted.elapsed().as_millis() as u64,
+            reason = ending.reason,
+            "session ended"
+        );
+    }
+    .instrument(span)
+    .await
+}
+
+struct Ending {
+    reason: EndReason,
+    client_to_backend: u64,
+    backend_to_client: u64,
+}
+
+impl From<EndReason> for Ending {
+    fn from(reason: EndReason) -> Self {
+        Ending {
+            reason,
+            client_to_backend: 0,
+            backend_to_client: 0,
+        }
+    }
+}
+
+/// The state of the pre-auth phase that outlives single commands.
+struct Session {
+    id: String,
+    peer: SocketAddr,
+    local: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    rt: Arc<Runtime>,
+    accepted: Instant,
+    user: Option<String>,
+    backend: Option<String>,
+    /// The client's `ID` fields, kept for the log.
+    client_id: Option<IdFields>,
+    bad_commands: u32,
+    auth_failures: u32,
+}
+
+/// A client logged in at its backend, ready to relay.
+struct LoggedIn {
+    tag: String,
+    backend: BackendSession,
+    route: Route,
+    credentials_at: Instant,
+    /// Bytes the client sent after its login command: its first commands
+    /// for the backend.
+    client_pending: Vec<u8>,
+}
+
+impl Session {
+    async fn drive(&mut self, tcp: TcpStream) -> Ending {
+        let rt = Arc::clone(&self.rt);
+        let limits = &rt.config.limits;
+        let deadline = self.accepted + limits.preauth_timeout;
+        let mut stream = match self.listener.tls {
+            ListenerTls::Implicit => match self.handshake(tcp).await {
+                Ok(tls) => ClientStream::Tls(Box::new(tls)),
+                Err(reason) => return reason.into(),
+            },
+            ListenerTls::Starttls => ClientStream::Plain(tcp),
+        };
+        let logged_in = match tokio::time::timeout_at(deadline, self.preauth(&mut stream)).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(reason)) => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+                return reason.into();
+            }
+            Err(_) => {
+                let bye = b"* BYE Autologout; pre-authentication time limit reached\r\n";
+                let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, bye)).await;
+                return "preauth_timeout".into();
+            }
+        };
+
+        let LoggedIn {
+            tag,
+            backend,
+            route,
+            credentials_at,
+            client_pending,
+        } = logged_in;
+        let BackendSession {
+            stream: mut backend_stream,
+            capabilities,
+            pending,
+        } = backend;
+        let mut ok = format!("{tag} OK [CAPABILITY {capabilities}] Logged in\r\n").into_bytes();
+        ok.extend_from_slice(&pending);
+        if send(&mut stream, &ok).await.is_err() {
+            return "client_error".into();
+        }
+        if !client_pending.is_empty() && backend_stream.write_all(&client_pending).await.is_err() {
+            return "backend_error".into();
+        }
+        let m = &self.rt.metrics;
+        m.login_duration
+            .with_label_values(&[&self.listener.name])
+            .observe(credentials_at.elapsed().as_secs_f64());
+        tracing::info!(
+            user = self.user.as_deref().unwrap_or("-"),
+            backend = %route.backend.name,
+            client_id = ?self.client_id,
+            "logged in"
+        );
+
+        let relay_started = Instant::now();
+        let counters = Counters {
+            client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
+            backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
+        };
+        let outcome = relay::relay(stream, backend_stream, limits.idle_timeout, &counters).await;
+        m.session_duration
+            .with_label_values(&[&self.listener.name])
+            .observe(relay_started.elapsed().as_secs_f64());
+        Ending {
+            reason: outcome.end.as_str(),
+            client_to_backend: outcome.client_to_backend + client_pending.len() as u64,
+            backend_to_client: outcome.backend_to_client + pending.len() as u64,
+        }
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Step<tokio_rustls::server::TlsStream<TcpStream>> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.rt.tls));
+        let timeout = self.rt.config.limits.tls_handshake_timeout;
+        let failed = |reason: &'static str| {
+            self.rt
+                .metrics
+                .tls_handshake_failures
+                .with_label_values(&[&self.listener.name, reason])
+                .inc();
+        };
+        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => {
+                let reason = handshake_failure_reason(&e);
+                failed(reason);
+                tracing::debug!(client = %self.peer, reason, error = %e, "TLS handshake failed");
+                Err("tls_handshake_failed")
+            }
+            Err(_) => {
+                failed("timeout");
+                tracing::debug!(client = %self.peer, "TLS handshake timed out");
+                Err("tls_handshake_timeout")
+            }
+        }
+    }
+
+    fn auth_allowed(&self, stream: &ClientStream) -> bool {
+        stream.is_tls() || self.listener.allow_plaintext_auth
+    }
+
+    fn capabilities(&self, stream: &ClientStream) -> &'static str {
+        match (stream.is_tls(), self.listener.allow_plaintext_auth) {
+            (true, _) => "IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN",
+            (false, false) => "IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED",
+            (false, true) => "IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN",
+        }
+    }
+
+    async fn preauth(&mut self, stream: &mut ClientStream) -> Step<LoggedIn> {
+        let limits = self.rt.config.limits.clone();
+        let mut reader = CommandReader::new(limits.max_line, limits.max_literal);
+        let greeting = format!(
+            "* OK [CAPABILITY {}] Postern ready.\r\n",
+            self.capabilities(stream)
+        );
+        send(stream, greeting.as_bytes())
+            .await
+            .map_err(|_| "client_error")?;
+        loop {
+            let raw = match reader.read_command(stream).await {
+                Ok(raw) => raw,
+                Err(e) => return Err(self.framing_failed(stream, e).await),
+            };
+            let cmd = match command::parse(&raw) {
+                Ok(cmd) => cmd,
+                Err(ParseError::NoTag) => {
+                    self.bad(stream, "*", "Missing or invalid tag").await?;
+                    continue;
+                }
+                Err(ParseError::Bad { tag, reason }) => {
+                    self.bad(stream, &tag, reason).await?;
+                    continue;
+                }
+            };
+            drop(raw);
+            let tag = cmd.tag;
+            match cmd.body {
+                PreauthCommand::Capability => {
+                    let r = format!(
+                        "* CAPABILITY {}\r\n{tag} OK CAPABILITY completed\r\n",
+                        self.capabilities(stream)
+                    );
+                    reply(stream, r).await?;
+                }
+                PreauthCommand::Noop => {
+                    reply(stream, format!("{tag} OK NOOP completed\r\n")).await?
+                }
+                PreauthCommand::Logout => {
+                    reply(
+                        stream,
+                        format!("* BYE Logging out\r\n{tag} OK LOGOUT completed\r\n"),
+                    )
+                    .await?;
+                    return Err("logout");
+                }
+                PreauthCommand::Id(fields) => {
+                    tracing::debug!(client_id = ?fields, "client ID");
+                    self.client_id = fields;
+                    reply(
+                        stream,
+                        format!("* ID (\"name\" \"Postern\")\r\n{tag} OK ID completed\r\n"),
+                    )
+                    .await?;
+                }
+                PreauthCommand::StartTls => self.starttls(stream, &mut reader, &tag).await?,
+                PreauthCommand::Login { user, password } => {
+                    if !self.auth_allowed(stream) {
+                        self.privacy_required(stream, &tag).await?;
+                        continue;
+                    }
+                    let creds = Credentials {
+                        authzid: None,
+                        authcid: user,
+                        password,
+                    };
+                    if let Some(mut l) = self.login(stream, &tag, "LOGIN", creds).await? {
+                        l.client_pending = reader.take_buffered();
+                        return Ok(l);
+                    }
+                }
+                PreauthCommand::Authenticate {
+                    mechanism,
+                    initial_response,
+                } => {
+                    if !self.auth_allowed(stream) {
+                        self.privacy_required(stream, &tag).await?;
+                        continue;
+                    }
+                    let Some((mech, creds)) = self
+                        .sasl_exchange(stream, &mut reader, &tag, &mechanism, initial_response)
+                        .await?
+                    else {
+                        continue;
+                    };
+                    if let Some(mut l) = self.login(stream, &tag, mech, creds).await? {
+                        l.client_pending = reader.take_buffered();
+                        return Ok(l);
+                    }
+                }
+                PreauthCommand::NotPermitted(name) => {
+                    let reason = format!("{name} is not valid before login; log in first");
+                    self.bad(stream, &tag, &reason).await?;
+                }
+            }
+        }
+    }
+
+    async fn framing_failed(&mut self, stream: &mut ClientStream, e: FramingError) -> EndReason {
+        let (bye, reason) = match e {
+            FramingError::LineTooLong(limit) => (
+                format!("* BYE [TOOBIG] Command line longer than {limit} bytes\r\n"),
+                "line_too_long",
+            ),
+            FramingError::LiteralTooBig { size, limit } => (
+                format!(
+                    "* BYE [TOOBIG] Literal of {size} bytes exceeds the limit of {limit} bytes\r\n"
+                ),
+                "literal_too_big",
+            ),
+            FramingError::Closed => return "client_closed",
+            FramingError::Io(_) => return "client_error",
+        };
+        let _ = send(stream, bye.as_bytes()).await;
+        reason
+    }
+
+    /// Answers a bad command; too many of them end the session.
+    async fn bad(&mut self, stream: &mut ClientStream, tag: &str, reason: &str) -> Step<()> {
+        self.bad_commands += 1;
+        let mut out = format!("{tag} BAD {reason}\r\n");
+        if self.bad_commands >= self.rt.config.limits.max_bad_commands {
+            out.push_str("* BYE Too many invalid commands\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_bad_commands");
+        }
+        reply(stream, out).await
+    }
+
+    async fn privacy_required(&mut self, stream: &mut ClientStream, tag: &str) -> Step<()> {
+        self.rt
+            .metrics
+            .authentications
+            .with_label_values(&["none", "privacy_required"])
+            .inc();
+        self.bad_commands += 1;
+        let mut out = format!(
+            "{tag} NO [PRIVACYREQUIRED] Use STARTTLS first: logins over plaintext are disabled\r\n"
+        );
+        if self.bad_commands >= self.rt.config.limits.max_bad_commands {
+            out.push_str("* BYE Too many invalid commands\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_bad_commands");
+        }
+        reply(stream, out).await
+    }
+
+    async fn starttls(
+        &mut self,
+        stream: &mut ClientStream,
+        reader: &mut CommandReader,
+        tag: &str,
+    ) -> Step<()> {
+        if stream.is_tls() {
+            let reason = match self.listener.tls {
+                ListenerTls::Implicit => "STARTTLS is not available on an implicit-TLS port",
+                ListenerTls::Starttls => "TLS is already active",
+            };
+            return self.bad(stream, tag, reason).await;
+        }
+        reply(stream, format!("{tag} OK Begin TLS negotiation now\r\n")).await?;
+        // Anything the client sent after STARTTLS was sent in plaintext and
+        // may have been injected: drop it unread (CVE-2011-0411 class).
+        let dropped = reader.discard_buffered();
+        if dropped > 0 {
+            self.rt
+                .metrics
+                .starttls_discarded_bytes
+                .inc_by(dropped as u64);
+            tracing::info!(client = %self.peer, bytes = dropped, "discarded bytes pipelined after STARTTLS");
+        }
+        let ClientStream::Plain(tcp) = std::mem::replace(stream, ClientStream::Upgrading) else {
+            return Err("client_error");
+        };
+        let tls = self.handshake(tcp).await?;
+        *stream = ClientStream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    /// Runs an AUTHENTICATE exchange. `Ok(None)` means it was answered
+    /// already (cancelled, unsupported, malformed) and the loop goes on.
+    async fn sasl_exchange(
+        &mut self,
+        stream: &mut ClientStream,
+        reader: &mut CommandReader,
+        tag: &str,
+        mechanism: &str,
+        initial: Option<Secret>,
+    ) -> Step<Option<(&'static str, Credentials)>> {
+        match mechanism {
+            "PLAIN" => {
+                let message = match initial {
+                    Some(ir) => sasl::decode_response(ir.expose()),
+                    None => match self.continuation(stream, reader, tag, "").await? {
+                        Some(line) => sasl::decode_response(line.expose()),
+                        None => return Ok(None),
+                    },
+                };
+                match message.and_then(|m| sasl::decode_plain(&m)) {
+                    Ok(creds) => Ok(Some(("PLAIN", creds))),
+                    Err(e) => {
+                        self.count_auth("PLAIN", "invalid");
+                        self.bad(stream, tag, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(ir) => ir,
+                    None => match self
+                        .continuation(stream, reader, tag, sasl::LOGIN_USERNAME_PROMPT)
+                        .await?
+                    {
+                        Some(line) => line,
+                        None => return Ok(None),
+                    },
+                };
+                let Some(password) = self
+                    .continuation(stream, reader, tag, sasl::LOGIN_PASSWORD_PROMPT)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                match (
+                    sasl::decode_response(user.expose()),
+                    sasl::decode_response(password.expose()),
+                ) {
+                    (Ok(user), Ok(password)) => Ok(Some((
+                        "LOGIN",
+                        Credentials {
+                            authzid: None,
+                            authcid: user.expose().to_vec(),
+                            password,
+                        },
+                    ))),
+                    (Err(e), _) | (_, Err(e)) => {
+                        self.count_auth("LOGIN", "invalid");
+                        self.bad(stream, tag, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            _ => {
+                self.bad_commands += 1;
+                reply(
+                    stream,
+                    format!("{tag} NO Unsupported authentication mechanism\r\n"),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Sends `+ prompt` and reads the client's answer line. `Ok(None)`
+    /// when the client cancelled with `*` (answered with a tagged BAD).
+    async fn continuation(
+        &mut self,
+        stream: &mut ClientStream,
+        reader: &mut CommandReader,
+        tag: &str,
+        prompt: &str,
+    ) -> Step<Option<Secret>> {
+        reply(stream, format!("+ {prompt}\r\n")).await?;
+        let line = match reader
+            .read_line(stream, self.rt.config.limits.max_line)
+            .await
+        {
+            Ok(line) => Secret::new(line),
+            Err(e) => return Err(self.framing_failed(stream, e).await),
+        };
+        if line.expose() == b"*" {
+            reply(stream, format!("{tag} BAD Authentication cancelled\r\n")).await?;
+            return Ok(None);
+        }
+        Ok(Some(line))
+    }
+
+    fn count_auth(&self, mechanism: &str, result: &str) {
+        self.rt
+            .metrics
+            .authentications
+            .with_label_values(&[mechanism, result])
+            .inc();
+    }
+
+    /// Checks credentials, routes, and logs in at the backend. `Ok(None)`:
+    /// answered with NO, the pre-auth loop goes on.
+    async fn login(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+        mechanism: &'static str,
+        creds: Credentials,
+    ) -> Step<Option<LoggedIn>> {
+        let received = Instant::now();
+        let rt = Arc::clone(&self.rt);
+        let auth = &rt.config.auth;
+        let user = match normalise_username(&creds.authcid, auth) {
+            Ok(user) => user,
+            Err(e) => {
+                self.count_auth(mechanism, "invalid");
+                tracing::info!(client = %self.peer, mechanism, error = %e, "login refused: invalid user name");
+                return self
+                    .auth_failed(
+                        stream,
+                        tag,
+                        received,
+                        &format!("NO [AUTHENTICATIONFAILED] Invalid user name: {e}"),
+                    )
+                    .await;
+            }
+        };
+        if let Some(authzid) = &creds.authzid {
+            if normalise_username(authzid, auth).ok().as_deref() != Some(user.as_str()) {
+                self.count_auth(mechanism, "invalid");
+                tracing::info!(client = %self.peer, user, mechanism, "login refused: authorization identity differs");
+                return self
+                    .auth_failed(
+                        stream,
+                        tag,
+                        received,
+                        "NO [AUTHORIZATIONFAILED] Logging in as another user is not permitted",
+                    )
+                    .await;
+            }
+        }
+        let password = creds.password;
+        let identity = match rt.auth.authenticate(&user, password.clone()).await {
+            Ok(identity) => identity,
+            Err(AuthError::Rejected) => {
+                self.count_auth(mechanism, "failure");
+                tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), "authentication failed");
+                return self
+                    .auth_failed(
+                        stream,
+                        tag,
+                        received,
+                        "NO [AUTHENTICATIONFAILED] Authentication failed.",
+                    )
+                    .await;
+            }
+            Err(AuthError::Unavailable(cause)) => {
+                self.count_auth(mechanism, "unavailable");
+                tracing::warn!(client = %self.peer, user, source = self.rt.auth.name(), cause, "authentication source unavailable");
+                reply(
+                    stream,
+                    format!(
+                        "{tag} NO [UNAVAILABLE] Authentication is unavailable, try again later\r\n"
+                    ),
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        self.count_auth(mechanism, "success");
+        self.user = Some(identity.user.clone());
+        let route = match self.rt.selector.select(&identity) {
+            Ok(route) => route,
+            Err(e) => {
+                tracing::error!(user = identity.user, error = %e, "no backend for user");
+                reply(stream, format!("{tag} NO [UNAVAILABLE] No mail server for this account, try again later\r\n")).await?;
+                return Ok(None);
+            }
+        };
+        tracing::info!(
+            user = identity.user,
+            backend = %route.backend.name,
+            address = %route.backend.address,
+            reason = route.reason.as_str(),
+            "routed"
+        );
+        let config = &rt.config.backends;
+        let request = LoginRequest {
+            user: &identity.user,
+            password: &password,
+            forward: (config.forward_client_address == ForwardClientAddress::Id).then_some(
+                ClientAddresses {
+                    peer: self.peer,
+                    local: self.local,
+                },
+            ),
+            session_id: &self.id,
+            connect_timeout: config.connect_timeout,
+            login_timeout: config.login_timeout,
+        };
+        let result = backend::connect_and_login(&route.backend, &request).await;
+        let label = match &result {
+            Ok(_) => "success",
+            Err(e) => e.kind(),
+        };
+        self.rt
+            .metrics
+            .backend_logins
+            .with_label_values(&[&route.backend.name, label])
+            .inc();
+        match result {
+            Ok(session) => {
+                self.backend = Some(route.backend.name.clone());
+                Ok(Some(LoggedIn {
+                    tag: tag.to_owned(),
+                    backend: session,
+                    route,
+                    credentials_at: received,
+                    client_pending: Vec::new(),
+                }))
+            }
+            Err(e) => {
+                let text = match &e {
+                    BackendError::Rejected(_) => {
+                        tracing::error!(
+                            user = identity.user,
+                            backend = %route.backend.name,
+                            error = %e,
+                            "backend refused a login that Postern accepted: the users file and the backend disagree"
+                        );
+                        "Mail server refused the login, try again later"
+                    }
+                    BackendError::Connect { .. } | BackendError::Timeout("connecting") => {
+                        tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable");
+                        "Mail server is not reachable, try again later"
+                    }
+                    _ => {
+                        tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend login failed");
+                        "Mail server is not answering correctly, try again later"
+                    }
+                };
+                reply(stream, format!("{tag} NO [UNAVAILABLE] {text}\r\n")).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Answers a failed login once the failure delay (counted from when the
+    /// credentials arrived) has passed; too many failures end the session.
+    async fn auth_failed(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+        received: Instant,
+        response: &str,
+    ) -> Step<Option<LoggedIn>> {
+        tokio::time::sleep_until(received + self.rt.config.auth.failure_delay).await;
+        self.auth_failures += 1;
+        let mut out = format!("{tag} {}\r\n", printable(response, 200));
+        if self.auth_failures >= self.rt.config.limits.max_auth_failures {
+            out.push_str("* BYE Too many failed logins\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_auth_failures");
+        }
+        reply(stream, out).await?;
+        Ok(None)
+    }
+}
+
+/// Writes one response in one write and flushes it through TLS.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+async fn reply(stream: &mut ClientStream, text: String) -> Step<()> {
+    send(stream, text.as_bytes())
+        .await
+        .map_err(|_| "client_error")
+}
+
+/// A bounded word for why a TLS handshake failed.
+fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return match tls {
+            rustls::Error::NoApplicationProtocol => "alpn",
+            rustls::Error::PeerIncompatible(_) => "incompatible",
+            rustls::Error::AlertReceived(_) => "alert_received",
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+                "protocol"
+            }
+            _ => "tls_error",
+        };
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => "client_closed",
+        std::io::ErrorKind::InvalidData => "protocol",
+        _ => "io_error",
+    }
+}
