@@ -14,6 +14,7 @@ use crate::auth::Authenticator;
 use crate::config::{AuthSource, Config};
 use crate::metrics::Metrics;
 use crate::route::{RendezvousPool, Selector};
+use crate::tls::SelfSignedMode;
 
 /// Everything a session needs, built from one config.
 pub struct Runtime {
@@ -27,8 +28,12 @@ pub struct Runtime {
 impl Runtime {
     /// Builds and checks a snapshot: certificates load and match their keys,
     /// the users file parses and names only known backends.
-    pub fn build(config: Config, metrics: Arc<Metrics>) -> Result<Runtime, String> {
-        let tls = crate::tls::server_config(&config).map_err(|e| e.to_string())?;
+    pub fn build(
+        config: Config,
+        metrics: Arc<Metrics>,
+        self_signed: SelfSignedMode,
+    ) -> Result<Runtime, String> {
+        let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
         let auth: Arc<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
                 let s = config.auth.static_users.as_ref().expect("validated");
@@ -54,7 +59,7 @@ impl Runtime {
 
     pub fn load(path: &Path, metrics: Arc<Metrics>) -> Result<Runtime, String> {
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        Runtime::build(config, metrics)
+        Runtime::build(config, metrics, SelfSignedMode::Persist)
     }
 }
 

@@ -12,6 +12,7 @@ use postern::auth::password::{self, Scheme};
 use postern::config::Config;
 use postern::live::Runtime;
 use postern::metrics::Metrics;
+use postern::tls::SelfSignedMode;
 
 #[derive(Parser)]
 #[command(
@@ -61,7 +62,7 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
         config.listeners.len(),
         config.backends.pool.len()
     );
-    Runtime::build(config, Metrics::new())
+    Runtime::build(config, Metrics::new(), SelfSignedMode::InMemory)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     println!("{summary}");
     Ok(())
@@ -92,7 +93,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let metrics = Metrics::new();
-        let rt = Runtime::build(config, Arc::clone(&metrics)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let rt = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let live = Arc::new(ArcSwap::from_pointee(rt));
         let current = live.load_full();
         postern::metrics::serve(current.config.metrics.bind, Arc::clone(&metrics))

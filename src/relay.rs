@@ -87,35 +87,33 @@ where
         );
         tokio::pin!(up, down);
 
-        let mut up_done: Option<PumpEnd> = None;
-        let mut down_done: Option<PumpEnd> = None;
+        // Who closed first; once one side has, the session ends on its account.
+        let mut closed: Option<RelayEnd> = None;
         let mut limit = idle;
         loop {
-            let idle_deadline =
-                start + Duration::from_millis(last_activity.load(Ordering::Relaxed)) + limit;
+            let since = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
             tokio::select! {
-                r = &mut up, if up_done.is_none() => {
-                    if r != PumpEnd::Eof { break if r == PumpEnd::ReadError { RelayEnd::ClientError } else { RelayEnd::BackendError } }
-                    up_done = Some(r);
-                    limit = limit.min(LINGER);
-                    if down_done.is_some() { break RelayEnd::BackendClosed }
-                }
-                r = &mut down, if down_done.is_none() => {
-                    if r != PumpEnd::Eof { break if r == PumpEnd::ReadError { RelayEnd::BackendError } else { RelayEnd::ClientError } }
-                    down_done = Some(r);
-                    limit = limit.min(LINGER);
-                    if up_done.is_some() { break RelayEnd::ClientClosed }
-                }
-                _ = tokio::time::sleep_until(idle_deadline) => {
+                r = &mut up, if closed != Some(RelayEnd::ClientClosed) => match (closed, r) {
+                    (Some(first), _) => break first,
+                    (None, PumpEnd::Eof) => closed = Some(RelayEnd::ClientClosed),
+                    (None, PumpEnd::ReadError) => break RelayEnd::ClientError,
+                    (None, PumpEnd::WriteError) => break RelayEnd::BackendError,
+                },
+                r = &mut down, if closed != Some(RelayEnd::BackendClosed) => match (closed, r) {
+                    (Some(first), _) => break first,
+                    (None, PumpEnd::Eof) => closed = Some(RelayEnd::BackendClosed),
+                    (None, PumpEnd::ReadError) => break RelayEnd::BackendError,
+                    (None, PumpEnd::WriteError) => break RelayEnd::ClientError,
+                },
+                _ = tokio::time::sleep_until(since + limit) => {
                     let since = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
                     if Instant::now() >= since + limit {
-                        break match (up_done, down_done) {
-                            (Some(_), _) => RelayEnd::ClientClosed,
-                            (_, Some(_)) => RelayEnd::BackendClosed,
-                            _ => RelayEnd::IdleTimeout,
-                        };
+                        break closed.unwrap_or(RelayEnd::IdleTimeout);
                     }
                 }
+            }
+            if closed.is_some() {
+                limit = limit.min(LINGER);
             }
         }
     };

@@ -28,12 +28,20 @@ pub enum TlsError {
     Setup(String),
 }
 
+/// What to do when the self-signed certificate is needed but missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SelfSignedMode {
+    /// Make it and keep it on disk (running).
+    Persist,
+    /// Make one in memory only (`check-config` writes nothing).
+    InMemory,
+}
+
 /// Builds the server config from `tls.certificates`, or from the
-/// self-signed certificate (made now if missing) when none is listed.
-pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+/// self-signed certificate (made if missing) when none is listed.
+pub fn server_config(config: &Config, mode: SelfSignedMode) -> Result<Arc<ServerConfig>, TlsError> {
     let resolver = if config.tls.certificates.is_empty() {
-        let (cert, key) = ensure_self_signed(config, &config.tls.self_signed)?;
-        SniResolver::new(load_certified_key(&cert, &key)?)
+        SniResolver::new(self_signed(config, &config.tls.self_signed, mode)?)
     } else {
         let mut certs = config.tls.certificates.iter();
         let first = certs.next().expect("validated: at least one certificate");
@@ -90,24 +98,34 @@ pub fn load_certified_key(
     Ok(Arc::new(certified))
 }
 
-/// Returns the self-signed certificate's paths, making it on first use.
-fn ensure_self_signed(
+/// Loads the self-signed certificate, making it on first use.
+fn self_signed(
     config: &Config,
     settings: &SelfSigned,
-) -> Result<(PathBuf, PathBuf), TlsError> {
+    mode: SelfSignedMode,
+) -> Result<Arc<CertifiedKey>, TlsError> {
     let dir = config.resolve(&settings.dir);
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
     if cert.exists() && key.exists() {
-        return Ok((cert, key));
+        return load_certified_key(&cert, &key);
     }
     let setup = |e: String| TlsError::File {
         path: dir.clone(),
         message: e,
     };
-    std::fs::create_dir_all(&dir).map_err(|e| setup(format!("cannot create directory: {e}")))?;
     let made = rcgen::generate_simple_self_signed(settings.names.clone())
         .map_err(|e| setup(format!("cannot make a self-signed certificate: {e}")))?;
+    if mode == SelfSignedMode::InMemory {
+        let key = PrivateKeyDer::from_pem_slice(made.key_pair.serialize_pem().as_bytes())
+            .map_err(|e| setup(format!("self-signed key: {e}")))?;
+        let signing = provider::sign::any_supported_type(&key).map_err(|e| setup(e.to_string()))?;
+        return Ok(Arc::new(CertifiedKey::new(
+            vec![made.cert.der().clone()],
+            signing,
+        )));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| setup(format!("cannot create directory: {e}")))?;
     write_private(&key, made.key_pair.serialize_pem().as_bytes())
         .map_err(|e| setup(format!("cannot write key: {e}")))?;
     std::fs::write(&cert, made.cert.pem())
@@ -117,7 +135,7 @@ fn ensure_self_signed(
         names = ?settings.names,
         "no certificate configured; made a self-signed one (clients will not trust it)"
     );
-    Ok((cert, key))
+    load_certified_key(&cert, &key)
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -1,0 +1,267 @@
+//! Real Dovecot IMAP backends for the integration tests. Each
+//! `DovecotBackend` is a private instance that `scripts/dovecot-backend`
+//! starts in its own temporary directory on a free loopback port; dropping
+//! it kills the instance and deletes the directory.
+//!
+//! Every backend also accepts the master user: `LOGIN "alice*proxymaster"
+//! "master-secret"` logs in as alice. Dovecot trusts `ID
+//! ("x-originating-ip" …)` from loopback, so the login line's `rip=` shows
+//! the address the proxy forwarded. Log lines look like:
+//!
+//! ```text
+//! imap-login: Info: Login: user=<alice>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1, mpid=10979, secured, session=<…>
+//! auth: Info: passwd-file(alice,127.0.0.1,<…>): Password mismatch
+//! ```
+//!
+//! Dovecot writes its log asynchronously: poll with `wait_until` before
+//! asserting that a line is there, and wait for the session to finish before
+//! asserting that one is not.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
+
+use super::free_port;
+
+/// The master user every backend accepts (`user*proxymaster`).
+pub const MASTER_USER: &str = "proxymaster";
+pub const MASTER_PASSWORD: &str = "master-secret";
+/// The users of a backend made by `DovecotBackend::start`.
+pub const DEMO_USERS: &[(&str, &str)] = &[
+    ("alice", "wonderland"),
+    ("bob", "builder"),
+    ("carol", "singer"),
+];
+
+/// How often `start` picks a new port after another process took its port.
+const PORT_ATTEMPTS: usize = 3;
+
+pub struct DovecotBackend {
+    pub name: String,
+    pub port: u16,
+    pub dir: PathBuf,
+    /// Passed to every (re)start; `None` means the script's demo users.
+    users_file: Option<PathBuf>,
+}
+
+impl DovecotBackend {
+    /// A backend with the demo users alice/wonderland, bob/builder and
+    /// carol/singer.
+    pub fn start(name: &str) -> DovecotBackend {
+        Self::launch(name, None)
+    }
+
+    /// A backend that knows exactly `users` (name, plaintext password).
+    pub fn start_with_users(name: &str, users: &[(&str, &str)]) -> DovecotBackend {
+        Self::launch(name, Some(users))
+    }
+
+    fn launch(name: &str, users: Option<&[(&str, &str)]>) -> DovecotBackend {
+        ensure_installed();
+        let dir = unique_dir(name);
+        let users_file = users.map(|users| {
+            let path = dir.join("users.in");
+            let lines: String = users
+                .iter()
+                .map(|(u, p)| format!("{u}:{{PLAIN}}{p}\n"))
+                .collect();
+            fs::write(&path, lines).expect("write the backend's users file");
+            path
+        });
+        let mut backend = DovecotBackend {
+            name: name.to_owned(),
+            port: 0,
+            dir,
+            users_file,
+        };
+
+        for _ in 0..PORT_ATTEMPTS {
+            backend.port = free_port();
+            match backend.run_start() {
+                Ok(()) => return backend,
+                // Another process bound the port after free_port released it.
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!(
+                    "dovecot backend {name:?} did not start on {}:\n{stderr}",
+                    backend.addr()
+                ),
+            }
+        }
+        panic!("dovecot backend {name:?}: the port was taken {PORT_ATTEMPTS} times in a row")
+    }
+
+    /// Runs `dovecot-backend start`; on failure returns its stderr.
+    fn run_start(&self) -> Result<(), String> {
+        let mut command = script();
+        command
+            .arg("start")
+            .arg(&self.dir)
+            .arg(self.port.to_string());
+        if let Some(users) = &self.users_file {
+            command.arg(users);
+        }
+        let out = command.output().expect("run scripts/dovecot-backend");
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// "127.0.0.1:PORT".
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The whole Dovecot log so far; empty if there is none yet.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("dovecot.log")).unwrap_or_default()
+    }
+
+    /// The successful login lines (`… Login: user=<alice>, method=PLAIN, rip=…`).
+    pub fn logins(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("Login: user=<"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Whether the backend ever heard of `user`, in a successful or failed
+    /// login. Failures show up as `user=<USER>` when the connection ends and
+    /// as `passwd-file(USER,…): Password mismatch` (or `unknown user`) right
+    /// away; a failed master login names only the master user.
+    pub fn saw_user(&self, user: &str) -> bool {
+        let tagged = format!("user=<{user}>");
+        let looked_up = format!("passwd-file({user},");
+        self.log()
+            .lines()
+            .any(|line| line.contains(&tagged) || line.contains(&looked_up))
+    }
+
+    /// Kills the backend at once, like a crash; the port stops answering
+    /// when this returns. `restart` brings it back.
+    pub fn stop(&self) {
+        let out = script()
+            .arg("kill")
+            .arg(&self.dir)
+            .output()
+            .expect("run scripts/dovecot-backend");
+        assert!(
+            out.status.success(),
+            "stopping dovecot backend {:?} failed:\n{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts the backend again on the same port, with the same users and
+    /// mail; panics if the port was taken in the meantime.
+    pub fn restart(&self) {
+        if let Err(stderr) = self.run_start() {
+            panic!(
+                "dovecot backend {:?} did not restart on {}:\n{stderr}",
+                self.name,
+                self.addr()
+            );
+        }
+    }
+}
+
+impl Drop for DovecotBackend {
+    fn drop(&mut self) {
+        // Killing, not a graceful stop: Dovecot's own shutdown takes 1-3 s,
+        // and a test has read what it needs from the log by now.
+        let _ = script().arg("kill").arg(&self.dir).output();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            eprintln!(
+                "--- last lines of dovecot backend {:?} ({}) ---",
+                self.name,
+                self.dir.display()
+            );
+            tail.iter().rev().for_each(|line| eprintln!("{line}"));
+        }
+        if std::env::var_os("POSTERN_KEEP_BACKENDS").is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Panics unless `dovecot` can be run: the tests need a real backend and
+/// must fail loudly, never skip, when it is missing.
+pub fn ensure_installed() {
+    // The script also looks in /usr/sbin and /sbin, where Debian puts it.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+        .any(|dir| dir.join("dovecot").is_file());
+    assert!(
+        found,
+        "dovecot is not installed, and the integration tests need real Dovecot backends; \
+         install it with `scripts/dovecot-backend install` (as root, Debian's dovecot-imapd)"
+    );
+}
+
+fn script() -> Command {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dovecot-backend");
+    let mut command = Command::new("bash");
+    command.arg(path);
+    command
+}
+
+/// A fresh directory `postern-test-<name>-<pid>-<n>` under the system temp dir.
+fn unique_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    static REAP: Once = Once::new();
+    REAP.call_once(reap_orphans);
+    // The script accepts only these characters in paths (Dovecot expands %).
+    let name: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._+-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("postern-test-{name}-{}-{n}", std::process::id()));
+    // Left over by an earlier run whose PID this process now has.
+    if dir.exists() {
+        let _ = script().arg("kill").arg(&dir).output();
+        let _ = fs::remove_dir_all(&dir);
+    }
+    fs::create_dir_all(&dir).expect("create the backend's temporary directory");
+    dir
+}
+
+/// Kills and deletes the backends of earlier test runs that ended without
+/// dropping them (Ctrl-C, a CI timeout): their process no longer exists.
+fn reap_orphans() {
+    let Ok(entries) = fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix("postern-test-"))
+        else {
+            continue;
+        };
+        // postern-test-<name>-<pid>-<n>; <name> may contain dashes itself.
+        let Some(pid) = rest.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = script().arg("kill").arg(entry.path()).output();
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}

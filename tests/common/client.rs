@@ -1,0 +1,222 @@
+//! A raw IMAP client for protocol-level tests: exact bytes out, lines in,
+//! every read bounded by a timeout. TLS through rustls with a verifier that
+//! accepts the test's self-signed certificate.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+pub struct Client {
+    reader: BufReader<Box<dyn Stream>>,
+}
+
+/// Accepts any certificate: the tests' server uses a self-signed one.
+#[derive(Debug)]
+struct AcceptAny;
+
+impl ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The verifier that accepts any certificate, for tests building their own config.
+pub fn accept_any() -> Arc<dyn ServerCertVerifier> {
+    Arc::new(AcceptAny)
+}
+
+pub fn client_config(alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    let mut config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAny))
+            .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Completes a TLS handshake over `tcp`; the error is rustls' own.
+pub fn tls_over(
+    tcp: TcpStream,
+    sni: &str,
+    alpn: &[&[u8]],
+) -> Result<StreamOwned<ClientConnection, TcpStream>, std::io::Error> {
+    let conn = ClientConnection::new(
+        client_config(alpn),
+        ServerName::try_from(sni.to_owned()).unwrap(),
+    )
+    .unwrap();
+    let mut tls = StreamOwned::new(conn, tcp);
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock)?;
+    }
+    Ok(tls)
+}
+
+pub fn tcp(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+impl Client {
+    /// Implicit TLS; returns after reading the greeting.
+    pub fn imaps(port: u16) -> (Client, String) {
+        let tls = tls_over(tcp(port), "localhost", &[b"imap"]).expect("TLS handshake");
+        let mut c = Client {
+            reader: BufReader::new(Box::new(tls)),
+        };
+        let greeting = c.line();
+        (c, greeting)
+    }
+
+    /// Wraps an already connected stream (the greeting is not read).
+    pub fn from_stream<S: Read + Write + Send + 'static>(stream: S) -> Client {
+        Client {
+            reader: BufReader::new(Box::new(stream)),
+        }
+    }
+
+    /// Plain TCP; returns after reading the greeting.
+    pub fn plain(port: u16) -> (Client, String) {
+        let mut c = Client {
+            reader: BufReader::new(Box::new(tcp(port))),
+        };
+        let greeting = c.line();
+        (c, greeting)
+    }
+
+    /// Plain TCP on a STARTTLS port, upgraded; the buffer must be empty.
+    pub fn starttls(port: u16) -> Client {
+        let s = tcp(port);
+        let mut plain = BufReader::new(s.try_clone().unwrap());
+        let mut greeting = String::new();
+        plain.read_line(&mut greeting).unwrap();
+        (&s).write_all(b"s1 STARTTLS\r\n").unwrap();
+        let mut ok = String::new();
+        plain.read_line(&mut ok).unwrap();
+        assert!(ok.starts_with("s1 OK"), "{ok}");
+        assert!(plain.buffer().is_empty());
+        Client {
+            reader: BufReader::new(Box::new(tls_over(s, "localhost", &[b"imap"]).unwrap())),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let s = self.reader.get_mut();
+        s.write_all(bytes).unwrap();
+        s.flush().unwrap();
+    }
+
+    /// One line without CRLF; panics on timeout or EOF.
+    pub fn line(&mut self) -> String {
+        self.try_line().expect("a line from the server")
+    }
+
+    /// One line, or `None` at EOF or on error (a closed connection).
+    pub fn try_line(&mut self) -> Option<String> {
+        let mut buf = Vec::new();
+        match self.reader.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(
+                String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// Lines up to and including the tagged response for `tag`.
+    pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        loop {
+            let line = self.line();
+            let done = line.starts_with(&format!("{tag} "));
+            lines.push(line);
+            if done {
+                return lines;
+            }
+        }
+    }
+
+    /// Sends `tag command` and returns the response lines.
+    pub fn command(&mut self, tag: &str, command: &str) -> Vec<String> {
+        self.send(format!("{tag} {command}\r\n").as_bytes());
+        self.until_tagged(tag)
+    }
+
+    /// Reads exactly `n` bytes (a literal's content).
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        let mut buf = vec![0; n];
+        self.reader.read_exact(&mut buf).unwrap();
+        buf
+    }
+
+    /// True when the server closes the connection within the timeout.
+    pub fn closed(&mut self) -> bool {
+        loop {
+            let mut buf = Vec::new();
+            match self.reader.read_until(b'\n', &mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                // A reset or a TLS stream cut without close_notify: closed.
+                Err(_) => return true,
+            }
+        }
+    }
+
+    pub fn login(&mut self, user: &str, password: &str) -> Vec<String> {
+        self.command("L1", &format!("LOGIN \"{user}\" \"{password}\""))
+    }
+}

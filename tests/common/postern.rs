@@ -1,0 +1,198 @@
+//! Runs the real `postern` binary for a test: a config in a temporary
+//! directory, listeners on free loopback ports, logs captured to a file, and
+//! readiness awaited on `/readyz`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::backend::DovecotBackend;
+use super::free_port;
+
+pub struct Postern {
+    child: Child,
+    pub dir: PathBuf,
+    /// IMAPS listener.
+    pub imaps: u16,
+    /// STARTTLS listener.
+    pub imap: u16,
+    pub metrics: u16,
+}
+
+/// What a test changes about the default test configuration.
+#[derive(Default)]
+pub struct Setup<'a> {
+    pub backends: &'a [&'a DovecotBackend],
+    /// The `users:` list of the users file, as YAML lines.
+    pub users: &'a str,
+    /// Extra top-level YAML appended to the config (e.g. a `limits:` block).
+    pub extra: &'a str,
+    /// Extra keys for the STARTTLS listener (e.g. `allow_plaintext_auth: true`).
+    pub starttls_options: &'a str,
+    /// Extra keys for the `auth:` block.
+    pub auth_options: &'a str,
+    /// Extra keys for the `backends:` block.
+    pub backend_options: &'a str,
+    /// A whole `tls:` block; empty for a self-signed certificate in the test dir.
+    pub tls: &'a str,
+}
+
+/// The password every test user has on the test backends.
+pub const PASSWORD: &str = "pw-secret";
+
+impl Postern {
+    pub fn start(setup: Setup<'_>) -> Postern {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "postern-test-proxy-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("users.yaml"), format!("users:\n{}", setup.users)).unwrap();
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let (imaps, imap, metrics) = (free_port(), free_port(), free_port());
+            let pool: String = setup
+                .backends
+                .iter()
+                .map(|b| format!("    - {{ name: {}, address: \"{}\" }}\n", b.name, b.addr()))
+                .collect();
+            let config = format!(
+                "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
+                 {tls}\n\
+                 auth:\n  source: static\n  static: {{ users_file: users.yaml }}\n  failure_delay: 200ms\n{auth}\n\
+                 backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n{backend_options}\n  pool:\n{pool}\
+                 metrics:\n  bind: \"127.0.0.1:{metrics}\"\n\
+                 log:\n  level: debug\n{extra}\n",
+                starttls = if setup.starttls_options.is_empty() { String::new() } else { format!(", {}", setup.starttls_options) },
+                auth = indent(setup.auth_options),
+                backend_options = indent(setup.backend_options),
+                extra = setup.extra,
+                tls = if setup.tls.is_empty() { "tls:\n  self_signed: { dir: tls, names: [localhost] }" } else { setup.tls },
+            );
+            std::fs::write(dir.join("postern.yaml"), &config).unwrap();
+            let log = std::fs::File::create(dir.join("postern.log")).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_postern"))
+                .args(["run", "--config"])
+                .arg(dir.join("postern.yaml"))
+                .env_remove("RUST_LOG")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("postern binary runs");
+            let mut p = Postern {
+                child,
+                dir: dir.clone(),
+                imaps,
+                imap,
+                metrics,
+            };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break;
+                }
+                if p.http_get("/readyz")
+                    .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+                {
+                    return p;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            last_log = p.log();
+            // A port taken between choosing and binding: try new ones.
+            if !last_log.contains("cannot bind") && !last_log.contains("Address already in use") {
+                break;
+            }
+        }
+        panic!("postern did not become ready; its log:\n{last_log}");
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("postern.log")).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`, returning the log.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let mut log = String::new();
+        super::wait_until(
+            &format!("postern log to contain {needle:?}"),
+            Duration::from_secs(10),
+            || {
+                log = self.log();
+                log.contains(needle)
+            },
+        );
+        log
+    }
+
+    pub fn http_get(&self, path: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    }
+
+    pub fn metrics_text(&self) -> String {
+        self.http_get("/metrics").expect("metrics endpoint answers")
+    }
+
+    /// The value of one sample, e.g. `postern_authentications_total{mechanism="LOGIN",result="success"}`; 0 if absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("tls/cert.pem")
+    }
+}
+
+impl Drop for Postern {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "postern log kept in {}:\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn indent(block: &str) -> String {
+    block.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+/// A users-file entry with the test password, as a YAML list line.
+pub fn user(name: &str) -> String {
+    format!("  - {{ user: \"{name}\", password: \"{{PLAIN}}{PASSWORD}\" }}\n")
+}
+
+/// A users-file entry pinned to a backend by the directory.
+pub fn user_on(name: &str, backend: &str) -> String {
+    format!("  - {{ user: \"{name}\", password: \"{{PLAIN}}{PASSWORD}\", backend: {backend} }}\n")
+}

@@ -1,0 +1,178 @@
+//! The relay after login: large messages byte for byte, pipelined commands
+//! kept, half-closes passed on, the idle limit, and byte counters.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::postern::{user, Postern, Setup, PASSWORD};
+use sha2::{Digest, Sha256};
+
+fn start(name: &str, extra: &str) -> (DovecotBackend, Postern) {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users(name, &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra,
+        ..Setup::default()
+    });
+    (b, p)
+}
+
+fn logged_in(p: &Postern) -> Client {
+    let (mut c, _) = Client::imaps(p.imaps);
+    assert!(c
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    c
+}
+
+/// A 10 MiB message of CRLF lines with varied content.
+fn big_message() -> Vec<u8> {
+    let mut m = b"From: big@example.com\r\nSubject: ten mebibytes\r\n\r\n".to_vec();
+    let mut i = 0u64;
+    while m.len() < 10 * 1024 * 1024 - 80 {
+        m.extend_from_slice(
+            format!(
+                "{i:016x} {:064x}\r\n",
+                i.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    m
+}
+
+#[test]
+fn ten_mebibyte_message_round_trips_intact() {
+    let (_b, p) = start("big", "");
+    let message = big_message();
+    let sent_hash = Sha256::digest(&message);
+
+    let mut c = logged_in(&p);
+    c.send(format!("a APPEND INBOX {{{}}}\r\n", message.len()).as_bytes());
+    assert!(c.line().starts_with('+'));
+    c.send(&message);
+    c.send(b"\r\n");
+    assert!(c.until_tagged("a").last().unwrap().starts_with("a OK"));
+    c.command("b", "LOGOUT");
+    drop(c);
+
+    let mut c = logged_in(&p);
+    assert!(c
+        .command("s", "SELECT INBOX")
+        .last()
+        .unwrap()
+        .starts_with("s OK"));
+    c.send(b"f FETCH 1 BODY.PEEK[]\r\n");
+    let head = c.line();
+    let size: usize = head
+        .rsplit_once('{')
+        .and_then(|(_, n)| n.strip_suffix('}'))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("FETCH literal header: {head}"));
+    assert_eq!(size, message.len());
+    let body = c.bytes(size);
+    assert_eq!(c.line(), ")");
+    assert!(c.until_tagged("f").last().unwrap().starts_with("f OK"));
+    assert_eq!(
+        Sha256::digest(&body),
+        sent_hash,
+        "SHA-256 of the fetched message"
+    );
+    c.command("z", "LOGOUT");
+    drop(c);
+    // After LOGOUT the backend closes first.
+    p.wait_for_log("reason=\"backend_closed\"");
+    assert!(
+        p.metric("postern_relay_bytes_total{direction=\"backend_to_client\"}")
+            >= message.len() as f64
+    );
+    assert!(
+        p.metric("postern_relay_bytes_total{direction=\"client_to_backend\"}")
+            >= message.len() as f64
+    );
+}
+
+#[test]
+fn commands_pipelined_after_login_reach_the_backend() {
+    let (_b, p) = start("pipelined", "");
+    let (mut c, _) = Client::imaps(p.imaps);
+    c.send(format!("a LOGIN alice {PASSWORD}\r\nb SELECT INBOX\r\nc LOGOUT\r\n").as_bytes());
+    assert!(c
+        .until_tagged("a")
+        .last()
+        .unwrap()
+        .starts_with("a OK [CAPABILITY"));
+    assert!(c.until_tagged("b").last().unwrap().starts_with("b OK"));
+    assert!(c.until_tagged("c").last().unwrap().starts_with("c OK"));
+}
+
+#[test]
+fn client_half_close_still_gets_the_backend_answer() {
+    let (_b, p) = start("half-close", "");
+    let s = common::client::tcp(p.imaps);
+    let mut tls = common::client::tls_over(s, "localhost", &[b"imap"]).unwrap();
+    use std::io::{BufRead, BufReader, Write};
+    tls.write_all(format!("a LOGIN alice {PASSWORD}\r\nz LOGOUT\r\n").as_bytes())
+        .unwrap();
+    tls.flush().unwrap();
+    tls.conn.send_close_notify();
+    tls.conn.complete_io(&mut tls.sock).unwrap();
+    tls.sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut lines = Vec::new();
+    let mut r = BufReader::new(tls);
+    loop {
+        let mut line = String::new();
+        match r.read_line(&mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => lines.push(line),
+        }
+    }
+    assert!(lines.iter().any(|l| l.starts_with("* BYE")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("z OK")), "{lines:?}");
+}
+
+#[test]
+fn idle_session_is_closed_after_the_idle_limit() {
+    let (_b, p) = start("idle", "limits:\n  idle_timeout: 1s\n");
+    let mut c = logged_in(&p);
+    assert!(
+        c.closed(),
+        "closed by the idle limit within the read timeout"
+    );
+    p.wait_for_log("reason=\"idle_timeout\"");
+    assert_eq!(
+        p.metric("postern_sessions_ended_total{reason=\"idle_timeout\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn idle_command_keeps_the_session_while_traffic_flows() {
+    let (_b, p) = start("idle-cmd", "limits:\n  idle_timeout: 2s\n");
+    let mut c = logged_in(&p);
+    assert!(c
+        .command("s", "SELECT INBOX")
+        .last()
+        .unwrap()
+        .starts_with("s OK"));
+    c.send(b"i IDLE\r\n");
+    assert!(c.line().starts_with('+'));
+    // Traffic before the limit keeps the session open past it.
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(800)); // pacing client traffic, not synchronisation
+        c.send(b"DONE\r\n");
+        assert!(c.until_tagged("i").last().unwrap().starts_with("i OK"));
+        c.send(b"i IDLE\r\n");
+        assert!(c.line().starts_with('+'));
+    }
+    c.send(b"DONE\r\n");
+    assert!(c.until_tagged("i").last().unwrap().starts_with("i OK"));
+}

@@ -1,0 +1,280 @@
+//! Authentication at the edge and placement on backends, checked against
+//! what real Dovecot backends log: a wrong password never reaches a backend,
+//! users land where the rendezvous hash or the directory says, a dead
+//! backend gives `NO [UNAVAILABLE]` promptly, and the client's address is
+//! forwarded with ID.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::postern::{user, user_on, Postern, Setup, PASSWORD};
+use postern::auth::Identity;
+use postern::config::BackendServer;
+use postern::route::{RendezvousPool, Selector};
+
+#[test]
+fn wrong_password_never_reaches_backend() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("wrong-pw", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    let started = Instant::now();
+    let lines = c.login("alice", "not-the-password");
+    assert_eq!(
+        lines,
+        vec!["L1 NO [AUTHENTICATIONFAILED] Authentication failed."]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "the failure delay applies"
+    );
+    let lines = c.command("L2", "LOGIN nobody whatever");
+    assert_eq!(
+        lines,
+        vec!["L2 NO [AUTHENTICATIONFAILED] Authentication failed."],
+        "unknown user looks the same"
+    );
+    // A correct login on the same connection still works and reaches the backend.
+    let lines = c.command("L3", &format!("LOGIN alice {PASSWORD}"));
+    assert!(
+        lines.last().unwrap().starts_with("L3 OK [CAPABILITY"),
+        "{lines:?}"
+    );
+    common::wait_until(
+        "backend logs alice's login",
+        Duration::from_secs(10),
+        || b.logins().len() == 1,
+    );
+    let log = b.log();
+    assert!(
+        !log.contains("auth failed")
+            && !log.contains("Authentication failure")
+            && !log.contains("password mismatch"),
+        "{log}"
+    );
+    assert!(!b.saw_user("nobody"), "{log}");
+    assert!(
+        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\"}") == 2.0
+    );
+    assert!(
+        !p.log().contains("not-the-password"),
+        "no password in Postern's log"
+    );
+}
+
+#[test]
+fn too_many_failed_logins_end_with_bye() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("fail-limit", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra: "limits:\n  max_auth_failures: 2\n",
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    c.login("alice", "x");
+    c.send(b"L2 LOGIN alice y\r\n");
+    assert!(c.line().starts_with("L2 NO [AUTHENTICATIONFAILED]"));
+    assert_eq!(c.line(), "* BYE Too many failed logins");
+    assert!(c.closed());
+}
+
+#[test]
+fn users_land_on_the_backend_the_hash_or_directory_names() {
+    common::backend::ensure_installed();
+    let names: Vec<String> = (0..12).map(|i| format!("user{i}")).collect();
+    let creds: Vec<(&str, &str)> = names
+        .iter()
+        .map(|n| (n.as_str(), PASSWORD))
+        .chain([("pinned", PASSWORD)])
+        .collect();
+    let backends = [
+        DovecotBackend::start_with_users("place-a", &creds),
+        DovecotBackend::start_with_users("place-b", &creds),
+        DovecotBackend::start_with_users("place-c", &creds),
+    ];
+    let refs: Vec<&DovecotBackend> = backends.iter().collect();
+    let mut users: String = names.iter().map(|n| user(n)).collect();
+    users.push_str(&user_on("pinned", "place-b"));
+    let p = Postern::start(Setup {
+        backends: &refs,
+        users: &users,
+        ..Setup::default()
+    });
+    let pool = RendezvousPool::new(
+        &backends
+            .iter()
+            .map(|b| BackendServer {
+                name: b.name.clone(),
+                address: b.addr(),
+            })
+            .collect::<Vec<_>>(),
+    );
+    for n in names.iter().chain([&"pinned".to_string()]) {
+        let (mut c, _) = Client::imaps(p.imaps);
+        let lines = c.login(n, PASSWORD);
+        assert!(lines.last().unwrap().starts_with("L1 OK"), "{n}: {lines:?}");
+        c.command("L2", "LOGOUT");
+    }
+    common::wait_until(
+        "backends log all 13 logins",
+        Duration::from_secs(10),
+        || backends.iter().map(|b| b.logins().len()).sum::<usize>() == 13,
+    );
+    let mut used = std::collections::HashSet::new();
+    for n in &names {
+        let expected = pool
+            .select(&Identity {
+                user: n.clone(),
+                backend: None,
+            })
+            .unwrap()
+            .backend
+            .name
+            .clone();
+        used.insert(expected.clone());
+        for b in &backends {
+            let here = b
+                .logins()
+                .iter()
+                .any(|l| l.contains(&format!("user=<{n}>")));
+            assert_eq!(
+                here,
+                b.name == expected,
+                "{n} expected on {expected}, checked {}",
+                b.name
+            );
+        }
+    }
+    assert!(
+        used.len() >= 2,
+        "twelve users spread over more than one backend"
+    );
+    assert!(
+        backends[1]
+            .logins()
+            .iter()
+            .any(|l| l.contains("user=<pinned>")),
+        "directory pin wins"
+    );
+    let log = p.log();
+    assert!(
+        log.contains("reason=\"directory\"") || log.contains("reason=directory"),
+        "{log}"
+    );
+}
+
+#[test]
+fn backend_down_gives_unavailable_within_the_connect_timeout() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("down", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        ..Setup::default()
+    });
+    drop(b); // stopped: nothing listens on its port any more
+    let (mut c, _) = Client::imaps(p.imaps);
+    let started = Instant::now();
+    let lines = c.login("alice", PASSWORD);
+    assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within the 2 s connect timeout plus the failure path"
+    );
+    // The session stays usable.
+    assert_eq!(c.command("a", "NOOP"), vec!["a OK NOOP completed"]);
+    assert!(
+        p.metric("postern_backend_logins_total{backend=\"down\",result=\"connect_error\"}") >= 1.0
+    );
+}
+
+#[test]
+fn backend_that_rejects_an_accepted_user_gives_unavailable() {
+    common::backend::ensure_installed();
+    // The backend knows alice with another password than Postern's users file.
+    let b = DovecotBackend::start_with_users("disagree", &[("alice", "other-password")]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("alice", PASSWORD);
+    assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
+    let log = p.wait_for_log("backend refused a login that Postern accepted");
+    assert!(log.contains("ERROR"), "logged loudly: {log}");
+}
+
+#[test]
+fn client_address_is_forwarded_with_id() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("forward", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        ..Setup::default()
+    });
+    // Connect from 127.0.0.2: Postern itself reaches the backend from 127.0.0.1.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(
+            &"127.0.0.2:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], p.imaps)).into())
+        .unwrap();
+    let tcp: std::net::TcpStream = socket.into();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let tls = common::client::tls_over(tcp, "localhost", &[b"imap"]).unwrap();
+    let mut c = Client::from_stream(tls);
+    assert!(c.line().starts_with("* OK"));
+    assert!(c
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    common::wait_until("backend logs the login", Duration::from_secs(10), || {
+        !b.logins().is_empty()
+    });
+    let login = &b.logins()[0];
+    assert!(login.contains("rip=127.0.0.2"), "{login}");
+}
+
+#[test]
+fn usernames_are_normalised_before_lookup_and_routing() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("normalise", &[("alice@example.com", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice@example.com"),
+        auth_options: "default_domain: example.com",
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    assert!(c
+        .login("ALICE", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    common::wait_until("backend logs the login", Duration::from_secs(10), || {
+        !b.logins().is_empty()
+    });
+    assert!(
+        b.logins()[0].contains("user=<alice@example.com>"),
+        "{:?}",
+        b.logins()
+    );
+}
