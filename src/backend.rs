@@ -136,9 +136,11 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
         caps = conn.await_tagged("P0").await?.capabilities;
     }
 
-    // One write carries ID and the login, so the backend costs one round trip.
+    // One write carries ID and the login, so the backend costs one round
+    // trip. ID only where the backend has it (RFC 2971).
+    let send_id = req.forward.filter(|_| caps.has("ID"));
     let mut out = Vec::with_capacity(256);
-    if let Some(addrs) = req.forward {
+    if let Some(addrs) = send_id {
         out.extend_from_slice(b"P1 ID (");
         let fields = [
             (
@@ -163,23 +165,28 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
         }
         out.extend_from_slice(b")\r\n");
     }
-    // Segments after the first wait for a `+` continuation.
-    let mut segments: Vec<Vec<u8>> = Vec::new();
+    // The login: the first segment goes with ID; each later one waits for a
+    // `+` continuation. Segments hold the password, so they are secrets.
+    let mut segments: Vec<Secret> = Vec::new();
     if caps.has("AUTH=PLAIN") {
         let ir = sasl::encode_plain(b"", req.user.as_bytes(), req.password.expose());
         if caps.has("SASL-IR") {
             out.extend_from_slice(b"P2 AUTHENTICATE PLAIN ");
             out.extend_from_slice(ir.expose());
             out.extend_from_slice(b"\r\n");
+            segments.push(Secret::new(out));
         } else {
             out.extend_from_slice(b"P2 AUTHENTICATE PLAIN\r\n");
+            segments.push(Secret::new(out));
             let mut line = ir.expose().to_vec();
             line.extend_from_slice(b"\r\n");
-            segments.push(line);
+            segments.push(Secret::new(line));
         }
     } else if !caps.has("LOGINDISABLED") {
-        let non_sync = caps.has("LITERAL+") || caps.has("LITERAL-");
-        let mut current = std::mem::take(&mut out);
+        // RFC 7888: LITERAL- allows non-synchronizing literals up to 4096 bytes.
+        let literal_plus = caps.has("LITERAL+");
+        let literal_minus = caps.has("LITERAL-");
+        let mut current = out;
         current.extend_from_slice(b"P2 LOGIN ");
         for (i, value) in [req.user.as_bytes(), req.password.expose()]
             .into_iter()
@@ -188,39 +195,42 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
             if i == 1 {
                 current.push(b' ');
             }
+            let non_sync = literal_plus || (literal_minus && value.len() <= 4096);
             if push_string(&mut current, value, non_sync) {
-                segments.push(std::mem::take(&mut current));
+                segments.push(Secret::new(std::mem::take(&mut current)));
                 current.extend_from_slice(value);
             }
         }
         current.extend_from_slice(b"\r\n");
-        segments.push(current);
-        out = segments.remove(0);
+        segments.push(Secret::new(current));
     } else {
         return Err(BackendError::Protocol(
             "backend offers neither AUTH=PLAIN nor LOGIN (LOGINDISABLED)".into(),
         ));
     }
-    let sent = conn.send(&out).await;
-    wipe(&mut out);
-    sent?;
-
-    if req.forward.is_some() {
-        conn.await_tagged("P1").await?;
-    }
     let mut segments = segments.into_iter();
+    let first = segments.next().expect("at least one segment");
+    conn.send(first.expose()).await?;
+    drop(first);
+
+    if send_id.is_some() {
+        // A refused ID costs only the forwarded address, not the login.
+        match conn.await_tagged("P1").await {
+            Ok(_) => {}
+            Err(BackendError::Protocol(reason)) => tracing::debug!(reason, "backend refused ID"),
+            Err(e) => return Err(e),
+        }
+    }
     let mut post_login = None;
     let done = loop {
         let line = conn.read_response().await?;
         if line.starts_with('+') {
-            let Some(mut next) = segments.next() else {
+            let Some(next) = segments.next() else {
                 return Err(BackendError::Protocol(
                     "unexpected continuation during login".into(),
                 ));
             };
-            let sent = conn.send(&next).await;
-            wipe(&mut next);
-            sent?;
+            conn.send(next.expose()).await?;
             continue;
         }
         if let Some(rest) = line.strip_prefix("* ") {
@@ -254,14 +264,12 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
     })
 }
 
-fn wipe(buf: &mut Vec<u8>) {
-    zeroize::Zeroize::zeroize(buf);
-}
-
 fn starts_with_word(text: &str, word: &str) -> bool {
-    text.len() >= word.len()
-        && text[..word.len()].eq_ignore_ascii_case(word)
-        && text[word.len()..].chars().next().is_none_or(|c| c == ' ')
+    // Bytes, not str slicing: network text may hold multi-byte characters
+    // where a byte offset would split one.
+    let (t, w) = (text.as_bytes(), word.as_bytes());
+    t.get(..w.len()).is_some_and(|p| p.eq_ignore_ascii_case(w))
+        && matches!(t.get(w.len()), None | Some(b' '))
 }
 
 /// `[CAPABILITY …]` at the start of a status response's text.
@@ -270,10 +278,9 @@ fn capability_code(status: &str) -> Option<Capabilities> {
     let code = after.strip_prefix('[')?;
     let end = code.find(']')?;
     let code = &code[..end];
-    let list = code
-        .strip_prefix("CAPABILITY ")
-        .or_else(|| code.strip_prefix("capability "))?;
-    Some(Capabilities::parse(list))
+    let (name, list) = code.split_once(' ')?;
+    name.eq_ignore_ascii_case("CAPABILITY")
+        .then(|| Capabilities::parse(list))
 }
 
 /// A response line, shortened and made printable for logs and errors.
@@ -391,6 +398,9 @@ mod tests {
         assert!(caps.has("SASL-IR"));
         assert!(capability_code("OK Logged in").is_none());
         assert!(capability_code("OK [ALERT] hi").is_none());
+        assert!(capability_code("OK [Capability IMAP4rev1 IDLE] hi")
+            .unwrap()
+            .has("IDLE"));
     }
 
     #[test]
@@ -398,5 +408,10 @@ mod tests {
         assert!(starts_with_word("OK done", "OK"));
         assert!(starts_with_word("ok", "OK"));
         assert!(!starts_with_word("OKAY", "OK"));
+        assert!(
+            !starts_with_word("O\u{FFFD} ready", "OK"),
+            "no panic on a split character"
+        );
+        assert!(!starts_with_word("", "OK"));
     }
 }

@@ -218,6 +218,10 @@ pub struct Limits {
     /// Failed logins on one connection before it is closed.
     #[serde(default = "default_max_auth_failures")]
     pub max_auth_failures: u32,
+    /// Client connections open at once, over all listeners; more are closed
+    /// at accept. Each session holds two file descriptors.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -230,6 +234,7 @@ impl Default for Limits {
             max_literal: default_max_literal(),
             max_bad_commands: default_max_bad_commands(),
             max_auth_failures: default_max_auth_failures(),
+            max_connections: default_max_connections(),
         }
     }
 }
@@ -309,6 +314,9 @@ fn default_max_bad_commands() -> u32 {
 fn default_max_auth_failures() -> u32 {
     3
 }
+fn default_max_connections() -> usize {
+    10_000
+}
 fn default_metrics_bind() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
@@ -369,7 +377,10 @@ enum NumberOrText {
 
 fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     match NumberOrText::deserialize(d)? {
-        NumberOrText::Number(n) => Ok(Duration::from_secs(n)),
+        NumberOrText::Number(n) if n <= 1_000_000_000 => Ok(Duration::from_secs(n)),
+        NumberOrText::Number(n) => Err(serde::de::Error::custom(format!(
+            "duration of {n} seconds is out of range"
+        ))),
         NumberOrText::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
     }
 }
@@ -522,6 +533,9 @@ impl Config {
         let l = &self.limits;
         if l.max_line < 512 {
             return Err("key `limits.max_line`: must be at least 512 bytes".into());
+        }
+        if l.max_connections == 0 || l.max_connections > 10_000_000 {
+            return Err("key `limits.max_connections`: must be between 1 and 10000000".into());
         }
         if l.max_bad_commands == 0 || l.max_auth_failures == 0 {
             return Err(

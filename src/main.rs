@@ -100,8 +100,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("metrics endpoint cannot bind {}", current.config.metrics.bind))?;
         let listeners = postern::server::bind_all(&current.config.listeners).await?;
+        let slots = Arc::new(tokio::sync::Semaphore::new(current.config.limits.max_connections));
         for (socket, info) in listeners {
-            tokio::spawn(postern::server::accept_loop(socket, info, Arc::clone(&live)));
+            tokio::spawn(postern::server::accept_loop(socket, info, Arc::clone(&live), Arc::clone(&slots)));
         }
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "postern started");

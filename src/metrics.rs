@@ -23,6 +23,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub connections_accepted: IntCounterVec,
+    pub connections_rejected: IntCounterVec,
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
@@ -79,6 +80,12 @@ impl Metrics {
                 &registry,
                 "postern_connections_accepted_total",
                 "TCP connections accepted, per listener.",
+                &["listener"],
+            ),
+            connections_rejected: counter(
+                &registry,
+                "postern_connections_rejected_total",
+                "TCP connections closed at accept because limits.max_connections was reached, per listener.",
                 &["listener"],
             ),
             sessions_ended: counter(

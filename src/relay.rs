@@ -152,6 +152,11 @@ where
                 return PumpEnd::Eof;
             }
             Ok(n) => n,
+            // A TLS peer that closes without close_notify has still closed.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                let _ = tx.shutdown().await;
+                return PumpEnd::Eof;
+            }
             Err(_) => return PumpEnd::ReadError,
         };
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::config::Listener as ListenerConfig;
 use crate::live::Live;
@@ -37,13 +38,37 @@ pub async fn bind_all(
     Ok(bound)
 }
 
-/// Accepts connections until the process ends.
-pub async fn accept_loop(socket: TcpListener, info: Arc<ListenerInfo>, live: Live) {
+/// Accepts connections until the process ends. `slots` caps open client
+/// connections across all listeners; a connection over the cap is closed
+/// at once (on a plain listener after a `* BYE`).
+pub async fn accept_loop(
+    socket: TcpListener,
+    info: Arc<ListenerInfo>,
+    live: Live,
+    slots: Arc<Semaphore>,
+) {
     loop {
         match socket.accept().await {
             Ok((tcp, peer)) => {
                 let rt = live.load_full();
-                tokio::spawn(session::run(tcp, peer, Arc::clone(&info), rt));
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    rt.metrics
+                        .connections_rejected
+                        .with_label_values(&[&info.name])
+                        .inc();
+                    tracing::warn!(listener = %info.name, client = %peer, "connection limit reached; closing new connection");
+                    if info.tls == crate::config::ListenerTls::Starttls {
+                        // Best effort, never waits: the socket buffer is empty.
+                        let _ =
+                            tcp.try_write(b"* BYE [UNAVAILABLE] Server busy, try again later\r\n");
+                    }
+                    continue;
+                };
+                let info = Arc::clone(&info);
+                tokio::spawn(async move {
+                    session::run(tcp, peer, info, rt).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.

@@ -172,13 +172,30 @@ impl Session {
             capabilities,
             pending,
         } = backend;
-        let mut ok = format!("{tag} OK [CAPABILITY {capabilities}] Logged in\r\n").into_bytes();
-        ok.extend_from_slice(&pending);
-        if send(&mut stream, &ok).await.is_err() {
-            return "client_error".into();
+        let mut ok = if capabilities.is_empty() {
+            format!("{tag} OK Logged in\r\n")
+        } else {
+            format!("{tag} OK [CAPABILITY {capabilities}] Logged in\r\n")
         }
-        if !client_pending.is_empty() && backend_stream.write_all(&client_pending).await.is_err() {
-            return "backend_error".into();
+        .into_bytes();
+        ok.extend_from_slice(&pending);
+        // Both sides may have bytes waiting for the other; neither may stall
+        // the session before the relay's idle timer takes over.
+        let handover = async {
+            if send(&mut stream, &ok).await.is_err() {
+                return Err("client_error");
+            }
+            if !client_pending.is_empty()
+                && backend_stream.write_all(&client_pending).await.is_err()
+            {
+                return Err("backend_error");
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(rt.config.backends.login_timeout, handover).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return reason.into(),
+            Err(_) => return "handover_timeout".into(),
         }
         let m = &self.rt.metrics;
         m.login_duration
@@ -364,9 +381,14 @@ impl Session {
     }
 
     /// Answers a bad command; too many of them end the session.
+    /// Answers a bad command; too many of them end the session.
     async fn bad(&mut self, stream: &mut ClientStream, tag: &str, reason: &str) -> Step<()> {
+        self.refuse(stream, format!("{tag} BAD {reason}\r\n")).await
+    }
+
+    /// Sends a refusal (BAD or NO) that counts towards `max_bad_commands`.
+    async fn refuse(&mut self, stream: &mut ClientStream, mut out: String) -> Step<()> {
         self.bad_commands += 1;
-        let mut out = format!("{tag} BAD {reason}\r\n");
         if self.bad_commands >= self.rt.config.limits.max_bad_commands {
             out.push_str("* BYE Too many invalid commands\r\n");
             let _ = send(stream, out.as_bytes()).await;
@@ -376,21 +398,11 @@ impl Session {
     }
 
     async fn privacy_required(&mut self, stream: &mut ClientStream, tag: &str) -> Step<()> {
-        self.rt
-            .metrics
-            .authentications
-            .with_label_values(&["none", "privacy_required"])
-            .inc();
-        self.bad_commands += 1;
-        let mut out = format!(
+        self.count_auth("none", "privacy_required");
+        let out = format!(
             "{tag} NO [PRIVACYREQUIRED] Use STARTTLS first: logins over plaintext are disabled\r\n"
         );
-        if self.bad_commands >= self.rt.config.limits.max_bad_commands {
-            out.push_str("* BYE Too many invalid commands\r\n");
-            let _ = send(stream, out.as_bytes()).await;
-            return Err("too_many_bad_commands");
-        }
-        reply(stream, out).await
+        self.refuse(stream, out).await
     }
 
     async fn starttls(
@@ -488,13 +500,8 @@ impl Session {
                 }
             }
             _ => {
-                self.bad_commands += 1;
-                reply(
-                    stream,
-                    format!("{tag} NO Unsupported authentication mechanism\r\n"),
-                )
-                .await?;
-                Ok(None)
+                let out = format!("{tag} NO Unsupported authentication mechanism\r\n");
+                self.refuse(stream, out).await.map(|_| None)
             }
         }
     }
@@ -553,7 +560,7 @@ impl Session {
                         stream,
                         tag,
                         received,
-                        &format!("NO [AUTHENTICATIONFAILED] Invalid user name: {e}"),
+                        "NO [AUTHENTICATIONFAILED] Authentication failed.",
                     )
                     .await;
             }

@@ -328,3 +328,24 @@ fn silent_client_does_not_delay_others() {
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
     drop(silent);
 }
+
+#[test]
+fn connections_over_the_limit_are_closed_at_accept() {
+    let (_b, p) = start("conn-limit", "limits:\n  max_connections: 2\n");
+    let (_one, _) = Client::imaps(p.imaps);
+    let (_two, _) = Client::plain(p.imap);
+    let (mut three, greeting) = Client::plain(p.imap);
+    assert_eq!(greeting, "* BYE [UNAVAILABLE] Server busy, try again later");
+    assert!(three.closed());
+    assert_eq!(
+        p.metric("postern_connections_rejected_total{listener=\"imap\"}"),
+        1.0
+    );
+    drop(_one);
+    // A slot frees when a session ends.
+    common::wait_until(
+        "a slot to free up",
+        std::time::Duration::from_secs(10),
+        || Client::plain(p.imap).1.starts_with("* OK"),
+    );
+}

@@ -278,3 +278,50 @@ fn usernames_are_normalised_before_lookup_and_routing() {
         b.logins()
     );
 }
+
+/// A one-connection backend that greets with `greeting` and records what
+/// it is sent until the peer closes (or 5 s pass).
+fn scripted_backend(greeting: &'static str) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(greeting.as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    });
+    (port, handle)
+}
+
+#[test]
+fn backend_greeting_preauth_or_bye_is_refused_without_credentials() {
+    for greeting in [
+        "* PREAUTH [CAPABILITY IMAP4rev1] logged in as root\r\n",
+        "* BYE too busy\r\n",
+    ] {
+        let (port, backend) = scripted_backend(greeting);
+        let pool = format!("    - {{ name: scripted, address: \"127.0.0.1:{port}\" }}\n");
+        let p = Postern::start(Setup {
+            users: &user_on("alice", "scripted"),
+            pool_lines: &pool,
+            ..Setup::default()
+        });
+        let (mut c, _) = Client::imaps(p.imaps);
+        let lines = c.login("alice", PASSWORD);
+        assert!(
+            lines[0].starts_with("L1 NO [UNAVAILABLE] "),
+            "{greeting}: {lines:?}"
+        );
+        drop(c);
+        drop(p);
+        let got = backend.join().unwrap();
+        assert!(
+            got.is_empty(),
+            "{greeting}: backend was sent {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+}

@@ -109,6 +109,27 @@ impl PasswordHash {
     }
 }
 
+/// Password checks allowed to run at once, per core. More wait their turn
+/// (within the pre-auth deadline) instead of piling threads and memory onto
+/// the blocking pool: an argon2 check can take tens of MiB.
+const CHECKS_PER_CORE: usize = 2;
+
+/// Verifies on the blocking pool, at most [`CHECKS_PER_CORE`] per core at once.
+pub async fn verify_off_thread(
+    hash: std::sync::Arc<PasswordHash>,
+    password: Secret,
+) -> Result<bool, String> {
+    static CHECKS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let checks = CHECKS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores * CHECKS_PER_CORE)
+    });
+    let _permit = checks.acquire().await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || hash.verify(password.expose()))
+        .await
+        .map_err(|e| format!("password check failed: {e}"))
+}
+
 /// Makes a new hash of `password` in `scheme`, with a random salt.
 pub fn hash(password: &[u8], scheme: Scheme) -> Result<String, String> {
     match scheme {

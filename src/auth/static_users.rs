@@ -15,16 +15,19 @@ use super::{normalise_username, AuthError, AuthFuture, Authenticator, Identity};
 use crate::config::{Auth as AuthConfig, UsersFormat};
 use crate::imap::Secret;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
-    hash: PasswordHash,
+    hash: Arc<PasswordHash>,
     backend: Option<String>,
 }
 
 /// Users loaded from one file; immutable once built.
 #[derive(Debug)]
 pub struct StaticUsers {
-    users: HashMap<String, Arc<Entry>>,
+    users: HashMap<String, Entry>,
+    /// An unknown user's password is checked against this hash, so an
+    /// unknown user costs what a known one does and timing tells nothing.
+    decoy: Option<Arc<PasswordHash>>,
 }
 
 #[derive(Deserialize)]
@@ -79,15 +82,22 @@ impl StaticUsers {
                     )));
                 }
             }
-            let entry = Arc::new(Entry {
-                hash,
+            let entry = Entry {
+                hash: Arc::new(hash),
                 backend: record.backend,
-            });
+            };
             if users.insert(user.clone(), entry).is_some() {
                 return Err(fail(format!("user `{user}` is listed twice")));
             }
         }
-        Ok(StaticUsers { users })
+        // The decoy is a real user's hash, preferring one that is not {PLAIN},
+        // so its cost matches what most users' checks cost.
+        let decoy = users
+            .values()
+            .find(|e| !matches!(*e.hash, PasswordHash::Plain(_)))
+            .or_else(|| users.values().next())
+            .map(|e| Arc::clone(&e.hash));
+        Ok(StaticUsers { users, decoy })
     }
 
     pub fn len(&self) -> usize {
@@ -122,20 +132,19 @@ fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
 impl Authenticator for StaticUsers {
     fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a> {
         Box::pin(async move {
-            let Some(entry) = self.users.get(user).cloned() else {
+            let entry = self.users.get(user);
+            let Some(hash) = entry.map(|e| &e.hash).or(self.decoy.as_ref()) else {
                 return Err(AuthError::Rejected);
             };
-            let check = Arc::clone(&entry);
-            let ok = tokio::task::spawn_blocking(move || check.hash.verify(password.expose()))
+            let ok = super::password::verify_off_thread(Arc::clone(hash), password)
                 .await
-                .map_err(|e| AuthError::Unavailable(format!("password check failed: {e}")))?;
-            if ok {
-                Ok(Identity {
+                .map_err(AuthError::Unavailable)?;
+            match entry {
+                Some(entry) if ok => Ok(Identity {
                     user: user.to_owned(),
                     backend: entry.backend.clone(),
-                })
-            } else {
-                Err(AuthError::Rejected)
+                }),
+                _ => Err(AuthError::Rejected),
             }
         })
     }

@@ -16,10 +16,20 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 const READ_CHUNK: usize = 2048;
 
 /// A command as it arrived: text pieces (without CRLF) and the literals that
-/// follow each text piece ending in `{n}` or `{n+}`.
+/// follow each text piece ending in `{n}` or `{n+}`. It may hold a password,
+/// so its bytes are wiped when it is dropped.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RawCommand {
     pub pieces: Vec<Piece>,
+}
+
+impl Drop for RawCommand {
+    fn drop(&mut self) {
+        for piece in &mut self.pieces {
+            let (Piece::Text(bytes) | Piece::Literal(bytes)) = piece;
+            zeroize::Zeroize::zeroize(bytes);
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -146,7 +156,12 @@ impl CommandReader {
         loop {
             if let Some(at) = self.buf[searched..].iter().position(|&b| b == b'\n') {
                 let end = searched + at;
-                if end > limit {
+                let content = if end > 0 && self.buf[end - 1] == b'\r' {
+                    end - 1
+                } else {
+                    end
+                };
+                if content > limit {
                     return Err(FramingError::LineTooLong(self.max_line));
                 }
                 let mut line: Vec<u8> = self.buf.drain(..=end).collect();
@@ -182,9 +197,12 @@ impl CommandReader {
         self.buf.resize(old + READ_CHUNK, 0);
         let n = stream.read(&mut self.buf[old..]).await;
         self.buf.truncate(old + *n.as_ref().unwrap_or(&0));
-        match n? {
-            0 => Err(FramingError::Closed),
-            _ => Ok(()),
+        match n {
+            Ok(0) => Err(FramingError::Closed),
+            Ok(_) => Ok(()),
+            // A TLS client that closes without close_notify has still closed.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FramingError::Closed),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -227,7 +227,8 @@ mod tests {
     #[test]
     fn scores_are_fixed_across_releases() {
         // Pinned: a change here would move every user to another backend.
-        assert_eq!(score("mail-a", "alice"), score("mail-a", "alice"));
+        assert_eq!(score("mail-a", "alice"), 3120978615429448286);
+        assert_eq!(score("mail-b", "alice@example.com"), 2362004658889458960);
         assert_ne!(score("mail-a", "alice"), score("mail-b", "alice"));
         assert_ne!(score("mail-a", "bob"), score("mail-ab", "ob"));
     }

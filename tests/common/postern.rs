@@ -39,6 +39,8 @@ pub struct Setup<'a> {
     pub backend_options: &'a str,
     /// A whole `tls:` block; empty for a self-signed certificate in the test dir.
     pub tls: &'a str,
+    /// More `backends.pool` entries (YAML list lines), e.g. a scripted backend.
+    pub pool_lines: &'a str,
 }
 
 /// The password every test user has on the test backends.
@@ -62,7 +64,8 @@ impl Postern {
                 .backends
                 .iter()
                 .map(|b| format!("    - {{ name: {}, address: \"{}\" }}\n", b.name, b.addr()))
-                .collect();
+                .collect::<String>()
+                + setup.pool_lines;
             let config = format!(
                 "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
                  {tls}\n\
