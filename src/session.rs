@@ -37,6 +37,10 @@ pub struct ListenerInfo {
     pub allow_plaintext_auth: bool,
 }
 
+/// The one answer to every failed login: unknown user, wrong password or a
+/// user name no account could have all read the same.
+const AUTHENTICATION_FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication failed.";
+
 /// Why a session ended: a fixed word, used in the log line and as the
 /// `reason` label of `postern_sessions_ended_total`.
 type EndReason = &'static str;
@@ -556,12 +560,7 @@ impl Session {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "login refused: invalid user name");
                 return self
-                    .auth_failed(
-                        stream,
-                        tag,
-                        received,
-                        "NO [AUTHENTICATIONFAILED] Authentication failed.",
-                    )
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED)
                     .await;
             }
         };
@@ -586,12 +585,7 @@ impl Session {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), "authentication failed");
                 return self
-                    .auth_failed(
-                        stream,
-                        tag,
-                        received,
-                        "NO [AUTHENTICATIONFAILED] Authentication failed.",
-                    )
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED)
                     .await;
             }
             Err(AuthError::Unavailable(cause)) => {

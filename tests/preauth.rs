@@ -16,15 +16,7 @@ fn b64(bytes: &[u8]) -> String {
 }
 
 fn start(name: &str, extra: &str) -> (DovecotBackend, Postern) {
-    common::backend::ensure_installed();
-    let b = DovecotBackend::start_with_users(name, &[("alice", PASSWORD)]);
-    let p = Postern::start(Setup {
-        backends: &[&b],
-        users: &user("alice"),
-        extra,
-        ..Setup::default()
-    });
-    (b, p)
+    common::postern::alice_behind(name, extra, "")
 }
 
 fn assert_logged_in(lines: &[String], tag: &str) {

@@ -7,19 +7,11 @@ use std::time::Duration;
 
 use common::backend::DovecotBackend;
 use common::client::Client;
-use common::postern::{user, Postern, Setup, PASSWORD};
+use common::postern::{Postern, PASSWORD};
 use sha2::{Digest, Sha256};
 
 fn start(name: &str, extra: &str) -> (DovecotBackend, Postern) {
-    common::backend::ensure_installed();
-    let b = DovecotBackend::start_with_users(name, &[("alice", PASSWORD)]);
-    let p = Postern::start(Setup {
-        backends: &[&b],
-        users: &user("alice"),
-        extra,
-        ..Setup::default()
-    });
-    (b, p)
+    common::postern::alice_behind(name, extra, "")
 }
 
 fn logged_in(p: &Postern) -> Client {

@@ -5,18 +5,10 @@ mod common;
 
 use common::backend::DovecotBackend;
 use common::client::{tcp, tls_over, Client};
-use common::postern::{user, Postern, Setup, PASSWORD};
+use common::postern::{Postern, PASSWORD};
 
 fn start(name: &str, tls: &str) -> (DovecotBackend, Postern) {
-    common::backend::ensure_installed();
-    let b = DovecotBackend::start_with_users(name, &[("alice", PASSWORD)]);
-    let p = Postern::start(Setup {
-        backends: &[&b],
-        users: &user("alice"),
-        tls,
-        ..Setup::default()
-    });
-    (b, p)
+    common::postern::alice_behind(name, "", tls)
 }
 
 #[test]

@@ -190,6 +190,21 @@ fn indent(block: &str) -> String {
     block.lines().map(|l| format!("  {l}\n")).collect()
 }
 
+/// One backend that knows `alice`, and Postern in front of it with `extra`
+/// top-level config and a `tls` block (empty: self-signed).
+pub fn alice_behind(name: &str, extra: &str, tls: &str) -> (DovecotBackend, Postern) {
+    super::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users(name, &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra,
+        tls,
+        ..Setup::default()
+    });
+    (b, p)
+}
+
 /// A users-file entry with the test password, as a YAML list line.
 pub fn user(name: &str) -> String {
     format!("  - {{ user: \"{name}\", password: \"{{PLAIN}}{PASSWORD}\" }}\n")
