@@ -33,7 +33,6 @@ impl Runtime {
         metrics: Arc<Metrics>,
         self_signed: SelfSignedMode,
     ) -> Result<Runtime, String> {
-        let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
         let auth: Arc<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
                 let s = config.auth.static_users.as_ref().expect("validated");
@@ -47,6 +46,9 @@ impl Runtime {
                 Arc::new(users)
             }
         };
+        // Certificates last: a self-signed one is written only for a config
+        // that is otherwise good.
+        let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
         let selector = Arc::new(RendezvousPool::new(&config.backends.pool));
         Ok(Runtime {
             config,

@@ -23,6 +23,7 @@ pub fn init(log: &Log) {
             .json()
             .flatten_event(true)
             .with_current_span(true)
+            .with_span_list(false)
             .init(),
     }
 }
