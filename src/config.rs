@@ -134,6 +134,10 @@ pub struct Auth {
     /// Appended as `@domain` to usernames that have no `@`.
     #[serde(default)]
     pub default_domain: Option<String>,
+    /// How long a successful login is remembered, so a slow password hash
+    /// is paid once per TTL; `0s` turns the cache off.
+    #[serde(default = "default_cache_ttl", deserialize_with = "duration")]
+    pub cache_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -286,6 +290,9 @@ fn yes() -> bool {
 }
 fn default_failure_delay() -> Duration {
     Duration::from_secs(2)
+}
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)

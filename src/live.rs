@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::cache::CachedAuthenticator;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::config::{AuthSource, Config};
@@ -33,7 +34,7 @@ impl Runtime {
         metrics: Arc<Metrics>,
         self_signed: SelfSignedMode,
     ) -> Result<Runtime, String> {
-        let auth: Arc<dyn Authenticator> = match config.auth.source {
+        let auth: Box<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
                 let s = config.auth.static_users.as_ref().expect("validated");
                 let pool = &config.backends.pool;
@@ -43,8 +44,13 @@ impl Runtime {
                     &config.auth,
                     &|name| pool.iter().any(|b| b.name == name),
                 )?;
-                Arc::new(users)
+                Box::new(users)
             }
+        };
+        let auth: Arc<dyn Authenticator> = if config.auth.cache_ttl.is_zero() {
+            Arc::from(auth)
+        } else {
+            Arc::new(CachedAuthenticator::new(auth, config.auth.cache_ttl))
         };
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.

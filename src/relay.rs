@@ -2,21 +2,35 @@
 //! (IDLE, COMPRESS=DEFLATE and large literals pass as they are), counted per
 //! direction as they flow.
 //!
-//! Each direction runs on its own, so a side that is busy writing never stops
-//! the other from reading. When one side ends its stream, the other side's
-//! write half is shut down (the half-close is passed on) and the remaining
-//! direction may finish within `linger`. A session with no bytes in either
-//! direction for `idle` is closed.
+//! One future drives both directions, so a side that is busy writing never
+//! stops the other from reading, and no second task or lock is needed. An
+//! idle session holds no buffer: a direction borrows one from a per-thread
+//! pool only for the moment a read returns data, and gives it back once the
+//! data is written, so hundreds of thousands of IDLE sessions cost their
+//! sockets and TLS state, not 2 × 32 KiB each.
+//!
+//! When one side ends its stream, the other side's write half is shut down
+//! (the half-close is passed on) and the remaining direction may finish
+//! within [`LINGER`]. A session with no bytes in either direction for `idle`
+//! is closed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::ErrorKind;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Per-direction buffer. One read's worth; a full TLS record is 16 KiB.
-const BUFFER: usize = 16 * 1024;
+/// Size of a borrowed buffer: two full TLS records, so a read from the
+/// backend fills whole records on the client side.
+pub const BUFFER: usize = 32 * 1024;
+
+/// Buffers kept per thread for reuse; more are freed.
+const POOL_PER_THREAD: usize = 8;
 
 /// How long the other direction may go on after one side has closed.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -54,74 +68,22 @@ pub struct Counters {
     pub backend_to_client: IntCounter,
 }
 
-/// Relays until both directions have ended, the idle limit passes, or an
-/// error ends the session.
-pub async fn relay<C, B>(client: C, backend: B, idle: Duration, counters: &Counters) -> RelayOutcome
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let (mut client_rx, mut client_tx) = tokio::io::split(client);
-    let (mut backend_rx, mut backend_tx) = tokio::io::split(backend);
-    let mut up_bytes = 0u64;
-    let mut down_bytes = 0u64;
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
 
-    let end = {
-        let up = pump(
-            &mut client_rx,
-            &mut backend_tx,
-            &mut up_bytes,
-            &counters.client_to_backend,
-            &last_activity,
-            start,
-        );
-        let down = pump(
-            &mut backend_rx,
-            &mut client_tx,
-            &mut down_bytes,
-            &counters.backend_to_client,
-            &last_activity,
-            start,
-        );
-        tokio::pin!(up, down);
+fn take_buffer() -> Box<[u8]> {
+    POOL.with(|p| p.borrow_mut().pop())
+        .unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
+}
 
-        // Who closed first; once one side has, the session ends on its account.
-        let mut closed: Option<RelayEnd> = None;
-        let mut limit = idle;
-        loop {
-            let since = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-            tokio::select! {
-                r = &mut up, if closed != Some(RelayEnd::ClientClosed) => match (closed, r) {
-                    (Some(first), _) => break first,
-                    (None, PumpEnd::Eof) => closed = Some(RelayEnd::ClientClosed),
-                    (None, PumpEnd::ReadError) => break RelayEnd::ClientError,
-                    (None, PumpEnd::WriteError) => break RelayEnd::BackendError,
-                },
-                r = &mut down, if closed != Some(RelayEnd::BackendClosed) => match (closed, r) {
-                    (Some(first), _) => break first,
-                    (None, PumpEnd::Eof) => closed = Some(RelayEnd::BackendClosed),
-                    (None, PumpEnd::ReadError) => break RelayEnd::BackendError,
-                    (None, PumpEnd::WriteError) => break RelayEnd::ClientError,
-                },
-                _ = tokio::time::sleep_until(since + limit) => {
-                    let since = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                    if Instant::now() >= since + limit {
-                        break closed.unwrap_or(RelayEnd::IdleTimeout);
-                    }
-                }
-            }
-            if closed.is_some() {
-                limit = limit.min(LINGER);
-            }
+fn give_buffer(buf: Box<[u8]>) {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        if pool.len() < POOL_PER_THREAD {
+            pool.push(buf);
         }
-    };
-    RelayOutcome {
-        client_to_backend: up_bytes,
-        backend_to_client: down_bytes,
-        end,
-    }
+    });
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,40 +93,262 @@ enum PumpEnd {
     WriteError,
 }
 
-async fn pump<R, W>(
-    rx: &mut R,
-    tx: &mut W,
-    total: &mut u64,
-    counter: &IntCounter,
-    last_activity: &AtomicU64,
-    start: Instant,
-) -> PumpEnd
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; BUFFER];
-    loop {
-        let n = match rx.read(&mut buf).await {
-            Ok(0) => {
-                // Pass the half-close on; the peer may still be sending.
-                let _ = tx.shutdown().await;
-                return PumpEnd::Eof;
-            }
-            Ok(n) => n,
-            // A TLS peer that closes without close_notify has still closed.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                let _ = tx.shutdown().await;
-                return PumpEnd::Eof;
-            }
-            Err(_) => return PumpEnd::ReadError,
-        };
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if tx.write_all(&buf[..n]).await.is_err() || tx.flush().await.is_err() {
-            return PumpEnd::WriteError;
+enum State {
+    Reading,
+    Writing {
+        buf: Box<[u8]>,
+        start: usize,
+        end: usize,
+    },
+    ShuttingDown,
+    Done(PumpEnd),
+}
+
+/// One direction of the relay.
+struct Pump {
+    state: State,
+    /// Bytes written that the writer may still hold (TLS): flushed before
+    /// the pump waits for more input.
+    unflushed: bool,
+    total: u64,
+    counter: IntCounter,
+}
+
+impl Pump {
+    fn new(counter: IntCounter) -> Self {
+        Pump {
+            state: State::Reading,
+            unflushed: false,
+            total: 0,
+            counter,
         }
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        *total += n as u64;
-        counter.inc_by(n as u64);
+    }
+
+    /// Moves bytes from `rx` to `tx` until one of them is not ready.
+    /// Ready once this direction is over.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        rx: &mut R,
+        tx: &mut W,
+        active: &mut bool,
+    ) -> Poll<PumpEnd>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        loop {
+            match &mut self.state {
+                State::Reading => {
+                    let mut buf = take_buffer();
+                    let mut read = ReadBuf::new(&mut buf[..]);
+                    match Pin::new(&mut *rx).poll_read(cx, &mut read) {
+                        Poll::Pending => {
+                            give_buffer(buf);
+                            if self.unflushed {
+                                match Pin::new(&mut *tx).poll_flush(cx) {
+                                    Poll::Ready(Ok(())) => self.unflushed = false,
+                                    Poll::Ready(Err(_)) => {
+                                        return Poll::Ready(self.finish(PumpEnd::WriteError))
+                                    }
+                                    Poll::Pending => {}
+                                }
+                            }
+                            return Poll::Pending;
+                        }
+                        Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                            give_buffer(buf);
+                            self.state = State::ShuttingDown;
+                        }
+                        Poll::Ready(Ok(())) => {
+                            let end = read.filled().len();
+                            *active = true;
+                            self.state = State::Writing { buf, start: 0, end };
+                        }
+                        // A TLS peer that closes without close_notify has still closed.
+                        Poll::Ready(Err(e)) if e.kind() == ErrorKind::UnexpectedEof => {
+                            give_buffer(buf);
+                            self.state = State::ShuttingDown;
+                        }
+                        Poll::Ready(Err(_)) => {
+                            give_buffer(buf);
+                            return Poll::Ready(self.finish(PumpEnd::ReadError));
+                        }
+                    }
+                }
+                State::Writing { buf, start, end } => {
+                    match Pin::new(&mut *tx).poll_write(cx, &buf[*start..*end]) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                            return Poll::Ready(self.finish(PumpEnd::WriteError))
+                        }
+                        Poll::Ready(Ok(n)) => {
+                            *start += n;
+                            self.total += n as u64;
+                            self.counter.inc_by(n as u64);
+                            self.unflushed = true;
+                            *active = true;
+                            if start == end {
+                                let State::Writing { buf, .. } =
+                                    std::mem::replace(&mut self.state, State::Reading)
+                                else {
+                                    unreachable!()
+                                };
+                                give_buffer(buf);
+                            }
+                        }
+                    }
+                }
+                State::ShuttingDown => {
+                    // Pass the half-close on; the peer may still be sending.
+                    if Pin::new(&mut *tx).poll_shutdown(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(self.finish(PumpEnd::Eof));
+                }
+                State::Done(end) => return Poll::Ready(*end),
+            }
+        }
+    }
+
+    fn finish(&mut self, end: PumpEnd) -> PumpEnd {
+        if let State::Writing { buf, .. } = std::mem::replace(&mut self.state, State::Done(end)) {
+            give_buffer(buf);
+        }
+        end
+    }
+
+    fn done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+}
+
+/// Relays until both directions have ended, the idle limit passes, or an
+/// error ends the session.
+pub async fn relay<C, B>(
+    mut client: C,
+    mut backend: B,
+    idle: Duration,
+    counters: &Counters,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut up = Pump::new(counters.client_to_backend.clone());
+    let mut down = Pump::new(counters.backend_to_client.clone());
+    let mut limit = idle;
+    let mut last_activity = Instant::now();
+    let timer = tokio::time::sleep(limit);
+    tokio::pin!(timer);
+    // Who closed first; once one side has, the session ends on its account.
+    let mut closed: Option<RelayEnd> = None;
+
+    let end = poll_fn(|cx| {
+        let mut active = false;
+        if !up.done() {
+            match up.poll(cx, &mut client, &mut backend, &mut active) {
+                Poll::Pending => {}
+                Poll::Ready(PumpEnd::Eof) => {
+                    closed.get_or_insert(RelayEnd::ClientClosed);
+                }
+                Poll::Ready(PumpEnd::ReadError) => {
+                    return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
+                }
+                Poll::Ready(PumpEnd::WriteError) => {
+                    return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError))
+                }
+            }
+        }
+        if !down.done() {
+            match down.poll(cx, &mut backend, &mut client, &mut active) {
+                Poll::Pending => {}
+                Poll::Ready(PumpEnd::Eof) => {
+                    closed.get_or_insert(RelayEnd::BackendClosed);
+                }
+                Poll::Ready(PumpEnd::ReadError) => {
+                    return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError))
+                }
+                Poll::Ready(PumpEnd::WriteError) => {
+                    return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
+                }
+            }
+        }
+        if up.done() && down.done() {
+            return Poll::Ready(closed.unwrap_or(RelayEnd::ClientClosed));
+        }
+        if closed.is_some() {
+            limit = limit.min(LINGER);
+        }
+        if active {
+            last_activity = Instant::now();
+        }
+        // The timer is reset only when it fires, not on every byte.
+        while timer.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + limit;
+            if Instant::now() >= deadline {
+                return Poll::Ready(closed.unwrap_or(RelayEnd::IdleTimeout));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    })
+    .await;
+    RelayOutcome {
+        client_to_backend: up.total,
+        backend_to_client: down.total,
+        end,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn counters() -> Counters {
+        Counters {
+            client_to_backend: IntCounter::new("up", "up").unwrap(),
+            backend_to_client: IntCounter::new("down", "down").unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn bytes_flow_both_ways_and_half_close_passes_on() {
+        let (client_far, client_near) = tokio::io::duplex(4096);
+        let (backend_far, backend_near) = tokio::io::duplex(4096);
+        let c = counters();
+        let relay = tokio::spawn(async move {
+            relay(client_near, backend_near, Duration::from_secs(60), &c).await
+        });
+        let (mut client_rx, mut client_tx) = tokio::io::split(client_far);
+        let (mut backend_rx, mut backend_tx) = tokio::io::split(backend_far);
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = big.clone();
+        let writer = tokio::spawn(async move {
+            backend_tx.write_all(&sent).await.unwrap();
+            backend_tx.shutdown().await.unwrap();
+        });
+        client_tx.write_all(b"a LOGOUT\r\n").await.unwrap();
+        client_tx.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client_rx.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, big, "backend bytes arrive intact, then EOF");
+        let mut up = Vec::new();
+        backend_rx.read_to_end(&mut up).await.unwrap();
+        assert_eq!(up, b"a LOGOUT\r\n");
+        writer.await.unwrap();
+        let outcome = relay.await.unwrap();
+        assert_eq!(outcome.backend_to_client, 200_000);
+        assert_eq!(outcome.client_to_backend, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limit_ends_a_quiet_session() {
+        let (_client_far, client_near) = tokio::io::duplex(64);
+        let (_backend_far, backend_near) = tokio::io::duplex(64);
+        let c = counters();
+        let outcome = relay(client_near, backend_near, Duration::from_secs(1800), &c).await;
+        assert_eq!(outcome.end, RelayEnd::IdleTimeout);
     }
 }

@@ -73,6 +73,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerInfo>, 
             client_id: None,
             bad_commands: 0,
             auth_failures: 0,
+            handed_over: (0, 0),
         };
         let ending = session.drive(tcp).await;
         active.dec();
@@ -126,6 +127,9 @@ struct Session {
     client_id: Option<IdFields>,
     bad_commands: u32,
     auth_failures: u32,
+    /// Bytes passed on at login (client to backend, backend to client),
+    /// counted with the relayed bytes.
+    handed_over: (u64, u64),
 }
 
 /// A client logged in at its backend, ready to relay.
@@ -144,14 +148,18 @@ impl Session {
         let rt = Arc::clone(&self.rt);
         let limits = &rt.config.limits;
         let deadline = self.accepted + limits.preauth_timeout;
+        // The handshake and pre-auth futures are large (TLS handshake, command
+        // buffers, backend login); boxing them frees that space once they are
+        // done, so a long idle session keeps only what the relay needs.
         let mut stream = match self.listener.tls {
-            ListenerTls::Implicit => match self.handshake(tcp).await {
+            ListenerTls::Implicit => match Box::pin(self.handshake(tcp)).await {
                 Ok(tls) => ClientStream::Tls(Box::new(tls)),
                 Err(reason) => return reason.into(),
             },
             ListenerTls::Starttls => ClientStream::Plain(tcp),
         };
-        let logged_in = match tokio::time::timeout_at(deadline, self.preauth(&mut stream)).await {
+        let preauth = Box::pin(self.preauth(&mut stream));
+        let logged_in = match tokio::time::timeout_at(deadline, preauth).await {
             Ok(Ok(l)) => l,
             Ok(Err(reason)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
@@ -163,7 +171,44 @@ impl Session {
                 return "preauth_timeout".into();
             }
         };
+        let mut backend_stream = match Box::pin(self.handover(&mut stream, logged_in)).await {
+            Ok(backend) => backend,
+            Err(reason) => return reason.into(),
+        };
 
+        let m = &self.rt.metrics;
+        let relay_started = Instant::now();
+        let counters = Counters {
+            client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
+            backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
+        };
+        let outcome = relay::relay(
+            &mut stream,
+            &mut backend_stream,
+            limits.idle_timeout,
+            &counters,
+        )
+        .await;
+        m.session_duration
+            .with_label_values(&[&self.listener.name])
+            .observe(relay_started.elapsed().as_secs_f64());
+        Ending {
+            reason: outcome.end.as_str(),
+            client_to_backend: outcome.client_to_backend + self.handed_over.0,
+            backend_to_client: outcome.backend_to_client + self.handed_over.1,
+        }
+    }
+
+    /// Answers the client's login with the backend's capabilities and passes
+    /// on what either side sent early: bytes the backend sent after its OK go
+    /// to the client, commands the client pipelined after its login go to
+    /// the backend. Bounded by the login timeout: neither side may stall the
+    /// session before the relay's idle timer takes over.
+    async fn handover(
+        &mut self,
+        stream: &mut ClientStream,
+        logged_in: LoggedIn,
+    ) -> Step<TcpStream> {
         let LoggedIn {
             tag,
             backend,
@@ -183,26 +228,23 @@ impl Session {
         }
         .into_bytes();
         ok.extend_from_slice(&pending);
-        // Both sides may have bytes waiting for the other; neither may stall
-        // the session before the relay's idle timer takes over.
-        let handover = async {
-            if send(&mut stream, &ok).await.is_err() {
-                return Err("client_error");
-            }
-            if !client_pending.is_empty()
-                && backend_stream.write_all(&client_pending).await.is_err()
-            {
-                return Err("backend_error");
+        let writes = async {
+            send(stream, &ok).await.map_err(|_| "client_error")?;
+            if !client_pending.is_empty() {
+                backend_stream
+                    .write_all(&client_pending)
+                    .await
+                    .map_err(|_| "backend_error")?;
             }
             Ok(())
         };
-        match tokio::time::timeout(rt.config.backends.login_timeout, handover).await {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return reason.into(),
-            Err(_) => return "handover_timeout".into(),
-        }
-        let m = &self.rt.metrics;
-        m.login_duration
+        tokio::time::timeout(self.rt.config.backends.login_timeout, writes)
+            .await
+            .map_err(|_| "handover_timeout")??;
+        self.handed_over = (client_pending.len() as u64, pending.len() as u64);
+        self.rt
+            .metrics
+            .login_duration
             .with_label_values(&[&self.listener.name])
             .observe(credentials_at.elapsed().as_secs_f64());
         tracing::info!(
@@ -211,21 +253,7 @@ impl Session {
             client_id = ?self.client_id,
             "logged in"
         );
-
-        let relay_started = Instant::now();
-        let counters = Counters {
-            client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
-            backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
-        };
-        let outcome = relay::relay(stream, backend_stream, limits.idle_timeout, &counters).await;
-        m.session_duration
-            .with_label_values(&[&self.listener.name])
-            .observe(relay_started.elapsed().as_secs_f64());
-        Ending {
-            reason: outcome.end.as_str(),
-            client_to_backend: outcome.client_to_backend + client_pending.len() as u64,
-            backend_to_client: outcome.backend_to_client + pending.len() as u64,
-        }
+        Ok(backend_stream)
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Step<tokio_rustls::server::TlsStream<TcpStream>> {

@@ -65,6 +65,11 @@ pub fn server_config(config: &Config, mode: SelfSignedMode) -> Result<Arc<Server
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     server.alpn_protocols = vec![b"imap".to_vec()];
+    // Resumption: a reconnecting phone skips the full handshake. Tickets are
+    // encrypted with keys that rotate every few hours; one ticket per
+    // handshake is enough for a client that reconnects one session at a time.
+    server.ticketer = provider::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
+    server.send_tls13_tickets = 1;
     Ok(Arc::new(server))
 }
 

@@ -6,6 +6,7 @@
 //! Password checks run on the blocking thread pool, never on the async
 //! workers that carry other sessions.
 
+pub mod cache;
 pub mod password;
 pub mod static_users;
 
@@ -98,6 +99,7 @@ mod tests {
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
             default_domain: domain.map(str::to_owned),
+            cache_ttl: Duration::ZERO,
         }
     }
 

@@ -167,6 +167,7 @@ mod tests {
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,
             default_domain: None,
+            cache_ttl: Duration::ZERO,
         }
     }
 
