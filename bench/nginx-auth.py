@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""The auth_http endpoint nginx's mail proxy asks before every login.
+
+Usage: nginx-auth.py LISTEN_PORT BACKEND_PORT...
+
+Answers every request with Auth-Status OK and a backend on 127.0.0.1 picked
+by a stable hash (CRC-32) of the user name, so a user always lands on the
+same backend. It checks no password: the backend does, as with HAProxy.
+"""
+import sys
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class AuthHandler(BaseHTTPRequestHandler):
+    backend_ports: list[int] = []
+
+    def do_GET(self):
+        user = self.headers.get("Auth-User", "")
+        port = self.backend_ports[zlib.crc32(user.encode()) % len(self.backend_ports)]
+        self.send_response(200)
+        self.send_header("Auth-Status", "OK")
+        self.send_header("Auth-Server", "127.0.0.1")
+        self.send_header("Auth-Port", str(port))
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format, *args):
+        # A line per login would cost more than the answer itself.
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # The default backlog of 5 drops connections when nginx opens a burst.
+    request_queue_size = 512
+
+
+def main():
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    AuthHandler.backend_ports = [int(p) for p in sys.argv[2:]]
+    Server(("127.0.0.1", int(sys.argv[1])), AuthHandler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()
