@@ -42,9 +42,36 @@ pub struct Config {
     pub metrics: Metrics,
     #[serde(default)]
     pub log: Log,
+    /// Worker threads, each running its own sessions start to end; `auto`
+    /// (or 0) is one per core.
+    #[serde(default)]
+    pub workers: Workers,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Workers(pub usize);
+
+impl Workers {
+    /// The number of worker threads to start.
+    pub fn count(self) -> usize {
+        match self.0 {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumberOrText::deserialize(d)? {
+            NumberOrText::Number(n) if n <= 1024 => Ok(Workers(n as usize)),
+            NumberOrText::Text(t) if t == "auto" => Ok(Workers(0)),
+            _ => Err(serde::de::Error::custom("expected `auto` or a number of threads up to 1024")),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -87,25 +87,41 @@ fn hash_password(scheme: Scheme) -> anyhow::Result<()> {
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     postern::logging::init(&config.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let metrics = Metrics::new();
+    let workers = config.workers.count();
+    let metrics_bind = config.metrics.bind;
+    let max_connections = config.limits.max_connections;
+    let runtime = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let live = Arc::new(ArcSwap::from_pointee(runtime));
+    let listeners = postern::server::bind_all(&live.load().config.listeners)?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    for index in 0..workers {
+        let shared = listeners
+            .iter()
+            .map(|l| {
+                Ok(postern::server::BoundListener {
+                    socket: l.socket.try_clone()?,
+                    info: Arc::clone(&l.info),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        postern::server::run_worker(index, shared, Arc::clone(&live), Arc::clone(&slots))
+            .context("cannot start a worker thread")?;
+    }
+    drop(listeners);
+
+    // The main thread serves metrics and waits for a signal.
+    let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let metrics = Metrics::new();
-        let rt = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let live = Arc::new(ArcSwap::from_pointee(rt));
-        let current = live.load_full();
-        postern::metrics::serve(current.config.metrics.bind, Arc::clone(&metrics))
+        .context("cannot start the control runtime")?;
+    control.block_on(async move {
+        postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await
-            .with_context(|| format!("metrics endpoint cannot bind {}", current.config.metrics.bind))?;
-        let listeners = postern::server::bind_all(&current.config.listeners).await?;
-        let slots = Arc::new(tokio::sync::Semaphore::new(current.config.limits.max_connections));
-        for (socket, info) in listeners {
-            tokio::spawn(postern::server::accept_loop(socket, info, Arc::clone(&live), Arc::clone(&slots)));
-        }
+            .with_context(|| format!("metrics endpoint cannot bind {metrics_bind}"))?;
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), "postern started");
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), workers, "postern started");
         shutdown_signal().await;
         metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::info!("shutting down");

@@ -13,29 +13,68 @@ use crate::config::Listener as ListenerConfig;
 use crate::live::Live;
 use crate::session::{self, ListenerInfo};
 
+/// A bound listening socket, shared by every worker thread.
+pub struct BoundListener {
+    pub socket: std::net::TcpListener,
+    pub info: Arc<ListenerInfo>,
+}
+
 /// Binds every configured listener; fails if any address cannot be bound.
-pub async fn bind_all(
-    listeners: &[ListenerConfig],
-) -> std::io::Result<Vec<(TcpListener, Arc<ListenerInfo>)>> {
+pub fn bind_all(listeners: &[ListenerConfig]) -> std::io::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(listeners.len());
     for l in listeners {
-        let socket = TcpListener::bind(l.bind).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
-            )
+        let socket = std::net::TcpListener::bind(l.bind).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.bind))
         })?;
+        socket.set_nonblocking(true)?;
         tracing::info!(listener = %l.name, bind = %socket.local_addr()?, tls = %l.tls, "listening");
-        bound.push((
+        bound.push(BoundListener {
             socket,
-            Arc::new(ListenerInfo {
+            info: Arc::new(ListenerInfo {
                 name: l.name.clone(),
                 tls: l.tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
             }),
-        ));
+        });
     }
     Ok(bound)
+}
+
+/// Runs one worker: a single-threaded runtime that accepts on every
+/// listener and runs the sessions it accepted, start to end. Workers share
+/// the listening sockets, so whichever is free takes the next connection,
+/// and a session's wake-ups never cross threads.
+pub fn run_worker(
+    index: usize,
+    listeners: Vec<BoundListener>,
+    live: Live,
+    slots: Arc<Semaphore>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("postern-worker-{index}"))
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "cannot start a worker runtime");
+                    std::process::exit(1);
+                }
+            };
+            runtime.block_on(async move {
+                for l in listeners {
+                    match TcpListener::from_std(l.socket) {
+                        Ok(socket) => {
+                            tokio::spawn(accept_loop(socket, l.info, Arc::clone(&live), Arc::clone(&slots)));
+                        }
+                        Err(e) => {
+                            tracing::error!(worker = index, listener = %l.info.name, error = %e, "cannot register listener");
+                            std::process::exit(1);
+                        }
+                    }
+                }
+                std::future::pending::<()>().await
+            })
+        })
 }
 
 /// Accepts connections until the process ends. `slots` caps open client
