@@ -69,7 +69,9 @@ impl<'de> Deserialize<'de> for Workers {
         match NumberOrText::deserialize(d)? {
             NumberOrText::Number(n) if n <= 1024 => Ok(Workers(n as usize)),
             NumberOrText::Text(t) if t == "auto" => Ok(Workers(0)),
-            _ => Err(serde::de::Error::custom("expected `auto` or a number of threads up to 1024")),
+            _ => Err(serde::de::Error::custom(
+                "expected `auto` or a number of threads up to 1024",
+            )),
         }
     }
 }

@@ -23,10 +23,12 @@ pub struct BoundListener {
 pub fn bind_all(listeners: &[ListenerConfig]) -> std::io::Result<Vec<BoundListener>> {
     let mut bound = Vec::with_capacity(listeners.len());
     for l in listeners {
-        let socket = std::net::TcpListener::bind(l.bind).map_err(|e| {
-            std::io::Error::new(e.kind(), format!("listener `{}` cannot bind {}: {e}", l.name, l.bind))
+        let socket = listen(l.bind).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
+            )
         })?;
-        socket.set_nonblocking(true)?;
         tracing::info!(listener = %l.name, bind = %socket.local_addr()?, tls = %l.tls, "listening");
         bound.push(BoundListener {
             socket,
@@ -38,6 +40,24 @@ pub fn bind_all(listeners: &[ListenerConfig]) -> std::io::Result<Vec<BoundListen
         });
     }
     Ok(bound)
+}
+
+/// Pending connections the kernel may queue per listener (capped by
+/// `net.core.somaxconn`): room for a reconnect storm while workers accept.
+const BACKLOG: i32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]` serves IPv4 too, as operators expect from one listener.
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
 }
 
 /// Runs one worker: a single-threaded runtime that accepts on every
