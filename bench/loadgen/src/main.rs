@@ -217,29 +217,33 @@ fn quoted(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-async fn login(c: &mut Conn, user: &str, password: &str, scratch: &mut Vec<u8>) -> Result<()> {
-    let command = format!("a LOGIN {} {}\r\n", quoted(user), quoted(password));
-    c.send(command.as_bytes()).await?;
-    c.tagged("a", scratch)
+/// Sends `tag command` and reads to its tagged OK; errors name `what`
+/// (never the command, which may hold a password).
+async fn command(
+    c: &mut Conn,
+    tag: &str,
+    command: &str,
+    what: &str,
+    scratch: &mut Vec<u8>,
+) -> Result<()> {
+    c.send(format!("{tag} {command}\r\n").as_bytes()).await?;
+    c.tagged(tag, scratch)
         .await
-        .map_err(|e| format!("LOGIN {user}: {e}"))?;
+        .map_err(|e| format!("{what}: {e}"))?;
     Ok(())
+}
+
+async fn login(c: &mut Conn, user: &str, password: &str, scratch: &mut Vec<u8>) -> Result<()> {
+    let line = format!("LOGIN {} {}", quoted(user), quoted(password));
+    command(c, "a", &line, &format!("LOGIN {user}"), scratch).await
 }
 
 async fn select_inbox(c: &mut Conn, scratch: &mut Vec<u8>) -> Result<()> {
-    c.send(b"b SELECT INBOX\r\n").await?;
-    c.tagged("b", scratch)
-        .await
-        .map_err(|e| format!("SELECT: {e}"))?;
-    Ok(())
+    command(c, "b", "SELECT INBOX", "SELECT", scratch).await
 }
 
 async fn logout(c: &mut Conn, scratch: &mut Vec<u8>) -> Result<()> {
-    c.send(b"c LOGOUT\r\n").await?;
-    c.tagged("c", scratch)
-        .await
-        .map_err(|e| format!("LOGOUT: {e}"))?;
-    Ok(())
+    command(c, "c", "LOGOUT", "LOGOUT", scratch).await
 }
 
 /// One whole client visit; returns the TLS parameters it negotiated.
