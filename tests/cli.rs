@@ -88,3 +88,43 @@ fn version_is_printed() {
     let out = postern(&["--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("postern "));
 }
+
+#[test]
+fn run_refuses_an_address_another_process_holds_even_with_reuseport() {
+    // A foreign listener with SO_REUSEPORT would silently share the port
+    // with Postern's own SO_REUSEPORT sockets; Postern must refuse instead.
+    let foreign = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    foreign.set_reuse_port(true).unwrap();
+    foreign
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    foreign.listen(16).unwrap();
+    let port = foreign.local_addr().unwrap().as_socket().unwrap().port();
+    let dir = std::env::temp_dir().join(format!("postern-cli-reuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("u.yaml"), "users: []\n").unwrap();
+    let config = dir.join("p.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{port}\", tls: implicit }}\nauth:\n  source: static\n  static: {{ users_file: u.yaml }}\nbackends:\n  pool: [ {{ name: a, address: \"127.0.0.1:1\" }} ]\nmetrics: {{ bind: \"127.0.0.1:0\" }}\nworkers: 2\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_postern"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot bind") && err.contains("imaps"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
