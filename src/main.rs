@@ -94,12 +94,22 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let runtime = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let live = Arc::new(ArcSwap::from_pointee(runtime));
-    let per_worker = postern::server::bind_all(&live.load().config.listeners, workers)?;
+    let listeners = postern::server::bind_all(&live.load().config.listeners)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    for (index, listeners) in per_worker.into_iter().enumerate() {
-        postern::server::run_worker(index, listeners, Arc::clone(&live), Arc::clone(&slots))
+    for index in 0..workers {
+        let shared = listeners
+            .iter()
+            .map(|l| {
+                Ok(postern::server::BoundListener {
+                    socket: l.socket.try_clone()?,
+                    info: Arc::clone(&l.info),
+                })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        postern::server::run_worker(index, shared, Arc::clone(&live), Arc::clone(&slots))
             .context("cannot start a worker thread")?;
     }
+    drop(listeners);
 
     // The main thread serves metrics and waits for a signal.
     let control = tokio::runtime::Builder::new_current_thread()

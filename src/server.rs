@@ -13,67 +13,43 @@ use crate::config::Listener as ListenerConfig;
 use crate::live::Live;
 use crate::session::{self, ListenerInfo};
 
-/// A bound listening socket of one worker thread.
+/// A bound listening socket, shared by every worker thread.
 pub struct BoundListener {
     pub socket: std::net::TcpListener,
     pub info: Arc<ListenerInfo>,
 }
 
-/// Binds every configured listener once per worker; fails if any address
-/// cannot be bound. With several workers each gets its own socket on the
-/// same address (SO_REUSEPORT), so the kernel spreads new connections over
-/// them and no worker wakes for a connection another one takes.
-pub fn bind_all(
-    listeners: &[ListenerConfig],
-    workers: usize,
-) -> std::io::Result<Vec<Vec<BoundListener>>> {
-    let mut per_worker: Vec<Vec<BoundListener>> = (0..workers.max(1)).map(|_| Vec::new()).collect();
+/// Binds every configured listener; fails if any address cannot be bound.
+pub fn bind_all(listeners: &[ListenerConfig]) -> std::io::Result<Vec<BoundListener>> {
+    let mut bound = Vec::with_capacity(listeners.len());
     for l in listeners {
-        let named = |e: std::io::Error| {
+        let socket = listen(l.bind).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
                 format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
             )
-        };
-        let info = Arc::new(ListenerInfo {
-            name: l.name.clone(),
-            tls: l.tls,
-            allow_plaintext_auth: l.allow_plaintext_auth,
+        })?;
+        tracing::info!(listener = %l.name, bind = %socket.local_addr()?, tls = %l.tls, "listening");
+        bound.push(BoundListener {
+            socket,
+            info: Arc::new(ListenerInfo {
+                name: l.name.clone(),
+                tls: l.tls,
+                allow_plaintext_auth: l.allow_plaintext_auth,
+            }),
         });
-        // A plain bind first: it fails if another process holds the address,
-        // which SO_REUSEPORT alone would hide by sharing the port with it.
-        let first = listen(l.bind, false).map_err(named)?;
-        let local = first.local_addr()?;
-        tracing::info!(listener = %l.name, bind = %local, tls = %l.tls, "listening");
-        if per_worker.len() == 1 {
-            per_worker[0].push(BoundListener {
-                socket: first,
-                info,
-            });
-            continue;
-        }
-        drop(first);
-        for worker in per_worker.iter_mut() {
-            worker.push(BoundListener {
-                socket: listen(local, true).map_err(named)?,
-                info: Arc::clone(&info),
-            });
-        }
     }
-    Ok(per_worker)
+    Ok(bound)
 }
 
 /// Pending connections the kernel may queue per listener (capped by
 /// `net.core.somaxconn`): room for a reconnect storm while workers accept.
 const BACKLOG: i32 = 4096;
 
-fn listen(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
     if addr.is_ipv6() {
         // `[::]` serves IPv4 too, as operators expect from one listener.
         socket.set_only_v6(false)?;
@@ -84,9 +60,10 @@ fn listen(addr: std::net::SocketAddr, reuse_port: bool) -> std::io::Result<std::
     Ok(socket.into())
 }
 
-/// Runs one worker: a single-threaded runtime that accepts on its own
-/// sockets and runs the sessions it accepted, start to end, so a session's
-/// wake-ups never cross threads.
+/// Runs one worker: a single-threaded runtime that accepts on every
+/// listener and runs the sessions it accepted, start to end. Workers share
+/// the listening sockets, so whichever is free takes the next connection,
+/// and a session's wake-ups never cross threads.
 pub fn run_worker(
     index: usize,
     listeners: Vec<BoundListener>,
