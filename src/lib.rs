@@ -5,12 +5,14 @@
 //!
 //! - [`server`]: listeners and accept loops; each connection gets its own task.
 //! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
+//! - [`tls_conn`]: a client's TLS connection, holding no buffer while idle.
 //! - [`session`]: one client, from greeting through pre-auth to the relay.
 //! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL.
 //! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password hashes.
 //! - [`route`]: backend selection (directory hint, rendezvous hashing).
 //! - [`backend`]: connect and log in to the chosen backend for the user.
-//! - [`relay`]: the opaque byte pump after login.
+//! - [`relay`]: the opaque byte pump after login, with [`buffer`]'s
+//!   borrowed buffers.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
 //! behind arc-swap), [`metrics`] (Prometheus families and the HTTP endpoint),
@@ -18,6 +20,7 @@
 
 pub mod auth;
 pub mod backend;
+pub mod buffer;
 pub mod config;
 pub mod imap;
 pub mod live;
@@ -29,3 +32,4 @@ pub mod server;
 pub mod session;
 pub mod stream;
 pub mod tls;
+pub mod tls_conn;

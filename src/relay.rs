@@ -4,17 +4,17 @@
 //!
 //! One future drives both directions, so a side that is busy writing never
 //! stops the other from reading, and no second task or lock is needed. An
-//! idle session holds no buffer: a direction borrows one from a per-thread
-//! pool only for the moment a read returns data, and gives it back once the
-//! data is written, so hundreds of thousands of IDLE sessions cost their
-//! sockets and TLS state, not 2 × 32 KiB each.
+//! idle session holds no buffer: a direction borrows one from the
+//! per-thread pool in [`crate::buffer`] only for the moment a read returns
+//! data, and gives it back once the data is written, so hundreds of
+//! thousands of IDLE sessions cost their sockets and TLS state, not
+//! 2 × 32 KiB each.
 //!
 //! When one side ends its stream, the other side's write half is shut down
 //! (the half-close is passed on) and the remaining direction may finish
 //! within [`LINGER`]. A session with no bytes in either direction for `idle`
 //! is closed.
 
-use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::pin::Pin;
@@ -25,12 +25,7 @@ use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// Size of a borrowed buffer: two full TLS records, so a read from the
-/// backend fills whole records on the client side.
-pub const BUFFER: usize = 32 * 1024;
-
-/// Buffers kept per thread for reuse; more are freed.
-const POOL_PER_THREAD: usize = 8;
+use crate::buffer::{self, give as give_buffer, take as take_buffer};
 
 /// How long the other direction may go on after one side has closed.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -68,24 +63,6 @@ pub struct Counters {
     pub backend_to_client: IntCounter,
 }
 
-thread_local! {
-    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Box<[u8]> {
-    POOL.with(|p| p.borrow_mut().pop())
-        .unwrap_or_else(|| vec![0u8; BUFFER].into_boxed_slice())
-}
-
-fn give_buffer(buf: Box<[u8]>) {
-    POOL.with(|p| {
-        let mut pool = p.borrow_mut();
-        if pool.len() < POOL_PER_THREAD {
-            pool.push(buf);
-        }
-    });
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PumpEnd {
     Eof,
@@ -96,7 +73,7 @@ enum PumpEnd {
 enum State {
     Reading,
     Writing {
-        buf: Box<[u8]>,
+        buf: Vec<u8>,
         start: usize,
         end: usize,
     },
@@ -141,7 +118,7 @@ impl Pump {
             match &mut self.state {
                 State::Reading => {
                     let mut buf = take_buffer();
-                    let mut read = ReadBuf::new(&mut buf[..]);
+                    let mut read = ReadBuf::new(&mut buf[..buffer::READ]);
                     match Pin::new(&mut *rx).poll_read(cx, &mut read) {
                         Poll::Pending => {
                             give_buffer(buf);

@@ -28,6 +28,7 @@ use crate::live::Runtime;
 use crate::relay::{self, Counters};
 use crate::route::Route;
 use crate::stream::ClientStream;
+use crate::tls_conn::{self, TlsConn};
 
 /// What a listener tells its sessions.
 #[derive(Debug)]
@@ -256,8 +257,7 @@ impl Session {
         Ok(backend_stream)
     }
 
-    async fn handshake(&self, tcp: TcpStream) -> Step<tokio_rustls::server::TlsStream<TcpStream>> {
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.rt.tls));
+    async fn handshake(&self, tcp: TcpStream) -> Step<TlsConn> {
         let timeout = self.rt.config.limits.tls_handshake_timeout;
         let failed = |reason: &'static str| {
             self.rt
@@ -266,7 +266,7 @@ impl Session {
                 .with_label_values(&[&self.listener.name, reason])
                 .inc();
         };
-        match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+        match tokio::time::timeout(timeout, tls_conn::accept(tcp, Arc::clone(&self.rt.tls))).await {
             Ok(Ok(tls)) => Ok(tls),
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);

@@ -8,11 +8,12 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::server::TlsStream;
+
+use crate::tls_conn::TlsConn;
 
 pub enum ClientStream {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsConn>),
     /// Between giving up the plain stream for STARTTLS and getting TLS back.
     Upgrading,
 }
