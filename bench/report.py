@@ -6,9 +6,10 @@ Usage: report.py RESULTS.jsonl
 Each input line is one peer's record as bench/run writes it:
   {"proxy": "haproxy", "logins": {loadgen logins JSON} | null,
    "proxy_cpu_ms": N | null, "helper_cpu_ms": N | null,
-   "fetch": {loadgen fetch JSON} | null, "idle": {loadgen idle JSON} | null,
+   "fetch": {loadgen fetch JSON} | null, "fetch_repeat": N,
+   "fetch_cpu_ms": N | null, "idle": {loadgen idle JSON} | null,
    "pss_before_kib": N | null, "pss_after_kib": N | null}
-The first five metric columns also show the ratio to HAProxy's figure from
+Every metric column but the load generator's own CPU shows the ratio to HAProxy's figure from
 the same run; footnotes list errors and failed phases.
 """
 import json
@@ -22,7 +23,8 @@ COLUMNS = [
     ("p99 ms", "p99_ms", True),
     ("MiB/s", "mib_per_sec", True),
     ("KiB/idle session", "kib_per_idle", True),
-    ("CPU ms/login", "cpu_ms_per_login", False),
+    ("CPU ms/login", "cpu_ms_per_login", True),
+    ("CPU ms/GiB relayed", "cpu_ms_per_gib", True),
     ("loadgen CPU ms/login", "loadgen_cpu_ms_per_login", False),
 ]
 
@@ -42,6 +44,9 @@ def metrics(r):
     fetch = r.get("fetch")
     if fetch:
         m["mib_per_sec"] = fetch["median_mib_per_sec"]
+        if r.get("fetch_cpu_ms") is not None and r.get("fetch_repeat"):
+            gib = fetch["bytes"] * r["fetch_repeat"] / 2**30
+            m["cpu_ms_per_gib"] = r["fetch_cpu_ms"] / gib
     idle = r.get("idle")
     before, after = r.get("pss_before_kib"), r.get("pss_after_kib")
     if idle and idle.get("sessions") and before is not None and after is not None:

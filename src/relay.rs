@@ -8,7 +8,7 @@
 //! per-thread pool in [`crate::buffer`] only for the moment a read returns
 //! data, and gives it back once the data is written, so hundreds of
 //! thousands of IDLE sessions cost their sockets and TLS state, not
-//! 2 × 32 KiB each.
+//! 2 × 64 KiB each.
 //!
 //! When one side ends its stream, the other side's write half is shut down
 //! (the half-close is passed on) and the remaining direction may finish
