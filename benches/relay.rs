@@ -46,7 +46,14 @@ fn main() {
             backend_to_client: IntCounter::new("down", "down").unwrap(),
         };
         let relay = tokio::spawn(async move {
-            relay(client_near, backend_near, Duration::from_secs(60), &counters).await
+            relay(
+                client_near,
+                backend_near,
+                Duration::from_secs(60),
+                &counters,
+                std::future::pending(),
+            )
+            .await
         });
         let cpu = cpu_seconds();
         let start = Instant::now();

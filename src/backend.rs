@@ -75,6 +75,41 @@ pub struct BackendSession {
     pub pending: Vec<u8>,
 }
 
+/// One health check of `address`: connect, read the greeting, log in with
+/// the probe account if one is given, then LOGOUT. The caller bounds it.
+pub async fn probe(address: &str, login: Option<(&str, &Secret)>) -> Result<(), BackendError> {
+    let stream = connect(address).await?;
+    let stream = match login {
+        Some((user, password)) => {
+            let req = LoginRequest {
+                user,
+                password,
+                forward: None,
+                session_id: "health-check",
+                connect_timeout: Duration::ZERO,
+                login_timeout: Duration::ZERO,
+            };
+            self::login(stream, &req).await?.stream
+        }
+        None => {
+            let mut conn = Conn {
+                stream,
+                buf: Vec::with_capacity(512),
+            };
+            greet(&mut conn).await?;
+            conn.stream
+        }
+    };
+    let mut conn = Conn {
+        stream,
+        buf: Vec::with_capacity(256),
+    };
+    conn.send(b"Z LOGOUT\r\n").await?;
+    // The answer is a courtesy; the check has passed.
+    let _ = conn.await_tagged("Z").await;
+    Ok(())
+}
+
 pub async fn connect_and_login(
     backend: &Backend,
     req: &LoginRequest<'_>,
@@ -113,28 +148,7 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
         stream,
         buf: Vec::with_capacity(1024),
     };
-    let greeting = conn.read_response().await?;
-    let mut caps = match greeting.strip_prefix("* ") {
-        Some(rest) if starts_with_word(rest, "OK") => capability_code(rest).unwrap_or_default(),
-        Some(rest) if starts_with_word(rest, "PREAUTH") => {
-            return Err(BackendError::Greeting(
-                "PREAUTH: the backend logged us in as somebody already".into(),
-            ))
-        }
-        Some(rest) if starts_with_word(rest, "BYE") => {
-            return Err(BackendError::Greeting(clip(&greeting)))
-        }
-        _ => {
-            return Err(BackendError::Greeting(format!(
-                "not an IMAP greeting: {}",
-                clip(&greeting)
-            )))
-        }
-    };
-    if caps.is_empty() {
-        conn.send(b"P0 CAPABILITY\r\n").await?;
-        caps = conn.await_tagged("P0").await?.capabilities;
-    }
+    let caps = greet(&mut conn).await?;
 
     // One write carries ID and the login, so the backend costs one round
     // trip. ID only where the backend has it (RFC 2971).
@@ -262,6 +276,34 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
         capabilities,
         pending: conn.buf,
     })
+}
+
+/// Reads the greeting (refusing `PREAUTH`, `BYE` and anything else that
+/// is not `* OK`) and returns the backend's pre-login capabilities.
+async fn greet(conn: &mut Conn) -> Result<Capabilities, BackendError> {
+    let greeting = conn.read_response().await?;
+    let mut caps = match greeting.strip_prefix("* ") {
+        Some(rest) if starts_with_word(rest, "OK") => capability_code(rest).unwrap_or_default(),
+        Some(rest) if starts_with_word(rest, "PREAUTH") => {
+            return Err(BackendError::Greeting(
+                "PREAUTH: the backend logged us in as somebody already".into(),
+            ))
+        }
+        Some(rest) if starts_with_word(rest, "BYE") => {
+            return Err(BackendError::Greeting(clip(&greeting)))
+        }
+        _ => {
+            return Err(BackendError::Greeting(format!(
+                "not an IMAP greeting: {}",
+                clip(&greeting)
+            )))
+        }
+    };
+    if caps.is_empty() {
+        conn.send(b"P0 CAPABILITY\r\n").await?;
+        caps = conn.await_tagged("P0").await?.capabilities;
+    }
+    Ok(caps)
 }
 
 fn starts_with_word(text: &str, word: &str) -> bool {

@@ -204,6 +204,25 @@ pub struct Backends {
     pub login_timeout: Duration,
     #[serde(default)]
     pub forward_client_address: ForwardClientAddress,
+    #[serde(default)]
+    pub health_check: HealthCheck,
+    /// Consecutive failed session logins at a backend (connect, greeting or
+    /// protocol failures, timeouts; not a refused password) that mark it
+    /// down until its health check passes `rise` times. 0 turns it off;
+    /// it is off as well when health checks are.
+    #[serde(default = "default_passive_fall")]
+    pub passive_fall: u32,
+    /// Sessions on a backend that goes down are closed with
+    /// `* BYE [UNAVAILABLE]` at a random moment within this time, so their
+    /// clients do not reconnect to the survivors in one burst.
+    #[serde(default = "default_reconnect_jitter", deserialize_with = "duration")]
+    pub reconnect_jitter: Duration,
+    /// Consistent hashing with bounded loads: no backend takes a new
+    /// session while it holds more than this factor of the pool's mean
+    /// active sessions (counted in this process); the user goes to their
+    /// next backend in rendezvous order. Off when absent; at least 1.1.
+    #[serde(default)]
+    pub bounded_load: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -214,6 +233,60 @@ pub struct BackendServer {
     pub name: String,
     /// `host:port`; a host name is resolved when a session connects.
     pub address: String,
+    /// Share of hash-placed users, relative to the other backends (weighted
+    /// rendezvous hashing: raising one backend's weight moves users only
+    /// onto it). 1 to 1000.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Takes no new sessions; its live sessions stay.
+    #[serde(default)]
+    pub drain: bool,
+}
+
+/// Active IMAP health checks: connect, read the greeting (`* OK`, not
+/// `BYE` or `PREAUTH`), optionally log in with a probe account and LOG OUT.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "default_check_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// For the whole check: connect, greeting, login and logout.
+    #[serde(default = "default_check_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive passed checks that bring a down backend up.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Consecutive failed checks that take an up backend down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Log in as this account on every check (and LOGOUT), proving the
+    /// backend's own authentication works too.
+    #[serde(default)]
+    pub login: Option<ProbeLogin>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            enabled: true,
+            interval: default_check_interval(),
+            timeout: default_check_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
+            login: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeLogin {
+    pub user: String,
+    /// A file holding the probe account's password (one line), relative to
+    /// the config file; kept out of the config so the config can be shown.
+    pub password_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -325,6 +398,27 @@ fn default_cache_ttl() -> Duration {
 }
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_passive_fall() -> u32 {
+    3
+}
+fn default_reconnect_jitter() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    2
 }
 fn default_login_timeout() -> Duration {
     Duration::from_secs(15)
@@ -565,6 +659,34 @@ impl Config {
             }
             check_host_port(&b.address)
                 .map_err(|e| format!("key `backends.pool[{i}].address`: {e}"))?;
+            if !(1..=1000).contains(&b.weight) {
+                return Err(format!(
+                    "key `backends.pool[{i}].weight`: must be between 1 and 1000, not {}",
+                    b.weight
+                ));
+            }
+        }
+        let hc = &self.backends.health_check;
+        if hc.interval < Duration::from_millis(100) || hc.timeout.is_zero() {
+            return Err(
+                "key `backends.health_check`: interval must be at least 100ms and timeout above zero"
+                    .into(),
+            );
+        }
+        if hc.rise == 0 || hc.fall == 0 {
+            return Err("key `backends.health_check`: rise and fall must be at least 1".into());
+        }
+        if let Some(login) = &hc.login {
+            if login.user.is_empty() || login.user.contains(|c: char| c.is_control()) {
+                return Err("key `backends.health_check.login.user`: not a user name".into());
+            }
+        }
+        if let Some(f) = self.backends.bounded_load {
+            if !(1.1..=100.0).contains(&f) {
+                return Err(format!(
+                    "key `backends.bounded_load`: must be between 1.1 and 100, not {f}"
+                ));
+            }
         }
         let l = &self.limits;
         if l.max_line < 512 {

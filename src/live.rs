@@ -13,8 +13,10 @@ use crate::auth::cache::CachedAuthenticator;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::config::{AuthSource, Config};
+use crate::imap::Secret;
 use crate::metrics::Metrics;
-use crate::route::{RendezvousPool, Selector};
+use crate::route::health::ProbeAccount;
+use crate::route::Pool;
 use crate::tls::SelfSignedMode;
 
 /// Everything a session needs, built from one config.
@@ -22,7 +24,9 @@ pub struct Runtime {
     pub config: Config,
     pub tls: Arc<rustls::ServerConfig>,
     pub auth: Arc<dyn Authenticator>,
-    pub selector: Arc<dyn Selector>,
+    pub pool: Arc<Pool>,
+    /// The health checks' probe account, when one is configured.
+    pub probe: Option<ProbeAccount>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -55,12 +59,36 @@ impl Runtime {
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.
         let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
-        let selector = Arc::new(RendezvousPool::new(&config.backends.pool));
+        let probe = match &config.backends.health_check.login {
+            Some(login) => {
+                let path = config.resolve(&login.password_file);
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    format!(
+                        "key `backends.health_check.login.password_file`: cannot read {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let password = text.lines().next().unwrap_or_default();
+                if password.is_empty() {
+                    return Err(format!(
+                        "key `backends.health_check.login.password_file`: {} holds no password",
+                        path.display()
+                    ));
+                }
+                Some(ProbeAccount {
+                    user: login.user.clone(),
+                    password: Arc::new(Secret::new(password.as_bytes().to_vec())),
+                })
+            }
+            None => None,
+        };
+        let pool = Arc::new(Pool::new(&config.backends, &metrics));
         Ok(Runtime {
             config,
             tls,
             auth,
-            selector,
+            pool,
+            probe,
             metrics,
         })
     }

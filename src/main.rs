@@ -116,7 +116,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control runtime")?;
+    let checks = Arc::clone(&live.load());
     control.block_on(async move {
+        postern::route::health::spawn(
+            &checks.pool,
+            &checks.config.backends.health_check,
+            checks.probe.clone(),
+            &metrics,
+        );
         postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await
             .with_context(|| format!("metrics endpoint cannot bind {metrics_bind}"))?;

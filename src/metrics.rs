@@ -29,6 +29,12 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub authentications: IntCounterVec,
     pub backend_logins: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_sessions: IntGaugeVec,
+    pub backend_transitions: IntCounterVec,
+    pub backend_checks: IntCounterVec,
+    pub backend_check_duration: HistogramVec,
+    pub routes: IntCounterVec,
     pub relay_bytes: IntCounterVec,
     pub session_duration: HistogramVec,
     pub login_duration: HistogramVec,
@@ -55,6 +61,11 @@ impl Metrics {
                 .expect("valid metric");
             r.register(Box::new(h.clone())).expect("unique metric");
             h
+        }
+        fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            r.register(Box::new(g.clone())).expect("unique metric");
+            g
         }
         let sessions_active = IntGaugeVec::new(
             Opts::new(
@@ -111,6 +122,43 @@ impl Metrics {
                 "postern_backend_logins_total",
                 "Logins to backend servers, per backend and result.",
                 &["backend", "result"],
+            ),
+            backend_up: gauge(
+                &registry,
+                "postern_backend_up",
+                "1 while a backend takes sessions by its health state, 0 while it is down.",
+                &["backend"],
+            ),
+            backend_sessions: gauge(
+                &registry,
+                "postern_backend_sessions_active",
+                "Relayed sessions open now, per backend.",
+                &["backend"],
+            ),
+            backend_transitions: counter(
+                &registry,
+                "postern_backend_transitions_total",
+                "Health state changes of a backend, by the state it went to.",
+                &["backend", "to"],
+            ),
+            backend_checks: counter(
+                &registry,
+                "postern_backend_checks_total",
+                "Active health checks, per backend and result.",
+                &["backend", "result"],
+            ),
+            backend_check_duration: histogram(
+                &registry,
+                "postern_backend_check_duration_seconds",
+                "Time an active health check took, per backend.",
+                &["backend"],
+                vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            ),
+            routes: counter(
+                &registry,
+                "postern_routes_total",
+                "Routing decisions for logged-in users, by reason (directory, hash, sticky, failover, bounded_load).",
+                &["reason"],
             ),
             relay_bytes: counter(
                 &registry,

@@ -37,6 +37,8 @@ pub enum RelayEnd {
     IdleTimeout,
     ClientError,
     BackendError,
+    /// The caller's `stop` future resolved (the backend went down).
+    BackendDown,
 }
 
 impl RelayEnd {
@@ -47,6 +49,7 @@ impl RelayEnd {
             RelayEnd::IdleTimeout => "idle_timeout",
             RelayEnd::ClientError => "client_error",
             RelayEnd::BackendError => "backend_error",
+            RelayEnd::BackendDown => "backend_down",
         }
     }
 }
@@ -200,18 +203,21 @@ impl Pump {
     }
 }
 
-/// Relays until both directions have ended, the idle limit passes, or an
-/// error ends the session.
-pub async fn relay<C, B>(
+/// Relays until both directions have ended, the idle limit passes, an
+/// error ends the session, or `stop` resolves.
+pub async fn relay<C, B, S>(
     mut client: C,
     mut backend: B,
     idle: Duration,
     counters: &Counters,
+    stop: S,
 ) -> RelayOutcome
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
+    S: Future<Output = ()>,
 {
+    tokio::pin!(stop);
     let mut up = Pump::new(counters.client_to_backend.clone());
     let mut down = Pump::new(counters.backend_to_client.clone());
     let mut limit = idle;
@@ -222,6 +228,9 @@ where
     let mut closed: Option<RelayEnd> = None;
 
     let end = poll_fn(|cx| {
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(RelayEnd::BackendDown);
+        }
         let mut active = false;
         if !up.done() {
             match up.poll(cx, &mut client, &mut backend, &mut active) {
@@ -296,7 +305,14 @@ mod tests {
         let (backend_far, backend_near) = tokio::io::duplex(4096);
         let c = counters();
         let relay = tokio::spawn(async move {
-            relay(client_near, backend_near, Duration::from_secs(60), &c).await
+            relay(
+                client_near,
+                backend_near,
+                Duration::from_secs(60),
+                &c,
+                std::future::pending(),
+            )
+            .await
         });
         let (mut client_rx, mut client_tx) = tokio::io::split(client_far);
         let (mut backend_rx, mut backend_tx) = tokio::io::split(backend_far);
@@ -325,7 +341,14 @@ mod tests {
         let (_client_far, client_near) = tokio::io::duplex(64);
         let (_backend_far, backend_near) = tokio::io::duplex(64);
         let c = counters();
-        let outcome = relay(client_near, backend_near, Duration::from_secs(1800), &c).await;
+        let outcome = relay(
+            client_near,
+            backend_near,
+            Duration::from_secs(1800),
+            &c,
+            std::future::pending(),
+        )
+        .await;
         assert_eq!(outcome.end, RelayEnd::IdleTimeout);
     }
 }

@@ -25,8 +25,8 @@ use crate::imap::framing::{CommandReader, FramingError};
 use crate::imap::sasl::{self, Credentials};
 use crate::imap::{printable, Secret};
 use crate::live::Runtime;
-use crate::relay::{self, Counters};
-use crate::route::Route;
+use crate::relay::{self, Counters, RelayEnd};
+use crate::route::{Lease, Route, RouteError, RouteReason};
 use crate::stream::ClientStream;
 use crate::tls_conn::{self, TlsConn};
 
@@ -75,8 +75,10 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerInfo>, 
             bad_commands: 0,
             auth_failures: 0,
             handed_over: (0, 0),
+            lease: None,
         };
         let ending = session.drive(tcp).await;
+        drop(session.lease.take());
         active.dec();
         metrics
             .sessions_ended
@@ -131,6 +133,8 @@ struct Session {
     /// Bytes passed on at login (client to backend, backend to client),
     /// counted with the relayed bytes.
     handed_over: (u64, u64),
+    /// The relayed session's place in the pool, from the backend login on.
+    lease: Option<Lease>,
 }
 
 /// A client logged in at its backend, ready to relay.
@@ -183,13 +187,36 @@ impl Session {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
         };
+        // When the backend goes down, its sessions close at a random moment
+        // within the jitter, so their clients come back spread out.
+        let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
+        let jitter = rt.config.backends.reconnect_jitter;
+        let backend_down = async move {
+            match backend {
+                Some(backend) => {
+                    backend.went_down().await;
+                    let delay = jitter.mul_f64(rand::random::<f64>());
+                    tokio::time::sleep(delay).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         let outcome = relay::relay(
             &mut stream,
             &mut backend_stream,
             limits.idle_timeout,
             &counters,
+            backend_down,
         )
         .await;
+        if outcome.end == RelayEnd::BackendDown {
+            let bye = b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n";
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                send(&mut stream, bye).await?;
+                stream.shutdown().await
+            })
+            .await;
+        }
         m.session_duration
             .with_label_values(&[&self.listener.name])
             .observe(relay_started.elapsed().as_secs_f64());
@@ -631,78 +658,110 @@ impl Session {
         };
         self.count_auth(mechanism, "success");
         self.user = Some(identity.user.clone());
-        let route = match self.rt.selector.select(&identity) {
-            Ok(route) => route,
-            Err(e) => {
-                tracing::error!(user = identity.user, error = %e, "no backend for user");
-                reply(stream, format!("{tag} NO [UNAVAILABLE] No mail server for this account, try again later\r\n")).await?;
-                return Ok(None);
-            }
-        };
-        tracing::info!(
-            user = identity.user,
-            backend = %route.backend.name,
-            address = %route.backend.address,
-            reason = route.reason.as_str(),
-            "routed"
-        );
         let config = &rt.config.backends;
-        let request = LoginRequest {
-            user: &identity.user,
-            password: &password,
-            forward: (config.forward_client_address == ForwardClientAddress::Id).then_some(
-                ClientAddresses {
-                    peer: self.peer,
-                    local: self.local,
-                },
-            ),
-            session_id: &self.id,
-            connect_timeout: config.connect_timeout,
-            login_timeout: config.login_timeout,
-        };
-        let result = backend::connect_and_login(&route.backend, &request).await;
-        let label = match &result {
-            Ok(_) => "success",
-            Err(e) => e.kind(),
-        };
-        self.rt
-            .metrics
-            .backend_logins
-            .with_label_values(&[&route.backend.name, label])
-            .inc();
-        match result {
-            Ok(session) => {
-                self.backend = Some(route.backend.name.clone());
-                Ok(Some(LoggedIn {
-                    tag: tag.to_owned(),
-                    backend: session,
-                    route,
-                    credentials_at: received,
-                    client_pending: Vec::new(),
-                }))
-            }
-            Err(e) => {
-                let text = match &e {
-                    BackendError::Rejected(_) => {
-                        tracing::error!(
-                            user = identity.user,
-                            backend = %route.backend.name,
-                            error = %e,
-                            "backend refused a login that Postern accepted: the users file and the backend disagree"
-                        );
-                        "Mail server refused the login, try again later"
-                    }
-                    BackendError::Connect { .. } | BackendError::Timeout("connecting") => {
-                        tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable");
-                        "Mail server is not reachable, try again later"
-                    }
-                    _ => {
-                        tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend login failed");
-                        "Mail server is not answering correctly, try again later"
-                    }
-                };
-                reply(stream, format!("{tag} NO [UNAVAILABLE] {text}\r\n")).await?;
-                Ok(None)
+        // Connecting is bounded by connect_timeout over every backend tried:
+        // a hash-placed user whose backend cannot be reached moves on to
+        // the next in their order, within the same budget.
+        let connect_deadline = Instant::now() + config.connect_timeout;
+        let mut unreachable: Vec<String> = Vec::new();
+        loop {
+            let exclude: Vec<&str> = unreachable.iter().map(String::as_str).collect();
+            let route = match rt.pool.select(&identity, &exclude) {
+                Ok(route) => route,
+                Err(e) => {
+                    let text = match &e {
+                        RouteError::Unavailable(_) => {
+                            tracing::warn!(user = identity.user, error = %e, "no backend for user");
+                            "Your mail server is unavailable, try again later"
+                        }
+                        RouteError::NoBackend => {
+                            tracing::warn!(user = identity.user, error = %e, "no backend for user");
+                            "No mail server is available, try again later"
+                        }
+                        RouteError::UnknownBackend(_) => {
+                            tracing::error!(user = identity.user, error = %e, "no backend for user");
+                            "No mail server for this account, try again later"
+                        }
+                    };
+                    reply(stream, format!("{tag} NO [UNAVAILABLE] {text}\r\n")).await?;
+                    return Ok(None);
+                }
+            };
+            tracing::info!(
+                user = identity.user,
+                backend = %route.backend.name,
+                address = %route.backend.address,
+                reason = route.reason.as_str(),
+                "routed"
+            );
+            let request = LoginRequest {
+                user: &identity.user,
+                password: &password,
+                forward: (config.forward_client_address == ForwardClientAddress::Id).then_some(
+                    ClientAddresses {
+                        peer: self.peer,
+                        local: self.local,
+                    },
+                ),
+                session_id: &self.id,
+                connect_timeout: connect_deadline.saturating_duration_since(Instant::now()),
+                login_timeout: config.login_timeout,
+            };
+            let result = backend::connect_and_login(&route.backend, &request).await;
+            let label = match &result {
+                Ok(_) => "success",
+                Err(e) => e.kind(),
+            };
+            rt.metrics
+                .backend_logins
+                .with_label_values(&[&route.backend.name, label])
+                .inc();
+            // A refused password still reached a working backend.
+            let reached = matches!(result, Ok(_) | Err(BackendError::Rejected(_)));
+            rt.pool.report(&route.backend, reached);
+            match result {
+                Ok(session) => {
+                    self.backend = Some(route.backend.name.clone());
+                    self.lease = Some(rt.pool.lease(&identity.user, &route.backend));
+                    return Ok(Some(LoggedIn {
+                        tag: tag.to_owned(),
+                        backend: session,
+                        route,
+                        credentials_at: received,
+                        client_pending: Vec::new(),
+                    }));
+                }
+                Err(e @ (BackendError::Connect { .. } | BackendError::Timeout("connecting")))
+                    if route.reason != RouteReason::Directory
+                        && Instant::now() < connect_deadline
+                        && unreachable.len() + 1 < rt.pool.backends().len() =>
+                {
+                    tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable, trying the next");
+                    unreachable.push(route.backend.name.clone());
+                }
+                Err(e) => {
+                    let text = match &e {
+                        BackendError::Rejected(_) => {
+                            tracing::error!(
+                                user = identity.user,
+                                backend = %route.backend.name,
+                                error = %e,
+                                "backend refused a login that Postern accepted: the users file and the backend disagree"
+                            );
+                            "Mail server refused the login, try again later"
+                        }
+                        BackendError::Connect { .. } | BackendError::Timeout("connecting") => {
+                            tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable");
+                            "Mail server is not reachable, try again later"
+                        }
+                        _ => {
+                            tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend login failed");
+                            "Mail server is not answering correctly, try again later"
+                        }
+                    };
+                    reply(stream, format!("{tag} NO [UNAVAILABLE] {text}\r\n")).await?;
+                    return Ok(None);
+                }
             }
         }
     }

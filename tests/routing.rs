@@ -12,8 +12,9 @@ use common::backend::DovecotBackend;
 use common::client::Client;
 use common::postern::{user, user_on, Postern, Setup, PASSWORD};
 use postern::auth::Identity;
-use postern::config::BackendServer;
-use postern::route::{RendezvousPool, Selector};
+use postern::config::Backends;
+use postern::metrics::Metrics;
+use postern::route::Pool;
 
 #[test]
 fn wrong_password_never_reaches_backend() {
@@ -109,14 +110,17 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
         users: &users,
         ..Setup::default()
     });
-    let pool = RendezvousPool::new(
-        &backends
-            .iter()
-            .map(|b| BackendServer {
-                name: b.name.clone(),
-                address: b.addr(),
-            })
-            .collect::<Vec<_>>(),
+    let mut yaml = String::from("pool:\n");
+    for b in &backends {
+        yaml.push_str(&format!(
+            "  - {{ name: {}, address: \"{}\" }}\n",
+            b.name,
+            b.addr()
+        ));
+    }
+    let pool = Pool::new(
+        &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
+        &Metrics::new(),
     );
     for n in names.iter().chain([&"pinned".to_string()]) {
         let (mut c, _) = Client::imaps(p.imaps);
@@ -132,10 +136,13 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
     let mut used = std::collections::HashSet::new();
     for n in &names {
         let expected = pool
-            .select(&Identity {
-                user: n.clone(),
-                backend: None,
-            })
+            .select(
+                &Identity {
+                    user: n.clone(),
+                    backend: None,
+                },
+                &[],
+            )
             .unwrap()
             .backend
             .name

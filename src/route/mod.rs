@@ -1,23 +1,142 @@
-//! Choosing the backend for a user. [`Selector`] is the seam: today's
-//! [`RendezvousPool`] places users by the directory's hint or by rendezvous
-//! (highest random weight) hashing; health, weights and failover slot in
-//! behind the same trait without touching the session code.
+//! Choosing the backend for a user, and the backends' health.
 //!
-//! Placement depends only on the normalised username and the backend
-//! *names*, so every replica with the same configuration sends a user to the
-//! same backend, and changing a backend's address moves nobody.
+//! Order of decision for an authenticated user:
+//!
+//! 1. **directory**: the user's directory entry names the backend that
+//!    holds the mailbox. It is not moved: if that backend is down or
+//!    draining the login gets `NO [UNAVAILABLE]` at once.
+//! 2. **sticky**: while the user has live sessions through this process on
+//!    an available backend, new sessions join them there (no split
+//!    sessions while a recovered backend takes its users back).
+//! 3. **hash** / **failover** / **bounded_load**: weighted rendezvous
+//!    (highest random weight) hashing of the user over the pool; the first
+//!    backend in the user's order that is up, not draining and (with
+//!    `bounded_load`) not above its share. The first choice is `hash`;
+//!    skipping a down backend is `failover`; skipping a full one is
+//!    `bounded_load`.
+//!
+//! Placement depends only on the normalised username, the backend *names*
+//! and weights, and the health view, so every replica with the same
+//! configuration and the same view sends a user to the same backend, and
+//! changing a backend's address moves nobody. Health state lives in each
+//! [`Backend`] as atomics, written by the checks in [`health`] and by
+//! failed session logins (passive), read lock-free by every session.
 
-use std::sync::Arc;
+pub mod health;
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::Notify;
 
 use crate::auth::Identity;
-use crate::config::BackendServer;
+use crate::config::Backends;
+use crate::metrics::Metrics;
 
-/// One backend IMAP server of the pool.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One backend IMAP server of the pool, with its live state.
 pub struct Backend {
     pub name: String,
     /// `host:port`, resolved at connect time.
     pub address: String,
+    pub weight: u32,
+    up: AtomicBool,
+    draining: AtomicBool,
+    /// Relayed sessions through this process.
+    active: AtomicUsize,
+    passive_failures: AtomicU32,
+    /// Woken when the backend goes down: its sessions close.
+    went_down: Notify,
+    up_gauge: IntGauge,
+    sessions_gauge: IntGauge,
+    to_up: IntCounter,
+    to_down: IntCounter,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("name", &self.name)
+            .field("address", &self.address)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+impl Backend {
+    fn new(name: &str, address: &str, weight: u32, drain: bool, metrics: &Metrics) -> Backend {
+        let b = Backend {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            weight,
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(drain),
+            active: AtomicUsize::new(0),
+            passive_failures: AtomicU32::new(0),
+            went_down: Notify::new(),
+            up_gauge: metrics.backend_up.with_label_values(&[name]),
+            sessions_gauge: metrics.backend_sessions.with_label_values(&[name]),
+            to_up: metrics.backend_transitions.with_label_values(&[name, "up"]),
+            to_down: metrics
+                .backend_transitions
+                .with_label_values(&[name, "down"]),
+        };
+        b.up_gauge.set(1);
+        b
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Takes new sessions: up and not draining.
+    pub fn available(&self) -> bool {
+        self.is_up() && !self.is_draining()
+    }
+
+    pub fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Marks the backend up or down; logs and counts a change. Returns
+    /// whether the state changed.
+    pub fn set_up(&self, up: bool, why: &str) -> bool {
+        if self.up.swap(up, Ordering::AcqRel) == up {
+            return false;
+        }
+        self.up_gauge.set(up as i64);
+        if up {
+            self.to_up.inc();
+            self.passive_failures.store(0, Ordering::Relaxed);
+            tracing::warn!(backend = %self.name, address = %self.address, why, "backend is up");
+        } else {
+            self.to_down.inc();
+            tracing::warn!(backend = %self.name, address = %self.address, why, "backend is down");
+            self.went_down.notify_waiters();
+        }
+        true
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Release);
+    }
+
+    /// Resolves once the backend goes down after this call.
+    pub async fn went_down(&self) {
+        let notified = self.went_down.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if !self.is_up() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// Why a backend was chosen; logged with every routing decision.
@@ -25,15 +144,24 @@ pub struct Backend {
 pub enum RouteReason {
     /// The user's directory entry names the backend.
     Directory,
-    /// Rendezvous hash of the username over the pool.
+    /// The user has live sessions there.
+    Sticky,
+    /// The user's first choice by rendezvous hashing.
     Hash,
+    /// A later choice: the ones before it are down or draining.
+    Failover,
+    /// A later choice: one before it holds more than its bounded share.
+    BoundedLoad,
 }
 
 impl RouteReason {
     pub fn as_str(self) -> &'static str {
         match self {
             RouteReason::Directory => "directory",
+            RouteReason::Sticky => "sticky",
             RouteReason::Hash => "hash",
+            RouteReason::Failover => "failover",
+            RouteReason::BoundedLoad => "bounded_load",
         }
     }
 }
@@ -48,75 +176,242 @@ pub struct Route {
 pub enum RouteError {
     #[error("backend `{0}` named by the directory is not in the pool")]
     UnknownBackend(String),
+    #[error("backend `{0}` named by the directory is down or draining")]
+    Unavailable(String),
     #[error("no backend available")]
     NoBackend,
 }
 
-/// Picks the backend for an authenticated user.
-pub trait Selector: Send + Sync {
-    fn select(&self, identity: &Identity) -> Result<Route, RouteError>;
-}
+const STICKY_SHARDS: usize = 64;
 
-/// A fixed pool placed by directory hint, else by rendezvous hashing.
-#[derive(Debug)]
-pub struct RendezvousPool {
+/// Live sessions per user and backend (index into the pool).
+type StickyShard = Mutex<HashMap<Box<str>, Vec<(u16, u32)>>>;
+
+/// The backends, their health, and who is where.
+pub struct Pool {
     backends: Vec<Arc<Backend>>,
+    sticky: Box<[StickyShard]>,
+    sticky_keys: std::hash::RandomState,
+    bounded_load: Option<f64>,
+    /// Failed session logins in a row that mark a backend down; 0: never.
+    passive_fall: u32,
+    routes: [IntCounter; 5],
 }
 
-impl RendezvousPool {
-    pub fn new(servers: &[BackendServer]) -> Self {
-        RendezvousPool {
-            backends: servers
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(&self.backends).finish()
+    }
+}
+
+impl Pool {
+    pub fn new(config: &Backends, metrics: &Metrics) -> Pool {
+        let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
+        Pool {
+            backends: config
+                .pool
                 .iter()
                 .map(|s| {
-                    Arc::new(Backend {
-                        name: s.name.clone(),
-                        address: s.address.clone(),
-                    })
+                    Arc::new(Backend::new(
+                        &s.name, &s.address, s.weight, s.drain, metrics,
+                    ))
                 })
                 .collect(),
+            sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
+            sticky_keys: std::hash::RandomState::new(),
+            bounded_load: config.bounded_load,
+            passive_fall: if config.health_check.enabled {
+                config.passive_fall
+            } else {
+                0
+            },
+            routes: [
+                reason(RouteReason::Directory),
+                reason(RouteReason::Sticky),
+                reason(RouteReason::Hash),
+                reason(RouteReason::Failover),
+                reason(RouteReason::BoundedLoad),
+            ],
         }
     }
 
-    /// The pool in the user's rendezvous order, best first. Failover walks
-    /// this list, so a user's second choice is as stable as the first.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The pool in the user's weighted rendezvous order, best first.
+    /// Failover walks this list, so a user's second choice is as stable as
+    /// the first.
     pub fn order(&self, user: &str) -> Vec<Arc<Backend>> {
-        let mut scored: Vec<(u64, &Arc<Backend>)> = self
+        let mut scored: Vec<(f64, u64, &Arc<Backend>)> = self
             .backends
             .iter()
-            .map(|b| (score(&b.name, user), b))
+            .map(|b| {
+                let h = score(&b.name, user);
+                (weighted(h, b.weight), h, b)
+            })
             .collect();
-        scored.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
-        scored.into_iter().map(|(_, b)| Arc::clone(b)).collect()
+        // Equal weights order by the raw hash, exactly as unweighted
+        // rendezvous hashing; the name settles the (theoretical) tie.
+        scored.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then_with(|| b.1.cmp(&a.1))
+                .then_with(|| a.2.name.cmp(&b.2.name))
+        });
+        scored.into_iter().map(|(_, _, b)| Arc::clone(b)).collect()
     }
-}
 
-impl Selector for RendezvousPool {
-    fn select(&self, identity: &Identity) -> Result<Route, RouteError> {
+    /// Picks the backend for an authenticated user, skipping the backends
+    /// named in `exclude` (ones this login already failed to reach).
+    pub fn select(&self, identity: &Identity, exclude: &[&str]) -> Result<Route, RouteError> {
+        let excluded = |b: &Backend| exclude.contains(&b.name.as_str());
+        let route = self.pick(identity, &excluded)?;
+        self.routes[route.reason as usize].inc();
+        Ok(route)
+    }
+
+    fn pick(
+        &self,
+        identity: &Identity,
+        excluded: &dyn Fn(&Backend) -> bool,
+    ) -> Result<Route, RouteError> {
         if let Some(name) = &identity.backend {
             let backend = self
                 .backends
                 .iter()
                 .find(|b| &b.name == name)
                 .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?;
+            if !backend.available() || excluded(backend) {
+                return Err(RouteError::Unavailable(name.clone()));
+            }
             return Ok(Route {
                 backend: Arc::clone(backend),
                 reason: RouteReason::Directory,
             });
         }
-        let backend = self
+        if let Some(backend) = self.sticky_backend(&identity.user) {
+            if backend.available() && !excluded(&backend) {
+                return Ok(Route {
+                    backend,
+                    reason: RouteReason::Sticky,
+                });
+            }
+        }
+        let cap = self.bounded_load.and_then(|factor| {
+            let eligible = self.backends.iter().filter(|b| b.available()).count();
+            let total: usize = self.backends.iter().map(|b| b.active_sessions()).sum();
+            (eligible > 0).then(|| (factor * (total + 1) as f64 / eligible as f64).ceil() as usize)
+        });
+        let mut reason = RouteReason::Hash;
+        for backend in self.order(&identity.user) {
+            if !backend.available() || excluded(&backend) {
+                if reason == RouteReason::Hash {
+                    reason = RouteReason::Failover;
+                }
+                continue;
+            }
+            if cap.is_some_and(|cap| backend.active_sessions() >= cap) {
+                reason = RouteReason::BoundedLoad;
+                continue;
+            }
+            return Ok(Route { backend, reason });
+        }
+        Err(RouteError::NoBackend)
+    }
+
+    fn shard(&self, user: &str) -> &StickyShard {
+        let mut h = self.sticky_keys.build_hasher();
+        h.write(user.as_bytes());
+        &self.sticky[h.finish() as usize % STICKY_SHARDS]
+    }
+
+    /// The backend holding most of the user's live sessions, if any.
+    fn sticky_backend(&self, user: &str) -> Option<Arc<Backend>> {
+        let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+        let held = shard.get(user)?;
+        held.iter()
+            .filter(|(i, _)| self.backends[*i as usize].available())
+            .max_by_key(|(_, n)| *n)
+            .map(|(i, _)| Arc::clone(&self.backends[*i as usize]))
+    }
+
+    /// Counts a relayed session of `user` on `backend` until the lease is
+    /// dropped: it feeds stickiness, bounded load and the sessions gauge.
+    pub fn lease(self: &Arc<Self>, user: &str, backend: &Arc<Backend>) -> Lease {
+        let index = self
             .backends
             .iter()
-            .max_by(|a, b| {
-                score(&a.name, &identity.user)
-                    .cmp(&score(&b.name, &identity.user))
-                    .then_with(|| b.name.cmp(&a.name))
-            })
-            .ok_or(RouteError::NoBackend)?;
-        Ok(Route {
-            backend: Arc::clone(backend),
-            reason: RouteReason::Hash,
-        })
+            .position(|b| Arc::ptr_eq(b, backend))
+            .expect("backend of this pool") as u16;
+        {
+            let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
+            let held = shard.entry(user.into()).or_default();
+            match held.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, n)) => *n += 1,
+                None => held.push((index, 1)),
+            }
+        }
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        backend.sessions_gauge.inc();
+        Lease {
+            pool: Arc::clone(self),
+            index,
+            user: user.into(),
+        }
+    }
+
+    /// A session's login at `backend` reached it (or failed on the way):
+    /// consecutive failures past `passive_fall` mark it down until its
+    /// health check passes again.
+    pub fn report(&self, backend: &Backend, reached: bool) {
+        if reached {
+            backend.passive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        if self.passive_fall == 0 {
+            return;
+        }
+        let failures = backend.passive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.passive_fall {
+            backend.set_up(false, "session logins failed");
+        }
+    }
+}
+
+/// A relayed session's place in the pool; see [`Pool::lease`].
+pub struct Lease {
+    pool: Arc<Pool>,
+    index: u16,
+    user: Box<str>,
+}
+
+impl Lease {
+    pub fn backend(&self) -> &Arc<Backend> {
+        &self.pool.backends[self.index as usize]
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let backend = &self.pool.backends[self.index as usize];
+        backend.active.fetch_sub(1, Ordering::Relaxed);
+        backend.sessions_gauge.dec();
+        let mut shard = self
+            .pool
+            .shard(&self.user)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = shard.get_mut(&*self.user) {
+            if let Some(pos) = held.iter().position(|(i, _)| *i == self.index) {
+                held[pos].1 -= 1;
+                if held[pos].1 == 0 {
+                    held.swap_remove(pos);
+                }
+            }
+            if held.is_empty() {
+                shard.remove(&*self.user);
+            }
+        }
     }
 }
 
@@ -124,7 +419,6 @@ impl Selector for RendezvousPool {
 /// so it is the same in every process and every release. Changing it moves
 /// users between backends; don't.
 pub fn score(backend: &str, user: &str) -> u64 {
-    use std::hash::Hasher;
     let mut h =
         siphasher::sip::SipHasher13::new_with_keys(0x706f_7374_6572_6e21, 0x7264_7677_2d68_6173);
     h.write(backend.as_bytes());
@@ -133,20 +427,38 @@ pub fn score(backend: &str, user: &str) -> u64 {
     h.finish()
 }
 
+/// Weighted rendezvous key (Schindelhauer and Schomaker): `-w / ln(u)` with
+/// `u` the hash mapped into (0, 1]. A backend then wins a `w / Σw` share of
+/// users, and changing one weight moves users only to or from that backend.
+fn weighted(hash: u64, weight: u32) -> f64 {
+    let u = (hash as f64 + 1.0) / 18_446_744_073_709_551_616.0;
+    let ln = u.ln();
+    if ln >= 0.0 {
+        f64::INFINITY
+    } else {
+        -(weight as f64) / ln
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn pool(names: &[&str]) -> RendezvousPool {
-        let servers: Vec<BackendServer> = names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| BackendServer {
-                name: n.to_string(),
-                address: format!("127.0.0.1:{}", 10000 + i),
-            })
-            .collect();
-        RendezvousPool::new(&servers)
+    fn pool_with(names: &[&str], extra: &str) -> Arc<Pool> {
+        let mut yaml = String::from("pool:\n");
+        for (i, n) in names.iter().enumerate() {
+            yaml.push_str(&format!(
+                "  - {{ name: {n}, address: \"127.0.0.1:{}\" }}\n",
+                10000 + i
+            ));
+        }
+        yaml.push_str(extra);
+        let config: Backends = serde_yaml::from_str(&yaml).unwrap();
+        Arc::new(Pool::new(&config, &Metrics::new()))
+    }
+
+    fn pool(names: &[&str]) -> Arc<Pool> {
+        pool_with(names, "")
     }
 
     fn user(name: &str) -> Identity {
@@ -156,33 +468,31 @@ mod tests {
         }
     }
 
+    fn pick(p: &Pool, u: &str) -> (String, RouteReason) {
+        let r = p.select(&user(u), &[]).unwrap();
+        (r.backend.name.clone(), r.reason)
+    }
+
+    fn backend<'a>(p: &'a Pool, name: &str) -> &'a Arc<Backend> {
+        p.backends().iter().find(|b| b.name == name).unwrap()
+    }
+
     #[test]
     fn placement_is_stable_and_ignores_pool_order() {
         let a = pool(&["mail-a", "mail-b", "mail-c"]);
         let b = pool(&["mail-c", "mail-a", "mail-b"]);
         for i in 0..200 {
-            let u = user(&format!("user{i}@example.com"));
-            assert_eq!(
-                a.select(&u).unwrap().backend.name,
-                b.select(&u).unwrap().backend.name
-            );
+            let u = format!("user{i}@example.com");
+            assert_eq!(pick(&a, &u), pick(&b, &u));
         }
     }
 
     #[test]
     fn users_spread_over_the_pool() {
         let p = pool(&["mail-a", "mail-b", "mail-c"]);
-        let mut counts = std::collections::HashMap::new();
+        let mut counts = HashMap::new();
         for i in 0..3000 {
-            *counts
-                .entry(
-                    p.select(&user(&format!("u{i}")))
-                        .unwrap()
-                        .backend
-                        .name
-                        .clone(),
-                )
-                .or_insert(0) += 1;
+            *counts.entry(pick(&p, &format!("u{i}")).0).or_insert(0) += 1;
         }
         for (name, n) in counts {
             assert!((800..1200).contains(&n), "{name} got {n} of 3000");
@@ -190,38 +500,167 @@ mod tests {
     }
 
     #[test]
+    fn weights_set_the_share_and_move_users_only_onto_the_heavier_backend() {
+        let even = pool(&["mail-a", "mail-b"]);
+        let heavy = pool_with(&[], "  - { name: mail-a, address: \"127.0.0.1:1\" }\n  - { name: mail-b, address: \"127.0.0.1:2\", weight: 3 }\n");
+        let mut on_b = 0;
+        for i in 0..4000 {
+            let u = format!("u{i}");
+            let (before, _) = pick(&even, &u);
+            let (after, _) = pick(&heavy, &u);
+            if after == "mail-b" {
+                on_b += 1;
+            } else {
+                assert_eq!(before, "mail-a", "nobody moves onto the lighter backend");
+            }
+        }
+        assert!(
+            (2850..3150).contains(&on_b),
+            "weight 3 of 4 took {on_b} of 4000"
+        );
+    }
+
+    #[test]
     fn removing_a_backend_moves_only_its_users() {
         let full = pool(&["mail-a", "mail-b", "mail-c"]);
         let less = pool(&["mail-a", "mail-b"]);
         for i in 0..500 {
-            let u = user(&format!("u{i}"));
-            let before = full.select(&u).unwrap().backend.name.clone();
+            let u = format!("u{i}");
+            let (before, _) = pick(&full, &u);
             if before != "mail-c" {
-                assert_eq!(less.select(&u).unwrap().backend.name, before);
+                assert_eq!(pick(&less, &u).0, before);
             }
         }
     }
 
     #[test]
-    fn order_starts_with_the_selected_backend() {
+    fn a_down_backend_fails_over_to_the_next_in_order_and_back() {
         let p = pool(&["mail-a", "mail-b", "mail-c"]);
-        let u = user("alice");
-        assert_eq!(p.order("alice")[0].name, p.select(&u).unwrap().backend.name);
-        assert_eq!(p.order("alice").len(), 3);
+        let order = p.order("alice");
+        assert_eq!(
+            pick(&p, "alice"),
+            (order[0].name.clone(), RouteReason::Hash)
+        );
+        order[0].set_up(false, "test");
+        assert_eq!(
+            pick(&p, "alice"),
+            (order[1].name.clone(), RouteReason::Failover)
+        );
+        // Another replica with the same view picks the same one.
+        let q = pool(&["mail-c", "mail-b", "mail-a"]);
+        backend(&q, &order[0].name).set_up(false, "test");
+        assert_eq!(pick(&q, "alice").0, order[1].name);
+        // Excluding the failover target (it just refused a connection) goes on.
+        let r = p.select(&user("alice"), &[order[1].name.as_str()]).unwrap();
+        assert_eq!(r.backend.name, order[2].name);
+        order[0].set_up(true, "test");
+        assert_eq!(
+            pick(&p, "alice"),
+            (order[0].name.clone(), RouteReason::Hash)
+        );
+        for b in p.backends() {
+            b.set_up(false, "test");
+        }
+        assert!(matches!(
+            p.select(&user("alice"), &[]),
+            Err(RouteError::NoBackend)
+        ));
     }
 
     #[test]
-    fn directory_hint_wins() {
+    fn a_draining_backend_takes_no_new_sessions() {
+        let p = pool_with(&[], "  - { name: mail-a, address: \"127.0.0.1:1\", drain: true }\n  - { name: mail-b, address: \"127.0.0.1:2\" }\n");
+        for i in 0..200 {
+            assert_eq!(pick(&p, &format!("u{i}")).0, "mail-b");
+        }
+    }
+
+    #[test]
+    fn directory_hint_wins_and_a_pinned_user_is_never_moved() {
         let p = pool(&["mail-a", "mail-b"]);
         let mut u = user("alice");
         u.backend = Some("mail-b".into());
-        let r = p.select(&u).unwrap();
+        let r = p.select(&u, &[]).unwrap();
         assert_eq!(
             (r.backend.name.as_str(), r.reason),
             ("mail-b", RouteReason::Directory)
         );
+        backend(&p, "mail-b").set_up(false, "test");
+        assert!(matches!(p.select(&u, &[]), Err(RouteError::Unavailable(n)) if n == "mail-b"));
         u.backend = Some("gone".into());
-        assert!(p.select(&u).is_err());
+        assert!(matches!(
+            p.select(&u, &[]),
+            Err(RouteError::UnknownBackend(_))
+        ));
+    }
+
+    #[test]
+    fn live_sessions_keep_a_user_on_their_backend_through_failback() {
+        let p = pool(&["mail-a", "mail-b", "mail-c"]);
+        let order = p.order("alice");
+        order[0].set_up(false, "test");
+        let (failover, _) = pick(&p, "alice");
+        let lease = p.lease("alice", backend(&p, &failover));
+        assert_eq!(backend(&p, &failover).active_sessions(), 1);
+        order[0].set_up(true, "test");
+        assert_eq!(pick(&p, "alice"), (failover.clone(), RouteReason::Sticky));
+        drop(lease);
+        assert_eq!(backend(&p, &failover).active_sessions(), 0);
+        assert_eq!(
+            pick(&p, "alice"),
+            (order[0].name.clone(), RouteReason::Hash)
+        );
+    }
+
+    #[test]
+    fn bounded_load_sends_the_overflow_to_the_next_backend() {
+        let p = pool_with(&["mail-a", "mail-b"], "bounded_load: 1.5\n");
+        let mut leases = Vec::new();
+        // 40 users whose first choice is mail-a, one session each.
+        let mut users = (0..)
+            .map(|i| format!("u{i}"))
+            .filter(|u| p.order(u)[0].name == "mail-a");
+        for _ in 0..40 {
+            let u = users.next().unwrap();
+            let r = p.select(&user(&u), &[]).unwrap();
+            leases.push(p.lease(&u, &r.backend));
+        }
+        let a = backend(&p, "mail-a").active_sessions();
+        let b = backend(&p, "mail-b").active_sessions();
+        assert_eq!(a + b, 40);
+        assert!(
+            a <= 31 && b >= 9,
+            "mail-a {a}, mail-b {b}: mail-a stays within 1.5 × the mean"
+        );
+    }
+
+    #[test]
+    fn failed_session_logins_mark_a_backend_down() {
+        let p = pool_with(&["mail-a"], "passive_fall: 2\n");
+        let a = backend(&p, "mail-a");
+        p.report(a, false);
+        p.report(a, true);
+        p.report(a, false);
+        assert!(a.is_up(), "a success in between resets the count");
+        p.report(a, false);
+        assert!(!a.is_up());
+    }
+
+    #[tokio::test]
+    async fn went_down_resolves_on_the_transition() {
+        let p = pool(&["mail-a"]);
+        let a = Arc::clone(backend(&p, "mail-a"));
+        let waiter = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.went_down().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        a.set_up(false, "test");
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 
     #[test]
@@ -231,5 +670,8 @@ mod tests {
         assert_eq!(score("mail-b", "alice@example.com"), 2362004658889458960);
         assert_ne!(score("mail-a", "alice"), score("mail-b", "alice"));
         assert_ne!(score("mail-a", "bob"), score("mail-ab", "ob"));
+        // Equal weights keep the unweighted order.
+        assert!(weighted(5, 1) < weighted(6, 1));
+        assert!(weighted(u64::MAX - 1, 1) <= weighted(u64::MAX, 1));
     }
 }
