@@ -812,6 +812,49 @@ backends:
     }
 
     #[test]
+    fn backend_balancing_keys_are_checked() {
+        for (from, to, key) in [
+            (
+                "address: \"127.0.0.1:10143\" }",
+                "address: \"127.0.0.1:10143\", weight: 0 }",
+                "backends.pool[0].weight",
+            ),
+            (
+                "  pool:\n",
+                "  bounded_load: 0.9\n  pool:\n",
+                "backends.bounded_load",
+            ),
+            (
+                "  pool:\n",
+                "  health_check: { fall: 0 }\n  pool:\n",
+                "backends.health_check",
+            ),
+            (
+                "  pool:\n",
+                "  health_check: { interval: 1ms }\n  pool:\n",
+                "backends.health_check",
+            ),
+        ] {
+            let text = MINIMAL.replace(from, to);
+            assert_ne!(text, MINIMAL, "{from}");
+            let err = Config::parse(&text, Path::new("p.yaml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{to}: {err}");
+        }
+        let c = Config::parse(MINIMAL, Path::new("p.yaml")).unwrap();
+        let hc = &c.backends.health_check;
+        assert!(hc.enabled);
+        assert_eq!(
+            (hc.interval, hc.timeout, hc.rise, hc.fall),
+            (Duration::from_secs(5), Duration::from_secs(3), 2, 2)
+        );
+        assert_eq!(c.backends.passive_fall, 3);
+        assert_eq!(c.backends.pool[0].weight, 1);
+        assert!(!c.backends.pool[0].drain);
+    }
+
+    #[test]
     fn duplicate_backend_is_refused() {
         let text = MINIMAL.replace(
             "    - { name: mail-a, address: \"127.0.0.1:10143\" }",

@@ -150,13 +150,7 @@ fn idle_session_is_closed_after_the_idle_limit() {
 fn idle_command_keeps_the_session_while_traffic_flows() {
     let (_b, p) = start("idle-cmd", "limits:\n  idle_timeout: 2s\n");
     let mut c = logged_in(&p);
-    assert!(c
-        .command("s", "SELECT INBOX")
-        .last()
-        .unwrap()
-        .starts_with("s OK"));
-    c.send(b"i IDLE\r\n");
-    assert!(c.line().starts_with('+'));
+    c.select_and_idle();
     // Traffic before the limit keeps the session open past it.
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(800)); // pacing client traffic, not synchronisation

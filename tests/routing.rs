@@ -314,6 +314,8 @@ fn backend_greeting_preauth_or_bye_is_refused_without_credentials() {
         let p = Postern::start(Setup {
             users: &user_on("alice", "scripted"),
             pool_lines: &pool,
+            // The scripted backend answers one connection: the session's.
+            backend_options: "health_check: { enabled: false }",
             ..Setup::default()
         });
         let (mut c, _) = Client::imaps(p.imaps);

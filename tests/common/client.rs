@@ -216,6 +216,14 @@ impl Client {
         }
     }
 
+    /// Selects INBOX and enters IDLE, up to the server's `+`.
+    pub fn select_and_idle(&mut self) {
+        let selected = self.command("s", "SELECT INBOX");
+        assert!(selected.last().unwrap().starts_with("s OK"), "{selected:?}");
+        self.send(b"i IDLE\r\n");
+        assert!(self.line().starts_with('+'));
+    }
+
     pub fn login(&mut self, user: &str, password: &str) -> Vec<String> {
         self.command("L1", &format!("LOGIN \"{user}\" \"{password}\""))
     }
