@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::imap::{push_string, sasl, Capabilities, Secret};
+use crate::proxy_protocol;
 use crate::route::Backend;
 
 /// Longest backend response line kept while logging in (literals included).
@@ -50,7 +51,8 @@ impl BackendError {
     }
 }
 
-/// The client's connection, forwarded to the backend in `ID`.
+/// The client's connection, forwarded to the backend in `ID` or a PROXY
+/// protocol header.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientAddresses {
     pub peer: SocketAddr,
@@ -60,7 +62,9 @@ pub struct ClientAddresses {
 pub struct LoginRequest<'a> {
     pub user: &'a str,
     pub password: &'a Secret,
-    pub forward: Option<ClientAddresses>,
+    pub client: Option<ClientAddresses>,
+    /// Send the client's address in `ID` (where the backend has ID).
+    pub send_id: bool,
     pub session_id: &'a str,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
@@ -77,14 +81,18 @@ pub struct BackendSession {
 
 /// One health check of `address`: connect, read the greeting, log in with
 /// the probe account if one is given, then LOGOUT. The caller bounds it.
-pub async fn probe(address: &str, login: Option<(&str, &Secret)>) -> Result<(), BackendError> {
-    let stream = connect(address).await?;
+pub async fn probe(backend: &Backend, login: Option<(&str, &Secret)>) -> Result<(), BackendError> {
+    let mut stream = connect(&backend.address).await?;
+    if backend.proxy_protocol {
+        stream.write_all(&proxy_protocol::v2_header(None)).await?;
+    }
     let stream = match login {
         Some((user, password)) => {
             let req = LoginRequest {
                 user,
                 password,
-                forward: None,
+                client: None,
+                send_id: false,
                 session_id: "health-check",
                 connect_timeout: Duration::ZERO,
                 login_timeout: Duration::ZERO,
@@ -114,9 +122,15 @@ pub async fn connect_and_login(
     backend: &Backend,
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let stream = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
+    let mut stream = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
         .await
         .map_err(|_| BackendError::Timeout("connecting"))??;
+    if backend.proxy_protocol {
+        // Before the greeting: the backend reads it first. The client's
+        // address, never what the client claimed in its own ID.
+        let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
+        stream.write_all(&header).await?;
+    }
     tokio::time::timeout(req.login_timeout, login(stream, req))
         .await
         .map_err(|_| BackendError::Timeout("logging in"))?
@@ -152,7 +166,7 @@ async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSessi
 
     // One write carries ID and the login, so the backend costs one round
     // trip. ID only where the backend has it (RFC 2971).
-    let send_id = req.forward.filter(|_| caps.has("ID"));
+    let send_id = req.client.filter(|_| req.send_id && caps.has("ID"));
     let mut out = Vec::with_capacity(256);
     if let Some(addrs) = send_id {
         out.extend_from_slice(b"P1 ID (");

@@ -87,6 +87,24 @@ pub struct Listener {
     /// Meant for loopback testing only; off by default.
     #[serde(default)]
     pub allow_plaintext_auth: bool,
+    /// Read a PROXY protocol header (v1 or v2) before anything else, from
+    /// these networks only; a connection from elsewhere is closed.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolIn>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolIn {
+    /// Load balancers allowed to state a client's address, as CIDR
+    /// networks or single addresses.
+    pub trusted_networks: Vec<crate::proxy_protocol::Network>,
+    /// The whole header must arrive within this.
+    #[serde(
+        default = "default_proxy_header_timeout",
+        deserialize_with = "duration"
+    )]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -241,6 +259,11 @@ pub struct BackendServer {
     /// Takes no new sessions; its live sessions stay.
     #[serde(default)]
     pub drain: bool,
+    /// Send a PROXY protocol v2 header with the client's address first
+    /// (Dovecot: `haproxy = yes` on the listener and Postern's addresses
+    /// in `haproxy_trusted_networks`). Health checks send a LOCAL header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
 }
 
 /// Active IMAP health checks: connect, read the greeting (`* OK`, not
@@ -397,6 +420,9 @@ fn default_cache_ttl() -> Duration {
     Duration::from_secs(300)
 }
 fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_proxy_header_timeout() -> Duration {
     Duration::from_secs(5)
 }
 fn default_passive_fall() -> u32 {
@@ -600,6 +626,18 @@ impl Config {
                     "key `listeners[{i}].bind`: {} is used by another listener",
                     l.bind
                 ));
+            }
+            if let Some(pp) = &l.proxy_protocol {
+                if pp.trusted_networks.is_empty() {
+                    return Err(format!(
+                        "key `listeners[{i}].proxy_protocol.trusted_networks`: name the load balancers' networks"
+                    ));
+                }
+                if pp.timeout.is_zero() {
+                    return Err(format!(
+                        "key `listeners[{i}].proxy_protocol.timeout`: must be above zero"
+                    ));
+                }
             }
             if l.allow_plaintext_auth && l.tls == ListenerTls::Implicit {
                 return Err(format!(

@@ -4,6 +4,7 @@
 //! The data path, in the order a connection meets it:
 //!
 //! - [`server`]: listeners and accept loops; each connection gets its own task.
+//! - [`proxy_protocol`]: the client's address from a load balancer, and on to backends.
 //! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
 //! - [`tls_conn`]: a client's TLS connection, holding no buffer while idle.
 //! - [`session`]: one client, from greeting through pre-auth to the relay.
@@ -26,6 +27,7 @@ pub mod imap;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod route;
 pub mod server;

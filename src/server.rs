@@ -36,6 +36,7 @@ pub fn bind_all(listeners: &[ListenerConfig]) -> std::io::Result<Vec<BoundListen
                 name: l.name.clone(),
                 tls: l.tls,
                 allow_plaintext_auth: l.allow_plaintext_auth,
+                proxy_protocol: l.proxy_protocol.clone(),
             }),
         });
     }

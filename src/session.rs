@@ -19,12 +19,13 @@ use tracing::Instrument;
 
 use crate::auth::{normalise_username, AuthError};
 use crate::backend::{self, BackendError, BackendSession, ClientAddresses, LoginRequest};
-use crate::config::{ForwardClientAddress, ListenerTls};
+use crate::config::{ForwardClientAddress, ListenerTls, ProxyProtocolIn};
 use crate::imap::command::{self, IdFields, ParseError, PreauthCommand};
 use crate::imap::framing::{CommandReader, FramingError};
 use crate::imap::sasl::{self, Credentials};
 use crate::imap::{printable, Secret};
 use crate::live::Runtime;
+use crate::proxy_protocol::{self, ProxyHeader};
 use crate::relay::{self, Counters, RelayEnd};
 use crate::route::{Lease, Route, RouteError, RouteReason};
 use crate::stream::ClientStream;
@@ -36,6 +37,7 @@ pub struct ListenerInfo {
     pub name: String,
     pub tls: ListenerTls,
     pub allow_plaintext_auth: bool,
+    pub proxy_protocol: Option<ProxyProtocolIn>,
 }
 
 /// The one answer to every failed login: unknown user, wrong password or a
@@ -149,10 +151,15 @@ struct LoggedIn {
 }
 
 impl Session {
-    async fn drive(&mut self, tcp: TcpStream) -> Ending {
+    async fn drive(&mut self, mut tcp: TcpStream) -> Ending {
         let rt = Arc::clone(&self.rt);
         let limits = &rt.config.limits;
         let deadline = self.accepted + limits.preauth_timeout;
+        if let Some(pp) = self.listener.proxy_protocol.clone() {
+            if let Err(reason) = self.proxy_header(&mut tcp, &pp).await {
+                return reason.into();
+            }
+        }
         // The handshake and pre-auth futures are large (TLS handshake, command
         // buffers, backend login); boxing them frees that space once they are
         // done, so a long idle session keeps only what the relay needs.
@@ -282,6 +289,40 @@ impl Session {
             "logged in"
         );
         Ok(backend_stream)
+    }
+
+    /// Takes the client's address from a trusted load balancer's PROXY
+    /// header; any other connection on this listener is closed unread.
+    async fn proxy_header(&mut self, tcp: &mut TcpStream, pp: &ProxyProtocolIn) -> Step<()> {
+        let balancer = self.peer;
+        if !pp
+            .trusted_networks
+            .iter()
+            .any(|n| n.contains(balancer.ip()))
+        {
+            tracing::warn!(client = %balancer, "connection from outside proxy_protocol.trusted_networks closed");
+            return Err("proxy_untrusted");
+        }
+        match tokio::time::timeout(pp.timeout, proxy_protocol::read_header(tcp)).await {
+            Ok(Ok(ProxyHeader::Proxied {
+                source,
+                destination,
+            })) => {
+                self.peer = source;
+                self.local = destination;
+                tracing::debug!(client = %source, balancer = %balancer, "client address from PROXY header");
+                Ok(())
+            }
+            Ok(Ok(ProxyHeader::Local)) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::info!(client = %balancer, error = %e, "bad PROXY header");
+                Err("proxy_header_invalid")
+            }
+            Err(_) => {
+                tracing::info!(client = %balancer, "no PROXY header in time");
+                Err("proxy_header_timeout")
+            }
+        }
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Step<TlsConn> {
@@ -697,12 +738,11 @@ impl Session {
             let request = LoginRequest {
                 user: &identity.user,
                 password: &password,
-                forward: (config.forward_client_address == ForwardClientAddress::Id).then_some(
-                    ClientAddresses {
-                        peer: self.peer,
-                        local: self.local,
-                    },
-                ),
+                client: Some(ClientAddresses {
+                    peer: self.peer,
+                    local: self.local,
+                }),
+                send_id: config.forward_client_address == ForwardClientAddress::Id,
                 session_id: &self.id,
                 connect_timeout: connect_deadline.saturating_duration_since(Instant::now()),
                 login_timeout: config.login_timeout,

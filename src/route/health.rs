@@ -73,9 +73,7 @@ async fn check_loop(
             .as_ref()
             .map(|p| (p.user.as_str(), p.password.as_ref()));
         let result =
-            match tokio::time::timeout(config.timeout, backend::probe(&backend.address, login))
-                .await
-            {
+            match tokio::time::timeout(config.timeout, backend::probe(&backend, login)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no answer within {:?}", config.timeout)),

@@ -33,7 +33,7 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::Notify;
 
 use crate::auth::Identity;
-use crate::config::Backends;
+use crate::config::{BackendServer, Backends};
 use crate::metrics::Metrics;
 
 /// One backend IMAP server of the pool, with its live state.
@@ -42,6 +42,8 @@ pub struct Backend {
     /// `host:port`, resolved at connect time.
     pub address: String,
     pub weight: u32,
+    /// Send a PROXY protocol v2 header first.
+    pub proxy_protocol: bool,
     up: AtomicBool,
     draining: AtomicBool,
     /// Relayed sessions through this process.
@@ -66,13 +68,15 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(name: &str, address: &str, weight: u32, drain: bool, metrics: &Metrics) -> Backend {
+    fn new(server: &BackendServer, metrics: &Metrics) -> Backend {
+        let name = server.name.as_str();
         let b = Backend {
             name: name.to_owned(),
-            address: address.to_owned(),
-            weight,
+            address: server.address.clone(),
+            weight: server.weight,
+            proxy_protocol: server.proxy_protocol,
             up: AtomicBool::new(true),
-            draining: AtomicBool::new(drain),
+            draining: AtomicBool::new(server.drain),
             active: AtomicUsize::new(0),
             passive_failures: AtomicU32::new(0),
             went_down: Notify::new(),
@@ -211,11 +215,7 @@ impl Pool {
             backends: config
                 .pool
                 .iter()
-                .map(|s| {
-                    Arc::new(Backend::new(
-                        &s.name, &s.address, s.weight, s.drain, metrics,
-                    ))
-                })
+                .map(|s| Arc::new(Backend::new(s, metrics)))
                 .collect(),
             sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
             sticky_keys: std::hash::RandomState::new(),

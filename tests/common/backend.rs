@@ -45,21 +45,33 @@ pub struct DovecotBackend {
     pub dir: PathBuf,
     /// Passed to every (re)start; `None` means the script's demo users.
     users_file: Option<PathBuf>,
+    /// Environment for the script on every (re)start (DOVECOT_TLS_*, …).
+    env: Vec<(String, String)>,
 }
 
 impl DovecotBackend {
     /// A backend with the demo users alice/wonderland, bob/builder and
     /// carol/singer.
     pub fn start(name: &str) -> DovecotBackend {
-        Self::launch(name, None)
+        Self::launch(name, None, &[])
     }
 
     /// A backend that knows exactly `users` (name, plaintext password).
     pub fn start_with_users(name: &str, users: &[(&str, &str)]) -> DovecotBackend {
-        Self::launch(name, Some(users))
+        Self::launch(name, Some(users), &[])
     }
 
-    fn launch(name: &str, users: Option<&[(&str, &str)]>) -> DovecotBackend {
+    /// Like `start_with_users`, with `scripts/dovecot-backend`'s options in
+    /// `env`, e.g. `("DOVECOT_HAPROXY", "1")`.
+    pub fn start_with_env(
+        name: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> DovecotBackend {
+        Self::launch(name, Some(users), env)
+    }
+
+    fn launch(name: &str, users: Option<&[(&str, &str)]>, env: &[(&str, &str)]) -> DovecotBackend {
         ensure_installed();
         let dir = unique_dir(name);
         let users_file = users.map(|users| {
@@ -76,6 +88,10 @@ impl DovecotBackend {
             port: 0,
             dir,
             users_file,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
 
         for _ in 0..PORT_ATTEMPTS {
@@ -99,7 +115,8 @@ impl DovecotBackend {
         command
             .arg("start")
             .arg(&self.dir)
-            .arg(self.port.to_string());
+            .arg(self.port.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(users) = &self.users_file {
             command.arg(users);
         }

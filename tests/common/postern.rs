@@ -33,6 +33,8 @@ pub struct Setup<'a> {
     pub extra: &'a str,
     /// Extra keys for the STARTTLS listener (e.g. `allow_plaintext_auth: true`).
     pub starttls_options: &'a str,
+    /// Extra keys for the implicit-TLS listener (e.g. `proxy_protocol: …`).
+    pub imaps_options: &'a str,
     /// Extra keys for the `auth:` block.
     pub auth_options: &'a str,
     /// Extra keys for the `backends:` block.
@@ -67,12 +69,13 @@ impl Postern {
                 .collect::<String>()
                 + setup.pool_lines;
             let config = format!(
-                "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
+                "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
                  {tls}\n\
                  auth:\n  source: static\n  static: {{ users_file: users.yaml }}\n  failure_delay: 200ms\n{auth}\n\
                  backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n{backend_options}\n  pool:\n{pool}\
                  metrics:\n  bind: \"127.0.0.1:{metrics}\"\n\
                  log:\n  level: debug\n{extra}\n",
+                imaps_opts = if setup.imaps_options.is_empty() { String::new() } else { format!(", {}", setup.imaps_options) },
                 starttls = if setup.starttls_options.is_empty() { String::new() } else { format!(", {}", setup.starttls_options) },
                 auth = indent(setup.auth_options),
                 backend_options = indent(setup.backend_options),
