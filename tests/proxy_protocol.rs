@@ -6,27 +6,13 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use common::backend::DovecotBackend;
-use common::client::{tls_over, Client};
+use common::client::{tcp_from, tls_over, Client};
 use common::postern::{user, Postern, Setup, PASSWORD};
 use postern::proxy_protocol::v2_header;
-
-/// A TCP connection to 127.0.0.1:`port` from `from` (a loopback address).
-fn connect_from(from: &str, port: u16) -> TcpStream {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
-        .unwrap();
-    socket
-        .connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
-        .unwrap();
-    let tcp: TcpStream = socket.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tcp
-}
 
 fn behind_balancer(name: &str) -> (DovecotBackend, Postern) {
     common::backend::ensure_installed();
@@ -50,7 +36,7 @@ fn a_trusted_balancer_states_the_client_address_in_v1_or_v2() {
         b"PROXY TCP4 192.0.2.8 198.51.100.1 40002 993\r\n".to_vec(),
     ];
     for header in &headers {
-        let mut tcp = connect_from("127.0.0.1", p.imaps);
+        let mut tcp = tcp_from("127.0.0.1", p.imaps);
         tcp.write_all(header).unwrap();
         let tls = tls_over(tcp, "localhost", &[b"imap"]).expect("TLS after the header");
         let mut c = Client::from_stream(tls);
@@ -86,13 +72,13 @@ fn untrusted_senders_bad_headers_and_silence_are_closed() {
         "198.51.100.1:993".parse().unwrap(),
     )));
     // From 127.0.0.2, outside the trusted network: closed, header or not.
-    let mut tcp = connect_from("127.0.0.2", p.imaps);
+    let mut tcp = tcp_from("127.0.0.2", p.imaps);
     let _ = tcp.write_all(&header);
     assert!(tls_over(tcp, "localhost", &[b"imap"]).is_err());
     // Trusted, but no header: a TLS ClientHello is not one.
-    assert!(tls_over(connect_from("127.0.0.1", p.imaps), "localhost", &[b"imap"]).is_err());
+    assert!(tls_over(tcp_from("127.0.0.1", p.imaps), "localhost", &[b"imap"]).is_err());
     // Trusted, and silent past the header timeout.
-    let mut silent = Client::from_stream(connect_from("127.0.0.1", p.imaps));
+    let mut silent = Client::from_stream(tcp_from("127.0.0.1", p.imaps));
     assert!(silent.closed(), "closed after the 500 ms header timeout");
     for reason in [
         "proxy_untrusted",
@@ -126,7 +112,7 @@ fn backends_with_proxy_protocol_see_the_client_address_and_pass_checks() {
         backend_options: "forward_client_address: none\nhealth_check: { interval: 200ms }",
         ..Setup::default()
     });
-    let tls = tls_over(connect_from("127.0.0.2", p.imaps), "localhost", &[b"imap"]).unwrap();
+    let tls = tls_over(tcp_from("127.0.0.2", p.imaps), "localhost", &[b"imap"]).unwrap();
     let mut c = Client::from_stream(tls);
     assert!(c.line().starts_with("* OK"));
     assert!(c

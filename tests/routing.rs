@@ -231,20 +231,7 @@ fn client_address_is_forwarded_with_id() {
         ..Setup::default()
     });
     // Connect from 127.0.0.2: Postern itself reaches the backend from 127.0.0.1.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket
-        .bind(
-            &"127.0.0.2:0"
-                .parse::<std::net::SocketAddr>()
-                .unwrap()
-                .into(),
-        )
-        .unwrap();
-    socket
-        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], p.imaps)).into())
-        .unwrap();
-    let tcp: std::net::TcpStream = socket.into();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let tcp = common::client::tcp_from("127.0.0.2", p.imaps);
     let tls = common::client::tls_over(tcp, "localhost", &[b"imap"]).unwrap();
     let mut c = Client::from_stream(tls);
     assert!(c.line().starts_with("* OK"));

@@ -94,6 +94,21 @@ pub fn tls_over(
     Ok(tls)
 }
 
+/// A TCP connection to 127.0.0.1:`port` from the loopback address `from`
+/// (e.g. 127.0.0.2, to tell the client from Postern's own connections).
+pub fn tcp_from(from: &str, port: u16) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: std::net::SocketAddr = format!("{from}:0").parse().unwrap();
+    socket.bind(&local.into()).unwrap();
+    socket
+        .connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into())
+        .unwrap();
+    let tcp: TcpStream = socket.into();
+    tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+    tcp.set_write_timeout(Some(TIMEOUT)).unwrap();
+    tcp
+}
+
 pub fn tcp(port: u16) -> TcpStream {
     let s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     s.set_read_timeout(Some(TIMEOUT)).unwrap();
