@@ -12,9 +12,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::config::BackendTlsMode;
 use crate::imap::{push_string, sasl, Capabilities, Secret};
 use crate::proxy_protocol;
 use crate::route::Backend;
@@ -34,6 +38,8 @@ pub enum BackendError {
     Rejected(String),
     #[error("backend protocol error: {0}")]
     Protocol(String),
+    #[error("backend TLS: {0}")]
+    Tls(String),
     #[error("backend connection failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -46,7 +52,55 @@ impl BackendError {
             BackendError::Timeout(_) => "timeout",
             BackendError::Greeting(_) => "bad_greeting",
             BackendError::Rejected(_) => "rejected",
+            BackendError::Tls(_) => "tls_error",
             BackendError::Protocol(_) | BackendError::Io(_) => "protocol_error",
+        }
+    }
+}
+
+/// A connection to a backend, plain or TLS. One type, so the relay need
+/// not be generic over how the backend is reached.
+pub enum BackendStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            BackendStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -72,46 +126,35 @@ pub struct LoginRequest<'a> {
 
 /// A backend connection on which the user is logged in.
 pub struct BackendSession {
-    pub stream: TcpStream,
+    pub stream: BackendStream,
     /// The backend's capabilities after login, as it announced them.
     pub capabilities: Capabilities,
     /// Bytes the backend sent after its tagged OK; they belong to the client.
     pub pending: Vec<u8>,
 }
 
-/// One health check of `address`: connect, read the greeting, log in with
-/// the probe account if one is given, then LOGOUT. The caller bounds it.
+/// One health check: connect, PROXY header (LOCAL), TLS as configured,
+/// the greeting, a login with the probe account if one is given, then
+/// LOGOUT. The caller bounds it.
 pub async fn probe(backend: &Backend, login: Option<(&str, &Secret)>) -> Result<(), BackendError> {
-    let mut stream = connect(&backend.address).await?;
+    let mut tcp = connect(&backend.address).await?;
     if backend.proxy_protocol {
-        stream.write_all(&proxy_protocol::v2_header(None)).await?;
+        tcp.write_all(&proxy_protocol::v2_header(None)).await?;
     }
-    let stream = match login {
-        Some((user, password)) => {
-            let req = LoginRequest {
-                user,
-                password,
-                client: None,
-                send_id: false,
-                session_id: "health-check",
-                connect_timeout: Duration::ZERO,
-                login_timeout: Duration::ZERO,
-            };
-            self::login(stream, &req).await?.stream
-        }
-        None => {
-            let mut conn = Conn {
-                stream,
-                buf: Vec::with_capacity(512),
-            };
-            greet(&mut conn).await?;
-            conn.stream
-        }
-    };
-    let mut conn = Conn {
-        stream,
-        buf: Vec::with_capacity(256),
-    };
+    let (mut conn, caps) = start(backend, tcp).await?;
+    if let Some((user, password)) = login {
+        let req = LoginRequest {
+            user,
+            password,
+            client: None,
+            send_id: false,
+            session_id: "health-check",
+            connect_timeout: Duration::ZERO,
+            login_timeout: Duration::ZERO,
+        };
+        let session = self::login(conn, caps, &req).await?;
+        conn = Conn::new(session.stream);
+    }
     conn.send(b"Z LOGOUT\r\n").await?;
     // The answer is a courtesy; the check has passed.
     let _ = conn.await_tagged("Z").await;
@@ -122,18 +165,73 @@ pub async fn connect_and_login(
     backend: &Backend,
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let mut stream = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
+    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
         .await
         .map_err(|_| BackendError::Timeout("connecting"))??;
-    if backend.proxy_protocol {
-        // Before the greeting: the backend reads it first. The client's
-        // address, never what the client claimed in its own ID.
-        let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
-        stream.write_all(&header).await?;
-    }
-    tokio::time::timeout(req.login_timeout, login(stream, req))
+    let session = async {
+        if backend.proxy_protocol {
+            // Before the greeting: the backend reads it first. The client's
+            // address, never what the client claimed in its own ID.
+            let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
+            tcp.write_all(&header).await?;
+        }
+        let (conn, caps) = start(backend, tcp).await?;
+        login(conn, caps, req).await
+    };
+    tokio::time::timeout(req.login_timeout, session)
         .await
         .map_err(|_| BackendError::Timeout("logging in"))?
+}
+
+/// Brings a fresh connection to the point of login: TLS as configured and
+/// the greeting. Returns the capabilities to log in with.
+///
+/// With STARTTLS the backend must offer it and accept it before anything
+/// else is sent; bytes it sent after its OK arrived in plaintext and are
+/// dropped unread, and the capabilities are asked for again over TLS.
+async fn start(backend: &Backend, tcp: TcpStream) -> Result<(Conn, Capabilities), BackendError> {
+    let Some(tls) = &backend.tls else {
+        let mut conn = Conn::new(BackendStream::Plain(tcp));
+        let caps = greet(&mut conn).await?;
+        return Ok((conn, caps));
+    };
+    let tcp = match tls.mode {
+        BackendTlsMode::Starttls => {
+            let mut conn = Conn::new(BackendStream::Plain(tcp));
+            let caps = greet(&mut conn).await?;
+            if !caps.has("STARTTLS") {
+                return Err(BackendError::Tls(
+                    "backend does not offer STARTTLS; nothing sent".into(),
+                ));
+            }
+            conn.send(b"S STARTTLS\r\n").await?;
+            if let Err(e) = conn.await_tagged("S").await {
+                return Err(BackendError::Tls(format!("STARTTLS refused: {e}")));
+            }
+            let Conn {
+                stream: BackendStream::Plain(tcp),
+                ..
+            } = conn
+            else {
+                unreachable!("a plain connection before STARTTLS");
+            };
+            tcp
+        }
+        _ => tcp,
+    };
+    let stream = tls
+        .connector
+        .connect(tls.server_name.clone(), tcp)
+        .await
+        .map_err(|e| BackendError::Tls(format!("handshake failed: {e}")))?;
+    let mut conn = Conn::new(BackendStream::Tls(Box::new(stream)));
+    let caps = if tls.mode == BackendTlsMode::Starttls {
+        conn.send(b"P0 CAPABILITY\r\n").await?;
+        conn.await_tagged("P0").await?.capabilities
+    } else {
+        greet(&mut conn).await?
+    };
+    Ok((conn, caps))
 }
 
 async fn connect(address: &str) -> Result<TcpStream, BackendError> {
@@ -157,13 +255,11 @@ async fn connect(address: &str) -> Result<TcpStream, BackendError> {
     Err(last)
 }
 
-async fn login(stream: TcpStream, req: &LoginRequest<'_>) -> Result<BackendSession, BackendError> {
-    let mut conn = Conn {
-        stream,
-        buf: Vec::with_capacity(1024),
-    };
-    let caps = greet(&mut conn).await?;
-
+async fn login(
+    mut conn: Conn,
+    caps: Capabilities,
+    req: &LoginRequest<'_>,
+) -> Result<BackendSession, BackendError> {
     // One write carries ID and the login, so the backend costs one round
     // trip. ID only where the backend has it (RFC 2971).
     let send_id = req.client.filter(|_| req.send_id && caps.has("ID"));
@@ -349,11 +445,18 @@ struct Tagged {
 }
 
 struct Conn {
-    stream: TcpStream,
+    stream: BackendStream,
     buf: Vec<u8>,
 }
 
 impl Conn {
+    fn new(stream: BackendStream) -> Conn {
+        Conn {
+            stream,
+            buf: Vec::with_capacity(1024),
+        }
+    }
+
     async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.stream.write_all(bytes).await?;
         Ok(())

@@ -259,11 +259,39 @@ pub struct BackendServer {
     /// Takes no new sessions; its live sessions stay.
     #[serde(default)]
     pub drain: bool,
+    /// TLS to this backend: `none`, `implicit` (TLS from the first byte,
+    /// port 993) or `starttls` (required: a backend that does not offer it,
+    /// or refuses it, gets no credentials).
+    #[serde(default)]
+    pub tls: BackendTlsMode,
+    /// PEM file of the CAs that may sign the backend's certificate; the
+    /// system's trust store when absent.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name the certificate must carry, sent as SNI; the host part of
+    /// `address` when absent (an IP address is checked as one).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+    /// Client certificate chain and key (PEM) for backends that require
+    /// mutual TLS; both or neither.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
     /// Send a PROXY protocol v2 header with the client's address first
     /// (Dovecot: `haproxy = yes` on the listener and Postern's addresses
     /// in `haproxy_trusted_networks`). Health checks send a LOCAL header.
     #[serde(default)]
     pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendTlsMode {
+    #[default]
+    None,
+    Implicit,
+    Starttls,
 }
 
 /// Active IMAP health checks: connect, read the greeting (`* OK`, not
@@ -697,6 +725,20 @@ impl Config {
             }
             check_host_port(&b.address)
                 .map_err(|e| format!("key `backends.pool[{i}].address`: {e}"))?;
+            let tls_keys = b.tls_ca_file.is_some()
+                || b.tls_server_name.is_some()
+                || b.tls_client_cert.is_some()
+                || b.tls_client_key.is_some();
+            if b.tls == BackendTlsMode::None && tls_keys {
+                return Err(format!(
+                    "key `backends.pool[{i}].tls`: the tls_* keys need `tls: implicit` or `tls: starttls`"
+                ));
+            }
+            if b.tls_client_cert.is_some() != b.tls_client_key.is_some() {
+                return Err(format!(
+                    "key `backends.pool[{i}].tls_client_cert`: give tls_client_cert and tls_client_key together"
+                ));
+            }
             if !(1..=1000).contains(&b.weight) {
                 return Err(format!(
                     "key `backends.pool[{i}].weight`: must be between 1 and 1000, not {}",
@@ -861,6 +903,21 @@ backends:
                 "  pool:\n",
                 "  bounded_load: 0.9\n  pool:\n",
                 "backends.bounded_load",
+            ),
+            (
+                "address: \"127.0.0.1:10143\" }",
+                "address: \"127.0.0.1:10143\", tls_ca_file: ca.pem }",
+                "backends.pool[0].tls",
+            ),
+            (
+                "address: \"127.0.0.1:10143\" }",
+                "address: \"127.0.0.1:10143\", tls: starttls, tls_client_cert: c.pem }",
+                "backends.pool[0].tls_client_cert",
+            ),
+            (
+                "address: \"127.0.0.1:10143\" }",
+                "address: \"127.0.0.1:10143\", tls: sometimes }",
+                "backends.pool[0].tls",
             ),
             (
                 "  pool:\n",

@@ -82,7 +82,9 @@ impl Runtime {
             }
             None => None,
         };
-        let pool = Arc::new(Pool::new(&config.backends, &metrics));
+        let pool = Arc::new(Pool::new(&config.backends, &metrics, &|p| {
+            config.resolve(p)
+        })?);
         Ok(Runtime {
             config,
             tls,

@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::auth::{normalise_username, AuthError};
-use crate::backend::{self, BackendError, BackendSession, ClientAddresses, LoginRequest};
+use crate::backend::{
+    self, BackendError, BackendSession, BackendStream, ClientAddresses, LoginRequest,
+};
 use crate::config::{ForwardClientAddress, ListenerTls, ProxyProtocolIn};
 use crate::imap::command::{self, IdFields, ParseError, PreauthCommand};
 use crate::imap::framing::{CommandReader, FramingError};
@@ -243,7 +245,7 @@ impl Session {
         &mut self,
         stream: &mut ClientStream,
         logged_in: LoggedIn,
-    ) -> Step<TcpStream> {
+    ) -> Step<BackendStream> {
         let LoggedIn {
             tag,
             backend,

@@ -111,6 +111,79 @@ pub fn load_certified_key(
     Ok(Arc::new(certified))
 }
 
+/// The trust anchors for backend certificates: the PEM CAs in `ca_file`,
+/// or the system's trust store.
+pub fn backend_roots(ca_file: Option<&Path>) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .map_err(|e| TlsError::File {
+                    path: path.to_owned(),
+                    message: format!("cannot read CA certificates: {e}"),
+                })?
+                .collect::<Result<_, _>>()
+                .map_err(|e| TlsError::File {
+                    path: path.to_owned(),
+                    message: format!("invalid PEM: {e}"),
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(TlsError::File {
+                    path: path.to_owned(),
+                    message: "no usable CA certificate found".into(),
+                });
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = roots.add_parsable_certificates(found.certs);
+            if added == 0 {
+                return Err(TlsError::Setup(format!(
+                    "no system CA certificates found ({} errors); set tls_ca_file",
+                    found.errors.len()
+                )));
+            }
+        }
+    }
+    Ok(roots)
+}
+
+/// Client TLS for connections to a backend: TLS 1.2 and 1.3, the given
+/// trust anchors, and a client certificate when one is given.
+pub fn backend_client_config(
+    roots: rustls::RootCertStore,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder =
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Setup(e.to_string()))?
+            .with_root_certificates(roots);
+    let config = match client_cert {
+        None => builder.with_no_client_auth(),
+        Some((cert_path, key_path)) => {
+            let certified = load_certified_key(cert_path, key_path)?;
+            let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| TlsError::File {
+                path: key_path.to_owned(),
+                message: format!("cannot read private key: {e}"),
+            })?;
+            let mut config = builder
+                .with_client_auth_cert(certified.cert.clone(), key)
+                .map_err(|e| TlsError::File {
+                    path: key_path.to_owned(),
+                    message: e.to_string(),
+                })?;
+            // A resumed session carries no client certificate, and servers
+            // that check one (Dovecot 2.3 on OpenSSL) fail such handshakes:
+            // every connection does a full handshake with the certificate.
+            config.resumption = rustls::client::Resumption::disabled();
+            config
+        }
+    };
+    Ok(Arc::new(config))
+}
+
 /// Loads the self-signed certificate, making it on first use.
 fn self_signed(
     config: &Config,

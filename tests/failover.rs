@@ -38,7 +38,9 @@ fn user_preferring(names: &[&str], first: &str) -> String {
     let pool = Pool::new(
         &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
         &Metrics::new(),
-    );
+        &|p| p.to_owned(),
+    )
+    .unwrap();
     (0..)
         .map(|i| format!("u{i}"))
         .find(|u| pool.order(u)[0].name == first)

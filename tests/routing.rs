@@ -121,7 +121,9 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
     let pool = Pool::new(
         &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
         &Metrics::new(),
-    );
+        &|p| p.to_owned(),
+    )
+    .unwrap();
     for n in names.iter().chain([&"pinned".to_string()]) {
         let (mut c, _) = Client::imaps(p.imaps);
         let lines = c.login(n, PASSWORD);

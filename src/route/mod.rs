@@ -26,14 +26,16 @@ pub mod health;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus::{IntCounter, IntGauge};
+use rustls::pki_types::ServerName;
 use tokio::sync::Notify;
 
 use crate::auth::Identity;
-use crate::config::{BackendServer, Backends};
+use crate::config::{BackendServer, BackendTlsMode, Backends};
 use crate::metrics::Metrics;
 
 /// One backend IMAP server of the pool, with its live state.
@@ -44,6 +46,8 @@ pub struct Backend {
     pub weight: u32,
     /// Send a PROXY protocol v2 header first.
     pub proxy_protocol: bool,
+    /// TLS to the backend, when configured.
+    pub tls: Option<BackendTls>,
     up: AtomicBool,
     draining: AtomicBool,
     /// Relayed sessions through this process.
@@ -68,9 +72,10 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(server: &BackendServer, metrics: &Metrics) -> Backend {
+    fn new(server: &BackendServer, metrics: &Metrics, tls: Option<BackendTls>) -> Backend {
         let name = server.name.as_str();
         let b = Backend {
+            tls,
             name: name.to_owned(),
             address: server.address.clone(),
             weight: server.weight,
@@ -143,6 +148,73 @@ impl Backend {
     }
 }
 
+/// How Postern speaks TLS to one backend.
+#[derive(Clone)]
+pub struct BackendTls {
+    pub mode: BackendTlsMode,
+    pub connector: tokio_rustls::TlsConnector,
+    /// Checked against the certificate and sent as SNI.
+    pub server_name: ServerName<'static>,
+}
+
+impl BackendTls {
+    fn new(
+        server: &BackendServer,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+        system_roots: &mut Option<rustls::RootCertStore>,
+    ) -> Result<Option<BackendTls>, String> {
+        if server.tls == BackendTlsMode::None {
+            return Ok(None);
+        }
+        let key = |k: &str| format!("backends.pool `{}` {k}", server.name);
+        let roots = match &server.tls_ca_file {
+            Some(path) => crate::tls::backend_roots(Some(&resolve(path)))
+                .map_err(|e| format!("{}: {e}", key("tls_ca_file")))?,
+            None => match system_roots {
+                Some(roots) => roots.clone(),
+                None => {
+                    let roots = crate::tls::backend_roots(None)
+                        .map_err(|e| format!("{}: {e}", key("tls")))?;
+                    *system_roots = Some(roots.clone());
+                    roots
+                }
+            },
+        };
+        let client_cert = match (&server.tls_client_cert, &server.tls_client_key) {
+            (Some(cert), Some(key)) => Some((resolve(cert), resolve(key))),
+            _ => None,
+        };
+        let config = crate::tls::backend_client_config(
+            roots,
+            client_cert
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .map_err(|e| format!("{}: {e}", key("tls_client_cert")))?;
+        let name = match &server.tls_server_name {
+            Some(name) => name.clone(),
+            None => host_of(&server.address).to_owned(),
+        };
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| {
+            format!(
+                "{}: `{name}` is not a DNS name or IP address",
+                key("tls_server_name")
+            )
+        })?;
+        Ok(Some(BackendTls {
+            mode: server.tls,
+            connector: tokio_rustls::TlsConnector::from(config),
+            server_name,
+        }))
+    }
+}
+
+/// The host of `host:port` or `[v6]:port`.
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
 /// Why a backend was chosen; logged with every routing decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RouteReason {
@@ -209,14 +281,22 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    pub fn new(config: &Backends, metrics: &Metrics) -> Pool {
+    /// Builds the pool; `resolve` turns the config's relative paths (CA
+    /// files, client certificates) into real ones.
+    pub fn new(
+        config: &Backends,
+        metrics: &Metrics,
+        resolve: &dyn Fn(&Path) -> PathBuf,
+    ) -> Result<Pool, String> {
         let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
-        Pool {
-            backends: config
-                .pool
-                .iter()
-                .map(|s| Arc::new(Backend::new(s, metrics)))
-                .collect(),
+        let mut system_roots = None;
+        let mut backends = Vec::with_capacity(config.pool.len());
+        for server in &config.pool {
+            let tls = BackendTls::new(server, resolve, &mut system_roots)?;
+            backends.push(Arc::new(Backend::new(server, metrics, tls)));
+        }
+        Ok(Pool {
+            backends,
             sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
             sticky_keys: std::hash::RandomState::new(),
             bounded_load: config.bounded_load,
@@ -232,7 +312,7 @@ impl Pool {
                 reason(RouteReason::Failover),
                 reason(RouteReason::BoundedLoad),
             ],
-        }
+        })
     }
 
     pub fn backends(&self) -> &[Arc<Backend>] {
@@ -454,7 +534,7 @@ mod tests {
         }
         yaml.push_str(extra);
         let config: Backends = serde_yaml::from_str(&yaml).unwrap();
-        Arc::new(Pool::new(&config, &Metrics::new()))
+        Arc::new(Pool::new(&config, &Metrics::new(), &|p| p.to_owned()).unwrap())
     }
 
     fn pool(names: &[&str]) -> Arc<Pool> {
