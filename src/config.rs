@@ -214,7 +214,11 @@ pub enum UsersFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Backends {
+    /// The default pool: users no rule or directory entry sends elsewhere.
     pub pool: Vec<BackendServer>,
+    /// More pools, chosen by the user's domain or their directory entry.
+    #[serde(default)]
+    pub pools: Vec<NamedPool>,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Greeting, ID and login exchange with the backend, after connect.
@@ -283,6 +287,25 @@ pub struct BackendServer {
     /// in `haproxy_trusted_networks`). Health checks send a LOCAL header.
     #[serde(default)]
     pub proxy_protocol: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPool {
+    pub name: String,
+    /// Users `@` these domains go to this pool (exact, case-insensitive).
+    #[serde(default)]
+    pub domains: Vec<String>,
+    pub servers: Vec<BackendServer>,
+}
+
+impl Backends {
+    /// Every backend of every pool, the default pool first.
+    pub fn all_servers(&self) -> impl Iterator<Item = &BackendServer> {
+        self.pool
+            .iter()
+            .chain(self.pools.iter().flat_map(|p| p.servers.iter()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -715,33 +738,78 @@ impl Config {
             return Err("key `backends.pool`: at least one backend is needed".into());
         }
         let mut backend_names = HashSet::new();
-        for (i, b) in self.backends.pool.iter().enumerate() {
-            check_name(&format!("backends.pool[{i}].name"), &b.name)?;
+        let mut pool_names = HashSet::new();
+        let mut domains = HashSet::new();
+        for (p, pool) in self.backends.pools.iter().enumerate() {
+            check_name(&format!("backends.pools[{p}].name"), &pool.name)?;
+            if pool.name == "default" || !pool_names.insert(pool.name.as_str()) {
+                return Err(format!(
+                    "key `backends.pools[{p}].name`: pool `{}` is defined twice (`default` is the `pool` list)",
+                    pool.name
+                ));
+            }
+            if pool.servers.is_empty() {
+                return Err(format!(
+                    "key `backends.pools[{p}].servers`: at least one backend is needed"
+                ));
+            }
+            for (d, domain) in pool.domains.iter().enumerate() {
+                if domain.is_empty() || domain.contains(['@', ' ']) {
+                    return Err(format!(
+                        "key `backends.pools[{p}].domains[{d}]`: `{domain}` is not a domain"
+                    ));
+                }
+                if !domains.insert(domain.to_ascii_lowercase()) {
+                    return Err(format!(
+                        "key `backends.pools[{p}].domains[{d}]`: `{domain}` is routed to another pool already"
+                    ));
+                }
+            }
+        }
+        let servers = self
+            .backends
+            .pool
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("backends.pool[{i}]"), b))
+            .chain(
+                self.backends
+                    .pools
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(p, pool)| {
+                        pool.servers
+                            .iter()
+                            .enumerate()
+                            .map(move |(i, b)| (format!("backends.pools[{p}].servers[{i}]"), b))
+                    }),
+            );
+        for (at, b) in servers {
+            check_name(&format!("{at}.name"), &b.name)?;
             if !backend_names.insert(&b.name) {
                 return Err(format!(
-                    "key `backends.pool[{i}].name`: backend `{}` is defined twice",
+                    "key `{at}.name`: backend `{}` is defined twice",
                     b.name
                 ));
             }
-            check_host_port(&b.address)
-                .map_err(|e| format!("key `backends.pool[{i}].address`: {e}"))?;
+            check_host_port(&b.address).map_err(|e| format!("key `{at}.address`: {e}"))?;
             let tls_keys = b.tls_ca_file.is_some()
                 || b.tls_server_name.is_some()
                 || b.tls_client_cert.is_some()
                 || b.tls_client_key.is_some();
             if b.tls == BackendTlsMode::None && tls_keys {
                 return Err(format!(
-                    "key `backends.pool[{i}].tls`: the tls_* keys need `tls: implicit` or `tls: starttls`"
+                    "key `{at}.tls`: the tls_* keys need `tls: implicit` or `tls: starttls`"
                 ));
             }
             if b.tls_client_cert.is_some() != b.tls_client_key.is_some() {
                 return Err(format!(
-                    "key `backends.pool[{i}].tls_client_cert`: give tls_client_cert and tls_client_key together"
+                    "key `{at}.tls_client_cert`: give tls_client_cert and tls_client_key together"
                 ));
             }
             if !(1..=1000).contains(&b.weight) {
                 return Err(format!(
-                    "key `backends.pool[{i}].weight`: must be between 1 and 1000, not {}",
+                    "key `{at}.weight`: must be between 1 and 1000, not {}",
                     b.weight
                 ));
             }
@@ -903,6 +971,16 @@ backends:
                 "  pool:\n",
                 "  bounded_load: 0.9\n  pool:\n",
                 "backends.bounded_load",
+            ),
+            (
+                "  pool:\n",
+                "  pools:\n    - { name: a, domains: [x.org], servers: [{ name: p1, address: \"127.0.0.1:1\" }] }\n    - { name: b, domains: [X.org], servers: [{ name: p2, address: \"127.0.0.1:2\" }] }\n  pool:\n",
+                "backends.pools[1].domains[0]",
+            ),
+            (
+                "  pool:\n",
+                "  pools:\n    - { name: a, servers: [{ name: mail-a, address: \"127.0.0.1:1\" }] }\n  pool:\n",
+                "backends.pools[0].servers[0].name",
             ),
             (
                 "address: \"127.0.0.1:10143\" }",

@@ -41,12 +41,13 @@ impl Runtime {
         let auth: Box<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
                 let s = config.auth.static_users.as_ref().expect("validated");
-                let pool = &config.backends.pool;
+                let backends = &config.backends;
                 let users = StaticUsers::load(
                     &config.resolve(&s.users_file),
                     s.format,
                     &config.auth,
-                    &|name| pool.iter().any(|b| b.name == name),
+                    &|name| backends.all_servers().any(|b| b.name == name),
+                    &|name| backends.pools.iter().any(|p| p.name == name),
                 )?;
                 Box::new(users)
             }

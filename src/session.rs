@@ -717,11 +717,11 @@ impl Session {
                             tracing::warn!(user = identity.user, error = %e, "no backend for user");
                             "Your mail server is unavailable, try again later"
                         }
-                        RouteError::NoBackend => {
+                        RouteError::NoBackend(_) => {
                             tracing::warn!(user = identity.user, error = %e, "no backend for user");
                             "No mail server is available, try again later"
                         }
-                        RouteError::UnknownBackend(_) => {
+                        RouteError::UnknownBackend(_) | RouteError::UnknownPool(_) => {
                             tracing::error!(user = identity.user, error = %e, "no backend for user");
                             "No mail server for this account, try again later"
                         }
@@ -734,6 +734,7 @@ impl Session {
                 user = identity.user,
                 backend = %route.backend.name,
                 address = %route.backend.address,
+                pool = %route.pool,
                 reason = route.reason.as_str(),
                 "routed"
             );

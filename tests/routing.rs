@@ -142,6 +142,7 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
                 &Identity {
                     user: n.clone(),
                     backend: None,
+                    pool: None,
                 },
                 &[],
             )
@@ -322,4 +323,45 @@ fn backend_greeting_preauth_or_bye_is_refused_without_credentials() {
             String::from_utf8_lossy(&got)
         );
     }
+}
+
+#[test]
+fn pools_by_domain_and_by_directory() {
+    common::backend::ensure_installed();
+    let creds = [
+        ("ann@example.net", PASSWORD),
+        ("bea@corp.example.com", PASSWORD),
+        ("cid@example.net", PASSWORD),
+    ];
+    let a = DovecotBackend::start_with_users("pool-default", &creds);
+    let b = DovecotBackend::start_with_users("pool-business", &creds);
+    let pools = format!(
+        "pools:\n  - name: business\n    domains: [corp.example.com]\n    servers:\n      - {{ name: pool-business, address: \"{}\" }}",
+        b.addr()
+    );
+    let users = user("ann@example.net")
+        + &user("bea@corp.example.com")
+        + "  - { user: cid@example.net, password: \"{PLAIN}pw-secret\", pool: business }\n";
+    let p = Postern::start(Setup {
+        backends: &[&a],
+        users: &users,
+        backend_options: &pools,
+        ..Setup::default()
+    });
+    for (name, _) in creds {
+        let (mut c, _) = Client::imaps(p.imaps);
+        let lines = c.login(name, PASSWORD);
+        assert!(
+            lines.last().unwrap().starts_with("L1 OK"),
+            "{name}: {lines:?}"
+        );
+        c.command("Z", "LOGOUT");
+    }
+    common::wait_until("three logins", Duration::from_secs(10), || {
+        a.logins().len() + b.logins().len() == 3
+    });
+    assert!(a.saw_user("ann@example.net"));
+    assert!(b.saw_user("bea@corp.example.com"), "by domain");
+    assert!(b.saw_user("cid@example.net"), "by the users file");
+    p.wait_for_log("pool=business");
 }

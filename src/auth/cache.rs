@@ -116,6 +116,7 @@ mod tests {
                     Ok(Identity {
                         user: user.to_owned(),
                         backend: None,
+                        pool: None,
                     })
                 } else {
                     Err(AuthError::Rejected)

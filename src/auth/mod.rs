@@ -23,6 +23,9 @@ pub struct Identity {
     pub user: String,
     /// A backend name from the directory; `None` lets the hash place the user.
     pub backend: Option<String>,
+    /// A pool name from the directory; `None` leaves the choice to the
+    /// domain rules and the default pool.
+    pub pool: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

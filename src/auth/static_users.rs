@@ -19,6 +19,7 @@ use crate::imap::Secret;
 struct Entry {
     hash: Arc<PasswordHash>,
     backend: Option<String>,
+    pool: Option<String>,
 }
 
 /// Users loaded from one file; immutable once built.
@@ -43,16 +44,19 @@ struct UserRecord {
     password: String,
     #[serde(default)]
     backend: Option<String>,
+    #[serde(default)]
+    pool: Option<String>,
 }
 
 impl StaticUsers {
-    /// Loads and checks the users file. `backend_exists` validates each
-    /// user's backend name against the pool.
+    /// Loads and checks the users file. `backend_exists` and `pool_exists`
+    /// validate each user's backend and pool names against the config.
     pub fn load(
         path: &Path,
         format: UsersFormat,
         auth: &AuthConfig,
         backend_exists: &dyn Fn(&str) -> bool,
+        pool_exists: &dyn Fn(&str) -> bool,
     ) -> Result<StaticUsers, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read users file {}: {e}", path.display()))?;
@@ -78,13 +82,21 @@ impl StaticUsers {
             if let Some(b) = &record.backend {
                 if !backend_exists(b) {
                     return Err(fail(format!(
-                        "user `{user}`: backend `{b}` is not in backends.pool"
+                        "user `{user}`: backend `{b}` is not in any pool of backends"
+                    )));
+                }
+            }
+            if let Some(p) = &record.pool {
+                if !pool_exists(p) {
+                    return Err(fail(format!(
+                        "user `{user}`: pool `{p}` is not in backends.pools"
                     )));
                 }
             }
             let entry = Entry {
                 hash: Arc::new(hash),
                 backend: record.backend,
+                pool: record.pool,
             };
             if users.insert(user.clone(), entry).is_some() {
                 return Err(fail(format!("user `{user}` is listed twice")));
@@ -123,6 +135,7 @@ fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
                     user,
                     password,
                     backend: None,
+                    pool: None,
                 },
             )
         })
@@ -143,6 +156,7 @@ impl Authenticator for StaticUsers {
                 Some(entry) if ok => Ok(Identity {
                     user: user.to_owned(),
                     backend: entry.backend.clone(),
+                    pool: entry.pool.clone(),
                 }),
                 _ => Err(AuthError::Rejected),
             }
@@ -200,9 +214,21 @@ mod tests {
 
     #[tokio::test]
     async fn yaml_users_authenticate_and_carry_their_backend() {
-        let f = write("users:\n  - { user: Alice, password: \"{PLAIN}pw\", backend: mail-b }\n  - { user: bob, password: \"{PLAIN}x\" }\n");
-        let users =
-            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|b| b == "mail-b").unwrap();
+        let f = write("users:\n  - { user: Alice, password: \"{PLAIN}pw\", backend: mail-b }\n  - { user: bob, password: \"{PLAIN}x\", pool: business }\n");
+        let users = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|b| b == "mail-b", &|p| {
+            p == "business"
+        })
+        .unwrap();
+        let bob = users
+            .authenticate("bob", Secret::new(b"x".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(bob.pool.as_deref(), Some("business"));
+        assert!(
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true, &|_| false)
+                .unwrap_err()
+                .contains("pool `business`")
+        );
         let id = users
             .authenticate("alice", Secret::new(b"pw".to_vec()))
             .await
@@ -225,7 +251,8 @@ mod tests {
     #[tokio::test]
     async fn dovecot_passwd_file_is_read_as_it_is() {
         let f = write("# comment\nalice:{PLAIN}pw:1000:1000::/home/alice::\n\nbob:{SHA256-CRYPT}$5$6yO3P.WhRn2wFF/1$puUdG/K7SJPqdhbkuhh0ih3Rz/SQLa8.fjepoLQA9//\n");
-        let users = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true).unwrap();
+        let users = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true, &|_| true)
+            .unwrap();
         assert_eq!(users.len(), 2);
         assert!(users
             .authenticate("bob", Secret::new(b"secret".to_vec()))
@@ -240,16 +267,20 @@ mod tests {
     #[test]
     fn errors_name_the_place() {
         let f = write("users:\n  - { user: alice, password: \"{MD5}x\" }\n");
-        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true).unwrap_err();
+        let err =
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true, &|_| true).unwrap_err();
         assert!(err.contains("users[0]") && err.contains("MD5"), "{err}");
         let f = write("users:\n  - { user: alice, password: \"{PLAIN}x\", backend: nowhere }\n");
-        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| false).unwrap_err();
+        let err =
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| false, &|_| true).unwrap_err();
         assert!(err.contains("nowhere"), "{err}");
         let f = write("users:\n  - { user: alice, pasword: \"{PLAIN}x\" }\n");
-        let err = StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true).unwrap_err();
+        let err =
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true, &|_| true).unwrap_err();
         assert!(err.contains("line 2") && err.contains("pasword"), "{err}");
         let f = write("alice:{PLAIN}a\nbob:nohash\n");
-        let err = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true).unwrap_err();
+        let err = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true, &|_| true)
+            .unwrap_err();
         assert!(err.contains("line 2"), "{err}");
     }
 }

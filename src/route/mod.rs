@@ -246,6 +246,8 @@ impl RouteReason {
 pub struct Route {
     pub backend: Arc<Backend>,
     pub reason: RouteReason,
+    /// The pool the user belongs to (`default` for the `pool` list).
+    pub pool: Arc<str>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,8 +256,17 @@ pub enum RouteError {
     UnknownBackend(String),
     #[error("backend `{0}` named by the directory is down or draining")]
     Unavailable(String),
-    #[error("no backend available")]
-    NoBackend,
+    #[error("pool `{0}` named by the directory does not exist")]
+    UnknownPool(String),
+    #[error("no backend available in pool `{0}`")]
+    NoBackend(Arc<str>),
+}
+
+/// A named set of backends; users of a pool are placed among its members.
+struct Group {
+    name: Arc<str>,
+    /// Indices into [`Pool::backends`].
+    members: Vec<usize>,
 }
 
 const STICKY_SHARDS: usize = 64;
@@ -265,7 +276,12 @@ type StickyShard = Mutex<HashMap<Box<str>, Vec<(u16, u32)>>>;
 
 /// The backends, their health, and who is where.
 pub struct Pool {
+    /// Every backend of every pool.
     backends: Vec<Arc<Backend>>,
+    /// The default pool first, then the named pools.
+    groups: Vec<Group>,
+    /// Lower-cased domain to group index.
+    domains: HashMap<String, usize>,
     sticky: Box<[StickyShard]>,
     sticky_keys: std::hash::RandomState,
     bounded_load: Option<f64>,
@@ -290,13 +306,34 @@ impl Pool {
     ) -> Result<Pool, String> {
         let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
         let mut system_roots = None;
-        let mut backends = Vec::with_capacity(config.pool.len());
-        for server in &config.pool {
-            let tls = BackendTls::new(server, resolve, &mut system_roots)?;
-            backends.push(Arc::new(Backend::new(server, metrics, tls)));
+        let mut backends = Vec::new();
+        let mut groups = Vec::new();
+        let mut domains = HashMap::new();
+        let named = config
+            .pools
+            .iter()
+            .map(|p| (p.name.as_str(), &p.servers, &p.domains[..]));
+        for (name, servers, pool_domains) in
+            std::iter::once(("default", &config.pool, &[][..])).chain(named)
+        {
+            let mut members = Vec::with_capacity(servers.len());
+            for server in servers {
+                let tls = BackendTls::new(server, resolve, &mut system_roots)?;
+                members.push(backends.len());
+                backends.push(Arc::new(Backend::new(server, metrics, tls)));
+            }
+            for domain in pool_domains {
+                domains.insert(domain.to_ascii_lowercase(), groups.len());
+            }
+            groups.push(Group {
+                name: name.into(),
+                members,
+            });
         }
         Ok(Pool {
             backends,
+            groups,
+            domains,
             sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
             sticky_keys: std::hash::RandomState::new(),
             bounded_load: config.bounded_load,
@@ -319,14 +356,36 @@ impl Pool {
         &self.backends
     }
 
-    /// The pool in the user's weighted rendezvous order, best first.
-    /// Failover walks this list, so a user's second choice is as stable as
-    /// the first.
+    /// The user's pool: the directory's, else the one for their domain,
+    /// else the default.
+    fn group_of(&self, identity: &Identity) -> Result<usize, RouteError> {
+        if let Some(name) = &identity.pool {
+            return self
+                .groups
+                .iter()
+                .position(|g| &*g.name == name)
+                .ok_or_else(|| RouteError::UnknownPool(name.clone()));
+        }
+        let domain = identity.user.rsplit_once('@').map(|(_, d)| d);
+        Ok(domain
+            .and_then(|d| self.domains.get(&d.to_ascii_lowercase()))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    /// The default pool in the user's weighted rendezvous order, best first.
     pub fn order(&self, user: &str) -> Vec<Arc<Backend>> {
-        let mut scored: Vec<(f64, u64, &Arc<Backend>)> = self
-            .backends
+        self.order_in(&self.groups[0], user)
+    }
+
+    /// A pool in the user's weighted rendezvous order, best first. Failover
+    /// walks this list, so a user's second choice is as stable as the first.
+    fn order_in(&self, group: &Group, user: &str) -> Vec<Arc<Backend>> {
+        let mut scored: Vec<(f64, u64, &Arc<Backend>)> = group
+            .members
             .iter()
-            .map(|b| {
+            .map(|&i| {
+                let b = &self.backends[i];
                 let h = score(&b.name, user);
                 (weighted(h, b.weight), h, b)
             })
@@ -355,6 +414,12 @@ impl Pool {
         identity: &Identity,
         excluded: &dyn Fn(&Backend) -> bool,
     ) -> Result<Route, RouteError> {
+        let group = &self.groups[self.group_of(identity)?];
+        let route = |backend, reason| Route {
+            backend,
+            reason,
+            pool: Arc::clone(&group.name),
+        };
         if let Some(name) = &identity.backend {
             let backend = self
                 .backends
@@ -364,26 +429,21 @@ impl Pool {
             if !backend.available() || excluded(backend) {
                 return Err(RouteError::Unavailable(name.clone()));
             }
-            return Ok(Route {
-                backend: Arc::clone(backend),
-                reason: RouteReason::Directory,
-            });
+            return Ok(route(Arc::clone(backend), RouteReason::Directory));
         }
         if let Some(backend) = self.sticky_backend(&identity.user) {
             if backend.available() && !excluded(&backend) {
-                return Ok(Route {
-                    backend,
-                    reason: RouteReason::Sticky,
-                });
+                return Ok(route(backend, RouteReason::Sticky));
             }
         }
         let cap = self.bounded_load.and_then(|factor| {
-            let eligible = self.backends.iter().filter(|b| b.available()).count();
-            let total: usize = self.backends.iter().map(|b| b.active_sessions()).sum();
+            let members = group.members.iter().map(|&i| &self.backends[i]);
+            let eligible = members.clone().filter(|b| b.available()).count();
+            let total: usize = members.map(|b| b.active_sessions()).sum();
             (eligible > 0).then(|| (factor * (total + 1) as f64 / eligible as f64).ceil() as usize)
         });
         let mut reason = RouteReason::Hash;
-        for backend in self.order(&identity.user) {
+        for backend in self.order_in(group, &identity.user) {
             if !backend.available() || excluded(&backend) {
                 if reason == RouteReason::Hash {
                     reason = RouteReason::Failover;
@@ -394,9 +454,9 @@ impl Pool {
                 reason = RouteReason::BoundedLoad;
                 continue;
             }
-            return Ok(Route { backend, reason });
+            return Ok(route(backend, reason));
         }
-        Err(RouteError::NoBackend)
+        Err(RouteError::NoBackend(Arc::clone(&group.name)))
     }
 
     fn shard(&self, user: &str) -> &StickyShard {
@@ -545,6 +605,7 @@ mod tests {
         Identity {
             user: name.into(),
             backend: None,
+            pool: None,
         }
     }
 
@@ -643,7 +704,38 @@ mod tests {
         }
         assert!(matches!(
             p.select(&user("alice"), &[]),
-            Err(RouteError::NoBackend)
+            Err(RouteError::NoBackend(_))
+        ));
+    }
+
+    #[test]
+    fn domains_and_the_directory_choose_the_pool() {
+        let p = pool_with(
+            &["mail-a", "mail-b"],
+            "pools:\n  - name: business\n    domains: [Corp.Example.com]\n    servers:\n      - { name: biz-1, address: \"127.0.0.1:2001\" }\n      - { name: biz-2, address: \"127.0.0.1:2002\" }\n",
+        );
+        for i in 0..50 {
+            let r = p
+                .select(&user(&format!("u{i}@corp.example.COM")), &[])
+                .unwrap();
+            assert!(r.backend.name.starts_with("biz-"), "{}", r.backend.name);
+            assert_eq!(&*r.pool, "business");
+            let r = p.select(&user(&format!("u{i}@example.net")), &[]).unwrap();
+            assert!(r.backend.name.starts_with("mail-"), "{}", r.backend.name);
+            assert_eq!(&*r.pool, "default");
+        }
+        let mut u = user("v@example.net");
+        u.pool = Some("business".into());
+        assert!(p.select(&u, &[]).unwrap().backend.name.starts_with("biz-"));
+        u.pool = Some("nowhere".into());
+        assert!(matches!(p.select(&u, &[]), Err(RouteError::UnknownPool(_))));
+        // A pool with every backend down does not spill into another pool.
+        for b in p.backends().iter().filter(|b| b.name.starts_with("biz-")) {
+            b.set_up(false, "test");
+        }
+        assert!(matches!(
+            p.select(&user("w@corp.example.com"), &[]),
+            Err(RouteError::NoBackend(pool)) if &*pool == "business"
         ));
     }
 
