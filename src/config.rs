@@ -219,6 +219,8 @@ pub struct Backends {
     /// More pools, chosen by the user's domain or their directory entry.
     #[serde(default)]
     pub pools: Vec<NamedPool>,
+    #[serde(default)]
+    pub discovery: Discovery,
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect_timeout: Duration,
     /// Greeting, ID and login exchange with the backend, after connect.
@@ -263,6 +265,12 @@ pub struct BackendServer {
     /// Takes no new sessions; its live sessions stay.
     #[serde(default)]
     pub drain: bool,
+    /// `address` is a DNS name standing for a set of servers (a Kubernetes
+    /// headless Service): every A and AAAA record is a member, named
+    /// `NAME-ADDRESS`, and the set is resolved again every
+    /// `discovery.interval`.
+    #[serde(default)]
+    pub discover: bool,
     /// TLS to this backend: `none`, `implicit` (TLS from the first byte,
     /// port 993) or `starttls` (required: a backend that does not offer it,
     /// or refuses it, gets no credentials).
@@ -287,6 +295,27 @@ pub struct BackendServer {
     /// in `haproxy_trusted_networks`). Health checks send a LOCAL header.
     #[serde(default)]
     pub proxy_protocol: bool,
+}
+
+/// How backends with `discover: true` are resolved.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    #[serde(default = "default_discovery_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Ask this DNS server (`address:port`, UDP then TCP) instead of the
+    /// system resolver.
+    #[serde(default)]
+    pub nameserver: Option<SocketAddr>,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            interval: default_discovery_interval(),
+            nameserver: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -475,6 +504,9 @@ fn default_connect_timeout() -> Duration {
 }
 fn default_proxy_header_timeout() -> Duration {
     Duration::from_secs(5)
+}
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_passive_fall() -> u32 {
     3
@@ -813,6 +845,9 @@ impl Config {
                     b.weight
                 ));
             }
+        }
+        if self.backends.discovery.interval < Duration::from_millis(100) {
+            return Err("key `backends.discovery.interval`: must be at least 100ms".into());
         }
         let hc = &self.backends.health_check;
         if hc.interval < Duration::from_millis(100) || hc.timeout.is_zero() {

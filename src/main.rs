@@ -124,6 +124,17 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             checks.probe.clone(),
             &metrics,
         );
+        // Discovered backends join before the process reports ready.
+        postern::route::discovery::start(
+            Arc::clone(&checks.pool),
+            &checks.config.backends.discovery,
+            postern::route::discovery::Checks {
+                config: checks.config.backends.health_check.clone(),
+                probe: checks.probe.clone(),
+                metrics: Arc::clone(&metrics),
+            },
+        )
+        .await;
         postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await
             .with_context(|| format!("metrics endpoint cannot bind {metrics_bind}"))?;

@@ -273,7 +273,7 @@ impl Session {
                     .await
                     .map_err(|_| "backend_error")?;
             }
-            Ok(())
+            Ok::<(), EndReason>(())
         };
         tokio::time::timeout(self.rt.config.backends.login_timeout, writes)
             .await

@@ -30,9 +30,21 @@ pub struct ProbeAccount {
 }
 
 /// Starts the checks of every backend in `pool` on the current runtime.
-/// They run until the runtime stops.
+/// They run until the runtime stops, or a backend is retired.
 pub fn spawn(
     pool: &Arc<Pool>,
+    config: &HealthCheck,
+    probe: Option<ProbeAccount>,
+    metrics: &Arc<Metrics>,
+) {
+    for backend in pool.backends() {
+        spawn_one(backend, config, probe.clone(), metrics);
+    }
+}
+
+/// Starts the checks of one backend (a newly discovered one).
+pub fn spawn_one(
+    backend: Arc<Backend>,
     config: &HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: &Arc<Metrics>,
@@ -40,13 +52,9 @@ pub fn spawn(
     if !config.enabled {
         return;
     }
-    for backend in pool.backends() {
-        let backend = Arc::clone(backend);
-        let config = config.clone();
-        let probe = probe.clone();
-        let metrics = Arc::clone(metrics);
-        tokio::spawn(async move { check_loop(backend, config, probe, metrics).await });
-    }
+    let config = config.clone();
+    let metrics = Arc::clone(metrics);
+    tokio::spawn(async move { check_loop(backend, config, probe, metrics).await });
 }
 
 async fn check_loop(
@@ -67,7 +75,7 @@ async fn check_loop(
     let mut passes = 0u32;
     let mut failures = 0u32;
     let mut seen_up = backend.is_up();
-    loop {
+    while !backend.is_retired() {
         let started = Instant::now();
         let login = probe
             .as_ref()

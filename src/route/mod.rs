@@ -22,13 +22,17 @@
 //! [`Backend`] as atomics, written by the checks in [`health`] and by
 //! failed session logins (passive), read lock-free by every session.
 
+pub mod discovery;
 pub mod health;
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 
 use prometheus::{IntCounter, IntGauge};
 use rustls::pki_types::ServerName;
@@ -53,6 +57,9 @@ pub struct Backend {
     /// Relayed sessions through this process.
     active: AtomicUsize,
     passive_failures: AtomicU32,
+    /// Gone from the pool (discovery no longer finds it): no new sessions,
+    /// no more health checks.
+    retired: AtomicBool,
     /// Woken when the backend goes down: its sessions close.
     went_down: Notify,
     up_gauge: IntGauge,
@@ -72,18 +79,24 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    fn new(server: &BackendServer, metrics: &Metrics, tls: Option<BackendTls>) -> Backend {
-        let name = server.name.as_str();
+    fn new(
+        server: &BackendServer,
+        metrics: &Metrics,
+        tls: Option<BackendTls>,
+        name: &str,
+        address: &str,
+    ) -> Backend {
         let b = Backend {
             tls,
             name: name.to_owned(),
-            address: server.address.clone(),
+            address: address.to_owned(),
             weight: server.weight,
             proxy_protocol: server.proxy_protocol,
             up: AtomicBool::new(true),
             draining: AtomicBool::new(server.drain),
             active: AtomicUsize::new(0),
             passive_failures: AtomicU32::new(0),
+            retired: AtomicBool::new(false),
             went_down: Notify::new(),
             up_gauge: metrics.backend_up.with_label_values(&[name]),
             sessions_gauge: metrics.backend_sessions.with_label_values(&[name]),
@@ -104,9 +117,13 @@ impl Backend {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Takes new sessions: up and not draining.
+    /// Takes new sessions: up, not draining, still in the pool.
     pub fn available(&self) -> bool {
-        self.is_up() && !self.is_draining()
+        self.is_up() && !self.is_draining() && !self.is_retired()
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -265,34 +282,46 @@ pub enum RouteError {
 /// A named set of backends; users of a pool are placed among its members.
 struct Group {
     name: Arc<str>,
-    /// Indices into [`Pool::backends`].
-    members: Vec<usize>,
+    /// The configured backends, then those discovery found; replaced whole.
+    members: ArcSwap<Vec<Arc<Backend>>>,
+    fixed: Vec<Arc<Backend>>,
+}
+
+/// A pool entry with `discover: true`: one member per address its DNS name
+/// resolves to, named `NAME-ADDRESS`.
+pub struct Discovered {
+    group: usize,
+    server: BackendServer,
+    pub host: String,
+    pub port: u16,
+    tls: Option<BackendTls>,
+    members: Mutex<Vec<Arc<Backend>>>,
 }
 
 const STICKY_SHARDS: usize = 64;
 
-/// Live sessions per user and backend (index into the pool).
-type StickyShard = Mutex<HashMap<Box<str>, Vec<(u16, u32)>>>;
+/// Live sessions per user and backend.
+type StickyShard = Mutex<HashMap<Box<str>, Vec<(Arc<Backend>, u32)>>>;
 
 /// The backends, their health, and who is where.
 pub struct Pool {
-    /// Every backend of every pool.
-    backends: Vec<Arc<Backend>>,
     /// The default pool first, then the named pools.
     groups: Vec<Group>,
     /// Lower-cased domain to group index.
     domains: HashMap<String, usize>,
+    discovered: Vec<Discovered>,
     sticky: Box<[StickyShard]>,
     sticky_keys: std::hash::RandomState,
     bounded_load: Option<f64>,
     /// Failed session logins in a row that mark a backend down; 0: never.
     passive_fall: u32,
     routes: [IntCounter; 5],
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Pool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(&self.backends).finish()
+        f.debug_list().entries(self.backends()).finish()
     }
 }
 
@@ -301,14 +330,14 @@ impl Pool {
     /// files, client certificates) into real ones.
     pub fn new(
         config: &Backends,
-        metrics: &Metrics,
+        metrics: &Arc<Metrics>,
         resolve: &dyn Fn(&Path) -> PathBuf,
     ) -> Result<Pool, String> {
         let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
         let mut system_roots = None;
-        let mut backends = Vec::new();
         let mut groups = Vec::new();
         let mut domains = HashMap::new();
+        let mut discovered = Vec::new();
         let named = config
             .pools
             .iter()
@@ -316,24 +345,48 @@ impl Pool {
         for (name, servers, pool_domains) in
             std::iter::once(("default", &config.pool, &[][..])).chain(named)
         {
-            let mut members = Vec::with_capacity(servers.len());
+            let mut fixed = Vec::with_capacity(servers.len());
             for server in servers {
                 let tls = BackendTls::new(server, resolve, &mut system_roots)?;
-                members.push(backends.len());
-                backends.push(Arc::new(Backend::new(server, metrics, tls)));
+                if server.discover {
+                    let (host, port) = server
+                        .address
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h.to_owned(), p.parse().ok()?)))
+                        .ok_or_else(|| {
+                            format!("backend `{}`: address must be host:port", server.name)
+                        })?;
+                    discovered.push(Discovered {
+                        group: groups.len(),
+                        server: server.clone(),
+                        host,
+                        port,
+                        tls,
+                        members: Mutex::default(),
+                    });
+                    continue;
+                }
+                fixed.push(Arc::new(Backend::new(
+                    server,
+                    metrics,
+                    tls,
+                    &server.name,
+                    &server.address,
+                )));
             }
             for domain in pool_domains {
                 domains.insert(domain.to_ascii_lowercase(), groups.len());
             }
             groups.push(Group {
                 name: name.into(),
-                members,
+                members: ArcSwap::from_pointee(fixed.clone()),
+                fixed,
             });
         }
         Ok(Pool {
-            backends,
             groups,
             domains,
+            discovered,
             sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
             sticky_keys: std::hash::RandomState::new(),
             bounded_load: config.bounded_load,
@@ -349,11 +402,78 @@ impl Pool {
                 reason(RouteReason::Failover),
                 reason(RouteReason::BoundedLoad),
             ],
+            metrics: Arc::clone(metrics),
         })
     }
 
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
+    /// Every backend of every pool now.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.members.load().iter().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// The pool entries that are DNS names to discover.
+    pub fn discovered(&self) -> &[Discovered] {
+        &self.discovered
+    }
+
+    /// Sets the addresses a discovered entry resolves to. Members whose
+    /// address stays keep their state; new ones start up; gone ones are
+    /// retired (their live sessions stay). Returns the new members.
+    pub fn set_discovered(&self, index: usize, addresses: &[IpAddr]) -> Vec<Arc<Backend>> {
+        let entry = &self.discovered[index];
+        let mut members = entry.members.lock().unwrap_or_else(|e| e.into_inner());
+        let mut added = Vec::new();
+        let mut next = Vec::with_capacity(addresses.len());
+        for ip in addresses {
+            let address = SocketAddr::new(*ip, entry.port).to_string();
+            match members.iter().find(|b| b.address == address) {
+                Some(kept) => next.push(Arc::clone(kept)),
+                None => {
+                    let name = format!("{}-{ip}", entry.server.name);
+                    let backend = Arc::new(Backend::new(
+                        &entry.server,
+                        &self.metrics,
+                        entry.tls.clone(),
+                        &name,
+                        &address,
+                    ));
+                    tracing::info!(backend = %name, address = %address, "backend discovered");
+                    added.push(Arc::clone(&backend));
+                    next.push(backend);
+                }
+            }
+        }
+        for gone in members
+            .iter()
+            .filter(|b| !next.iter().any(|n| Arc::ptr_eq(n, b)))
+        {
+            gone.retired.store(true, Ordering::Release);
+            gone.up_gauge.set(0);
+            tracing::info!(backend = %gone.name, address = %gone.address, "backend no longer in DNS; retired");
+        }
+        *members = next;
+        drop(members);
+        self.rebuild(entry.group);
+        added
+    }
+
+    fn rebuild(&self, group: usize) {
+        let g = &self.groups[group];
+        let mut members = g.fixed.clone();
+        for entry in self.discovered.iter().filter(|d| d.group == group) {
+            members.extend(
+                entry
+                    .members
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned(),
+            );
+        }
+        g.members.store(Arc::new(members));
     }
 
     /// The user's pool: the directory's, else the one for their domain,
@@ -381,11 +501,10 @@ impl Pool {
     /// A pool in the user's weighted rendezvous order, best first. Failover
     /// walks this list, so a user's second choice is as stable as the first.
     fn order_in(&self, group: &Group, user: &str) -> Vec<Arc<Backend>> {
-        let mut scored: Vec<(f64, u64, &Arc<Backend>)> = group
-            .members
+        let members = group.members.load();
+        let mut scored: Vec<(f64, u64, &Arc<Backend>)> = members
             .iter()
-            .map(|&i| {
-                let b = &self.backends[i];
+            .map(|b| {
                 let h = score(&b.name, user);
                 (weighted(h, b.weight), h, b)
             })
@@ -422,14 +541,14 @@ impl Pool {
         };
         if let Some(name) = &identity.backend {
             let backend = self
-                .backends
-                .iter()
+                .backends()
+                .into_iter()
                 .find(|b| &b.name == name)
                 .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?;
-            if !backend.available() || excluded(backend) {
+            if !backend.available() || excluded(&backend) {
                 return Err(RouteError::Unavailable(name.clone()));
             }
-            return Ok(route(Arc::clone(backend), RouteReason::Directory));
+            return Ok(route(backend, RouteReason::Directory));
         }
         if let Some(backend) = self.sticky_backend(&identity.user) {
             if backend.available() && !excluded(&backend) {
@@ -437,7 +556,8 @@ impl Pool {
             }
         }
         let cap = self.bounded_load.and_then(|factor| {
-            let members = group.members.iter().map(|&i| &self.backends[i]);
+            let members = group.members.load();
+            let members = members.iter();
             let eligible = members.clone().filter(|b| b.available()).count();
             let total: usize = members.map(|b| b.active_sessions()).sum();
             (eligible > 0).then(|| (factor * (total + 1) as f64 / eligible as f64).ceil() as usize)
@@ -470,32 +590,27 @@ impl Pool {
         let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
         let held = shard.get(user)?;
         held.iter()
-            .filter(|(i, _)| self.backends[*i as usize].available())
+            .filter(|(b, _)| b.available())
             .max_by_key(|(_, n)| *n)
-            .map(|(i, _)| Arc::clone(&self.backends[*i as usize]))
+            .map(|(b, _)| Arc::clone(b))
     }
 
     /// Counts a relayed session of `user` on `backend` until the lease is
     /// dropped: it feeds stickiness, bounded load and the sessions gauge.
     pub fn lease(self: &Arc<Self>, user: &str, backend: &Arc<Backend>) -> Lease {
-        let index = self
-            .backends
-            .iter()
-            .position(|b| Arc::ptr_eq(b, backend))
-            .expect("backend of this pool") as u16;
         {
             let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
             let held = shard.entry(user.into()).or_default();
-            match held.iter_mut().find(|(i, _)| *i == index) {
+            match held.iter_mut().find(|(b, _)| Arc::ptr_eq(b, backend)) {
                 Some((_, n)) => *n += 1,
-                None => held.push((index, 1)),
+                None => held.push((Arc::clone(backend), 1)),
             }
         }
         backend.active.fetch_add(1, Ordering::Relaxed);
         backend.sessions_gauge.inc();
         Lease {
             pool: Arc::clone(self),
-            index,
+            backend: Arc::clone(backend),
             user: user.into(),
         }
     }
@@ -521,19 +636,19 @@ impl Pool {
 /// A relayed session's place in the pool; see [`Pool::lease`].
 pub struct Lease {
     pool: Arc<Pool>,
-    index: u16,
+    backend: Arc<Backend>,
     user: Box<str>,
 }
 
 impl Lease {
     pub fn backend(&self) -> &Arc<Backend> {
-        &self.pool.backends[self.index as usize]
+        &self.backend
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let backend = &self.pool.backends[self.index as usize];
+        let backend = &self.backend;
         backend.active.fetch_sub(1, Ordering::Relaxed);
         backend.sessions_gauge.dec();
         let mut shard = self
@@ -542,7 +657,7 @@ impl Drop for Lease {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         if let Some(held) = shard.get_mut(&*self.user) {
-            if let Some(pos) = held.iter().position(|(i, _)| *i == self.index) {
+            if let Some(pos) = held.iter().position(|(b, _)| Arc::ptr_eq(b, &self.backend)) {
                 held[pos].1 -= 1;
                 if held[pos].1 == 0 {
                     held.swap_remove(pos);
@@ -614,8 +729,8 @@ mod tests {
         (r.backend.name.clone(), r.reason)
     }
 
-    fn backend<'a>(p: &'a Pool, name: &str) -> &'a Arc<Backend> {
-        p.backends().iter().find(|b| b.name == name).unwrap()
+    fn backend(p: &Pool, name: &str) -> Arc<Backend> {
+        p.backends().into_iter().find(|b| b.name == name).unwrap()
     }
 
     #[test]
@@ -740,6 +855,39 @@ mod tests {
     }
 
     #[test]
+    fn discovered_addresses_become_members_and_leave_as_retired() {
+        let p = pool_with(
+            &[],
+            "  - { name: dovecot, address: \"mail.test:143\", discover: true }\n",
+        );
+        assert!(p.backends().is_empty(), "nothing until the first lookup");
+        assert!(matches!(
+            p.select(&user("alice"), &[]),
+            Err(RouteError::NoBackend(_))
+        ));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let added = p.set_discovered(0, &[ip("10.0.0.1"), ip("10.0.0.2")]);
+        assert_eq!(added.len(), 2);
+        assert_eq!(added[0].name, "dovecot-10.0.0.1");
+        assert_eq!(added[0].address, "10.0.0.1:143");
+        let first = backend(&p, "dovecot-10.0.0.1");
+        first.set_up(false, "test");
+        let second = backend(&p, "dovecot-10.0.0.2");
+        let added = p.set_discovered(0, &[ip("10.0.0.1"), ip("10.0.0.3")]);
+        assert_eq!(added.len(), 1, "only 10.0.0.3 is new");
+        assert!(
+            !backend(&p, "dovecot-10.0.0.1").is_up(),
+            "a kept member keeps its state"
+        );
+        let names: Vec<String> = p.backends().iter().map(|b| b.name.clone()).collect();
+        assert_eq!(names, ["dovecot-10.0.0.1", "dovecot-10.0.0.3"]);
+        assert!(second.is_retired() && !second.available());
+        for i in 0..50 {
+            assert_eq!(pick(&p, &format!("u{i}")).0, "dovecot-10.0.0.3");
+        }
+    }
+
+    #[test]
     fn a_draining_backend_takes_no_new_sessions() {
         let p = pool_with(&[], "  - { name: mail-a, address: \"127.0.0.1:1\", drain: true }\n  - { name: mail-b, address: \"127.0.0.1:2\" }\n");
         for i in 0..200 {
@@ -772,7 +920,7 @@ mod tests {
         let order = p.order("alice");
         order[0].set_up(false, "test");
         let (failover, _) = pick(&p, "alice");
-        let lease = p.lease("alice", backend(&p, &failover));
+        let lease = p.lease("alice", &backend(&p, &failover));
         assert_eq!(backend(&p, &failover).active_sessions(), 1);
         order[0].set_up(true, "test");
         assert_eq!(pick(&p, "alice"), (failover.clone(), RouteReason::Sticky));
@@ -810,18 +958,18 @@ mod tests {
     fn failed_session_logins_mark_a_backend_down() {
         let p = pool_with(&["mail-a"], "passive_fall: 2\n");
         let a = backend(&p, "mail-a");
-        p.report(a, false);
-        p.report(a, true);
-        p.report(a, false);
+        p.report(&a, false);
+        p.report(&a, true);
+        p.report(&a, false);
         assert!(a.is_up(), "a success in between resets the count");
-        p.report(a, false);
+        p.report(&a, false);
         assert!(!a.is_up());
     }
 
     #[tokio::test]
     async fn went_down_resolves_on_the_transition() {
         let p = pool(&["mail-a"]);
-        let a = Arc::clone(backend(&p, "mail-a"));
+        let a = backend(&p, "mail-a");
         let waiter = {
             let a = Arc::clone(&a);
             tokio::spawn(async move { a.went_down().await })

@@ -71,28 +71,21 @@ impl DovecotBackend {
         Self::launch(name, Some(users), env)
     }
 
+    /// A backend listening on `ip:port` (another loopback address), e.g.
+    /// one of several members behind one DNS name and port.
+    pub fn start_at(name: &str, users: &[(&str, &str)], ip: &str, port: u16) -> DovecotBackend {
+        ensure_installed();
+        let mut backend = Self::prepare(name, Some(users), &[("DOVECOT_LISTEN", ip)]);
+        backend.port = port;
+        if let Err(stderr) = backend.run_start() {
+            panic!("dovecot backend {name:?} did not start on {ip}:{port}:\n{stderr}");
+        }
+        backend
+    }
+
     fn launch(name: &str, users: Option<&[(&str, &str)]>, env: &[(&str, &str)]) -> DovecotBackend {
         ensure_installed();
-        let dir = unique_dir(name);
-        let users_file = users.map(|users| {
-            let path = dir.join("users.in");
-            let lines: String = users
-                .iter()
-                .map(|(u, p)| format!("{u}:{{PLAIN}}{p}\n"))
-                .collect();
-            fs::write(&path, lines).expect("write the backend's users file");
-            path
-        });
-        let mut backend = DovecotBackend {
-            name: name.to_owned(),
-            port: 0,
-            dir,
-            users_file,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        };
+        let mut backend = Self::prepare(name, users, env);
 
         for _ in 0..PORT_ATTEMPTS {
             backend.port = free_port();
@@ -107,6 +100,30 @@ impl DovecotBackend {
             }
         }
         panic!("dovecot backend {name:?}: the port was taken {PORT_ATTEMPTS} times in a row")
+    }
+
+    /// The directory, users file and environment of a backend not yet started.
+    fn prepare(name: &str, users: Option<&[(&str, &str)]>, env: &[(&str, &str)]) -> DovecotBackend {
+        let dir = unique_dir(name);
+        let users_file = users.map(|users| {
+            let path = dir.join("users.in");
+            let lines: String = users
+                .iter()
+                .map(|(u, p)| format!("{u}:{{PLAIN}}{p}\n"))
+                .collect();
+            fs::write(&path, lines).expect("write the backend's users file");
+            path
+        });
+        DovecotBackend {
+            name: name.to_owned(),
+            port: 0,
+            dir,
+            users_file,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
     }
 
     /// Runs `dovecot-backend start`; on failure returns its stderr.
