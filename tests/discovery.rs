@@ -12,9 +12,6 @@ use std::time::Duration;
 use common::backend::DovecotBackend;
 use common::client::Client;
 use common::postern::{user, Postern, Setup, PASSWORD};
-use postern::config::Backends;
-use postern::metrics::Metrics;
-use postern::route::Pool;
 
 /// A UDP DNS server on 127.0.0.1 answering A queries for any name with the
 /// current `records` (TTL 0), and AAAA queries with no records. It serves
@@ -63,38 +60,12 @@ fn answer(query: &[u8], records: &[Ipv4Addr]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A user whose first choice among the members `names` is `first`.
-fn user_preferring(names: &[&str], first: &str) -> String {
-    let mut yaml = String::from("pool:\n");
-    for (i, name) in names.iter().enumerate() {
-        yaml.push_str(&format!(
-            "  - {{ name: {name}, address: \"127.0.0.1:{}\" }}\n",
-            i + 1
-        ));
-    }
-    let pool = Pool::new(
-        &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
-        &Metrics::new(),
-        &|p| p.to_owned(),
-    )
-    .unwrap();
-    (0..)
-        .map(|i| format!("u{i}"))
-        .find(|u| pool.order(u)[0].name == first)
-        .unwrap()
-}
-
-fn logins_of(b: &DovecotBackend, user: &str) -> usize {
-    let tagged = format!("user=<{user}>");
-    b.logins().iter().filter(|l| l.contains(&tagged)).count()
-}
-
 #[test]
 fn members_follow_the_dns_records() {
     common::backend::ensure_installed();
     let (two, three) = ("disc-127.0.0.2", "disc-127.0.0.3");
-    let to_three = user_preferring(&[two, three], three);
-    let to_two = user_preferring(&[two, three], two);
+    let to_three = common::user_preferring(&[two, three], three);
+    let to_two = common::user_preferring(&[two, three], two);
     let creds = [(to_three.as_str(), PASSWORD), (to_two.as_str(), PASSWORD)];
     let port = common::free_port();
     let b2 = DovecotBackend::start_at("disc-2", &creds, "127.0.0.2", port);
@@ -126,7 +97,7 @@ fn members_follow_the_dns_records() {
     common::wait_until(
         "the only member takes the login",
         Duration::from_secs(10),
-        || logins_of(&b2, &to_three) == 1,
+        || b2.logins_of(&to_three) == 1,
     );
 
     // Scaled up: a second record, a second member, no restart.
@@ -138,7 +109,7 @@ fn members_follow_the_dns_records() {
     common::wait_until(
         "its users go to the new member",
         Duration::from_secs(10),
-        || logins_of(&b3, &to_three) == 1,
+        || b3.logins_of(&to_three) == 1,
     );
 
     // Scaled down: the first record goes; its users move.
@@ -148,8 +119,8 @@ fn members_follow_the_dns_records() {
     common::wait_until(
         "the remaining member takes everyone",
         Duration::from_secs(10),
-        || logins_of(&b3, &to_two) == 1,
+        || b3.logins_of(&to_two) == 1,
     );
-    assert_eq!(logins_of(&b2, &to_two), 0);
+    assert_eq!(b2.logins_of(&to_two), 0);
     p.wait_for_log("backend discovered");
 }

@@ -11,9 +11,6 @@ use std::time::{Duration, Instant};
 use common::backend::DovecotBackend;
 use common::client::Client;
 use common::postern::{user, user_on, Postern, Setup, PASSWORD};
-use postern::config::Backends;
-use postern::metrics::Metrics;
-use postern::route::Pool;
 
 /// Checks every 200 ms; two failures take a backend down, two passes bring
 /// it back: a dead backend is out within about 3 intervals.
@@ -23,34 +20,6 @@ const FAST_CHECKS: &str =
 /// Within this a state change must be visible: fall (or rise) checks, one
 /// more interval of phase, the check timeout, and slack for a busy machine.
 const DETECT: Duration = Duration::from_secs(5);
-
-/// A user name whose first choice, by the same rendezvous hashing Postern
-/// uses over these backend names, is `first`. Placement depends on names
-/// only, so no backend needs to run for this.
-fn user_preferring(names: &[&str], first: &str) -> String {
-    let mut yaml = String::from("pool:\n");
-    for (i, name) in names.iter().enumerate() {
-        yaml.push_str(&format!(
-            "  - {{ name: {name}, address: \"127.0.0.1:{}\" }}\n",
-            i + 1
-        ));
-    }
-    let pool = Pool::new(
-        &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
-        &Metrics::new(),
-        &|p| p.to_owned(),
-    )
-    .unwrap();
-    (0..)
-        .map(|i| format!("u{i}"))
-        .find(|u| pool.order(u)[0].name == first)
-        .unwrap()
-}
-
-fn logins_of(b: &DovecotBackend, user: &str) -> usize {
-    let tagged = format!("user=<{user}>");
-    b.logins().iter().filter(|l| l.contains(&tagged)).count()
-}
 
 fn up(p: &Postern, backend: &str) -> f64 {
     p.metric(&format!("postern_backend_up{{backend=\"{backend}\"}}"))
@@ -69,7 +38,7 @@ fn logged_in(p: &Postern, user: &str) -> Client {
 #[test]
 fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
     common::backend::ensure_installed();
-    let walker = user_preferring(&["fo-a", "fo-b"], "fo-a");
+    let walker = common::user_preferring(&["fo-a", "fo-b"], "fo-a");
     let creds = [(walker.as_str(), PASSWORD), ("pinned", PASSWORD)];
     let (a, b) = (
         DovecotBackend::start_with_users("fo-a", &creds),
@@ -82,9 +51,7 @@ fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
         ..Setup::default()
     });
     logged_in(&p, &walker).command("Z", "LOGOUT");
-    common::wait_until("fo-a logs the login", DETECT, || {
-        logins_of(&a, &walker) == 1
-    });
+    common::wait_until("fo-a logs the login", DETECT, || a.logins_of(&walker) == 1);
 
     a.stop();
     let killed = Instant::now();
@@ -98,22 +65,20 @@ fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
         started.elapsed() < Duration::from_secs(2),
         "no wait for a dead backend"
     );
-    common::wait_until("fo-b logs the login", DETECT, || {
-        logins_of(&b, &walker) == 1
-    });
+    common::wait_until("fo-b logs the login", DETECT, || b.logins_of(&walker) == 1);
     // The pinned user is not moved: NO [UNAVAILABLE] without delay.
     let (mut c, _) = Client::imaps(p.imaps);
     let started = Instant::now();
     let lines = c.login("pinned", PASSWORD);
     assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
     assert!(started.elapsed() < Duration::from_secs(1));
-    assert_eq!(logins_of(&b, "pinned"), 0);
+    assert_eq!(b.logins_of("pinned"), 0);
 
     a.restart();
     common::wait_until("fo-a is marked up again", DETECT, || up(&p, "fo-a") == 1.0);
     logged_in(&p, &walker).command("Z", "LOGOUT");
     common::wait_until("fo-a takes its user back", DETECT, || {
-        logins_of(&a, &walker) == 2
+        a.logins_of(&walker) == 2
     });
     assert_eq!(
         p.metric("postern_backend_transitions_total{backend=\"fo-a\",to=\"down\"}"),
@@ -135,7 +100,7 @@ fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
 #[test]
 fn a_login_moves_on_when_the_backend_refuses_before_the_checks_notice() {
     common::backend::ensure_installed();
-    let walker = user_preferring(&["fo-quick-a", "fo-quick-b"], "fo-quick-a");
+    let walker = common::user_preferring(&["fo-quick-a", "fo-quick-b"], "fo-quick-a");
     let creds = [(walker.as_str(), PASSWORD)];
     let (a, b) = (
         DovecotBackend::start_with_users("fo-quick-a", &creds),
@@ -153,7 +118,7 @@ fn a_login_moves_on_when_the_backend_refuses_before_the_checks_notice() {
     logged_in(&p, &walker).command("Z", "LOGOUT");
     assert!(started.elapsed() < Duration::from_secs(2));
     common::wait_until("fo-quick-b logs the login", DETECT, || {
-        logins_of(&b, &walker) == 1
+        b.logins_of(&walker) == 1
     });
     assert!(p.log().contains("backend unreachable, trying the next"));
 }
@@ -161,7 +126,7 @@ fn a_login_moves_on_when_the_backend_refuses_before_the_checks_notice() {
 #[test]
 fn live_sessions_keep_a_user_on_the_failover_backend_after_recovery() {
     common::backend::ensure_installed();
-    let walker = user_preferring(&["st-a", "st-b"], "st-a");
+    let walker = common::user_preferring(&["st-a", "st-b"], "st-a");
     let creds = [(walker.as_str(), PASSWORD)];
     let (a, b) = (
         DovecotBackend::start_with_users("st-a", &creds),
@@ -181,9 +146,9 @@ fn live_sessions_keep_a_user_on_the_failover_backend_after_recovery() {
     // Still a live session on st-b: the new one joins it there.
     logged_in(&p, &walker).command("Z", "LOGOUT");
     common::wait_until("st-b logs both logins", DETECT, || {
-        logins_of(&b, &walker) == 2
+        b.logins_of(&walker) == 2
     });
-    assert_eq!(logins_of(&a, &walker), 0, "no split sessions");
+    assert_eq!(a.logins_of(&walker), 0, "no split sessions");
     assert!(p.metric("postern_routes_total{reason=\"sticky\"}") >= 1.0);
     first.command("Z", "LOGOUT");
     drop(first);
@@ -192,7 +157,7 @@ fn live_sessions_keep_a_user_on_the_failover_backend_after_recovery() {
     });
     logged_in(&p, &walker).command("Z", "LOGOUT");
     common::wait_until("st-a takes the user back", DETECT, || {
-        logins_of(&a, &walker) == 1
+        a.logins_of(&walker) == 1
     });
 }
 
@@ -239,7 +204,7 @@ fn sessions_of_a_backend_that_fails_its_checks_end_with_bye_unavailable() {
         backend_options: &options,
         ..Setup::default()
     });
-    common::wait_until("the probe logs in", DETECT, || logins_of(&b, "probe") >= 1);
+    common::wait_until("the probe logs in", DETECT, || b.logins_of("probe") >= 1);
     let mut c = logged_in(&p, "alice");
     c.select_and_idle();
 

@@ -164,6 +164,12 @@ impl DovecotBackend {
             .collect()
     }
 
+    /// How many times `user` logged in successfully.
+    pub fn logins_of(&self, user: &str) -> usize {
+        let tagged = format!("user=<{user}>");
+        self.logins().iter().filter(|l| l.contains(&tagged)).count()
+    }
+
     /// Whether the backend ever heard of `user`, in a successful or failed
     /// login. Failures show up as `user=<USER>` when the connection ends and
     /// as `passwd-file(USER,…): Password mismatch` (or `unknown user`) right

@@ -41,3 +41,26 @@ pub fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
         thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A user name whose first choice, by the rendezvous hashing Postern uses
+/// over these backend names, is `first`. Placement depends on names only,
+/// so no backend needs to run for this.
+pub fn user_preferring(names: &[&str], first: &str) -> String {
+    let mut yaml = String::from("pool:\n");
+    for (i, name) in names.iter().enumerate() {
+        yaml.push_str(&format!(
+            "  - {{ name: {name}, address: \"127.0.0.1:{}\" }}\n",
+            i + 1
+        ));
+    }
+    let pool = ::postern::route::Pool::new(
+        &serde_yaml::from_str::<::postern::config::Backends>(&yaml).unwrap(),
+        &::postern::metrics::Metrics::new(),
+        &|p| p.to_owned(),
+    )
+    .unwrap();
+    (0..)
+        .map(|i| format!("u{i}"))
+        .find(|u| pool.order(u)[0].name == first)
+        .unwrap()
+}
