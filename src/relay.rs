@@ -39,6 +39,9 @@ pub enum RelayEnd {
     BackendError,
     /// The caller's `stop` future resolved (the backend went down).
     BackendDown,
+    /// The backend closed without saying `* BYE` first: it went away. The
+    /// client's side is left open for the caller to say so.
+    BackendLost,
 }
 
 impl RelayEnd {
@@ -50,6 +53,7 @@ impl RelayEnd {
             RelayEnd::ClientError => "client_error",
             RelayEnd::BackendError => "backend_error",
             RelayEnd::BackendDown => "backend_down",
+            RelayEnd::BackendLost => "backend_lost",
         }
     }
 }
@@ -69,8 +73,24 @@ pub struct Counters {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PumpEnd {
     Eof,
+    /// End of stream from a backend that had not said `* BYE`: it went
+    /// away. The half-close is not passed on; the caller tells the client.
+    Lost,
     ReadError,
     WriteError,
+}
+
+/// How far from the end of a chunk a backend's `* BYE` is looked for: the
+/// BYE, then at most the tagged answer to LOGOUT, end a closing stream.
+const BYE_WINDOW: usize = 512;
+
+/// Whether `chunk` ends a stream the backend closes on purpose: its last
+/// bytes hold an untagged BYE (RFC 9051 7.1.5) at the start of a line.
+fn ends_with_bye(chunk: &[u8]) -> bool {
+    let tail = &chunk[chunk.len().saturating_sub(BYE_WINDOW)..];
+    tail.windows(6)
+        .enumerate()
+        .any(|(i, w)| w.eq_ignore_ascii_case(b"* BYE ") && (i == 0 || tail[i - 1] == b'\n'))
 }
 
 enum State {
@@ -92,16 +112,31 @@ struct Pump {
     unflushed: bool,
     total: u64,
     counter: IntCounter,
+    /// Backend to client: watch for the backend's `* BYE`.
+    from_backend: bool,
+    /// The backend's last bytes held a BYE: its end of stream is orderly.
+    bye_seen: bool,
 }
 
 impl Pump {
-    fn new(counter: IntCounter) -> Self {
+    fn new(counter: IntCounter, from_backend: bool) -> Self {
         Pump {
             state: State::Reading,
             unflushed: false,
             total: 0,
             counter,
+            from_backend,
+            bye_seen: false,
         }
+    }
+
+    /// At end of input: pass the half-close on, or report a lost backend.
+    fn at_end(&mut self) -> Option<PumpEnd> {
+        if self.from_backend && !self.bye_seen {
+            return Some(self.finish(PumpEnd::Lost));
+        }
+        self.state = State::ShuttingDown;
+        None
     }
 
     /// Moves bytes from `rx` to `tx` until one of them is not ready.
@@ -138,17 +173,27 @@ impl Pump {
                         }
                         Poll::Ready(Ok(())) if read.filled().is_empty() => {
                             give_buffer(buf);
-                            self.state = State::ShuttingDown;
+                            if let Some(end) = self.at_end() {
+                                return Poll::Ready(end);
+                            }
                         }
                         Poll::Ready(Ok(())) => {
                             let end = read.filled().len();
+                            if self.from_backend {
+                                // A BYE stays the last word only if little
+                                // follows it (the tagged OK of LOGOUT).
+                                self.bye_seen = ends_with_bye(read.filled())
+                                    || (self.bye_seen && end <= BYE_WINDOW);
+                            }
                             *active = true;
                             self.state = State::Writing { buf, start: 0, end };
                         }
                         // A TLS peer that closes without close_notify has still closed.
                         Poll::Ready(Err(e)) if e.kind() == ErrorKind::UnexpectedEof => {
                             give_buffer(buf);
-                            self.state = State::ShuttingDown;
+                            if let Some(end) = self.at_end() {
+                                return Poll::Ready(end);
+                            }
                         }
                         Poll::Ready(Err(_)) => {
                             give_buffer(buf);
@@ -218,8 +263,8 @@ where
     S: Future<Output = ()>,
 {
     tokio::pin!(stop);
-    let mut up = Pump::new(counters.client_to_backend.clone());
-    let mut down = Pump::new(counters.backend_to_client.clone());
+    let mut up = Pump::new(counters.client_to_backend.clone(), false);
+    let mut down = Pump::new(counters.backend_to_client.clone(), true);
     let mut limit = idle;
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep(limit);
@@ -235,7 +280,7 @@ where
         if !up.done() {
             match up.poll(cx, &mut client, &mut backend, &mut active) {
                 Poll::Pending => {}
-                Poll::Ready(PumpEnd::Eof) => {
+                Poll::Ready(PumpEnd::Eof | PumpEnd::Lost) => {
                     closed.get_or_insert(RelayEnd::ClientClosed);
                 }
                 Poll::Ready(PumpEnd::ReadError) => {
@@ -251,6 +296,9 @@ where
                 Poll::Pending => {}
                 Poll::Ready(PumpEnd::Eof) => {
                     closed.get_or_insert(RelayEnd::BackendClosed);
+                }
+                Poll::Ready(PumpEnd::Lost) => {
+                    return Poll::Ready(closed.unwrap_or(RelayEnd::BackendLost))
                 }
                 Poll::Ready(PumpEnd::ReadError) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError))
@@ -316,24 +364,82 @@ mod tests {
         });
         let (mut client_rx, mut client_tx) = tokio::io::split(client_far);
         let (mut backend_rx, mut backend_tx) = tokio::io::split(backend_far);
-        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        big[199_998..].copy_from_slice(b"\r\n");
         let sent = big.clone();
         let writer = tokio::spawn(async move {
             backend_tx.write_all(&sent).await.unwrap();
+            backend_tx
+                .write_all(b"* BYE Logging out\r\na OK Logout completed.\r\n")
+                .await
+                .unwrap();
             backend_tx.shutdown().await.unwrap();
         });
         client_tx.write_all(b"a LOGOUT\r\n").await.unwrap();
         client_tx.shutdown().await.unwrap();
         let mut got = Vec::new();
         client_rx.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, big, "backend bytes arrive intact, then EOF");
+        let mut expected = big.clone();
+        expected.extend_from_slice(b"* BYE Logging out\r\na OK Logout completed.\r\n");
+        assert_eq!(got, expected, "backend bytes arrive intact, then EOF");
         let mut up = Vec::new();
         backend_rx.read_to_end(&mut up).await.unwrap();
         assert_eq!(up, b"a LOGOUT\r\n");
         writer.await.unwrap();
         let outcome = relay.await.unwrap();
-        assert_eq!(outcome.backend_to_client, 200_000);
+        assert_eq!(outcome.backend_to_client, 200_000 + 43);
         assert_eq!(outcome.client_to_backend, 10);
+        assert_eq!(outcome.end, RelayEnd::ClientClosed);
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_vanishes_without_bye_is_lost_and_the_client_kept() {
+        let (mut client_far, client_near) = tokio::io::duplex(4096);
+        let (mut backend_far, backend_near) = tokio::io::duplex(4096);
+        let c = counters();
+        let relay = tokio::spawn(async move {
+            let mut client_near = client_near;
+            let outcome = relay(
+                &mut client_near,
+                backend_near,
+                Duration::from_secs(60),
+                &c,
+                std::future::pending(),
+            )
+            .await;
+            (outcome, client_near)
+        });
+        // The last BYE was long ago: more data followed it.
+        backend_far
+            .write_all(b"* BYE not really\r\n")
+            .await
+            .unwrap();
+        backend_far.write_all(&[b'x'; 4000]).await.unwrap();
+        let mut seen = vec![0u8; 18 + 4000];
+        client_far.read_exact(&mut seen).await.unwrap();
+        drop(backend_far);
+        let (outcome, mut client_near) = relay.await.unwrap();
+        assert_eq!(outcome.end, RelayEnd::BackendLost);
+        // The client's side is still open for the caller's BYE.
+        client_near
+            .write_all(b"* BYE [UNAVAILABLE]\r\n")
+            .await
+            .unwrap();
+        let mut bye = [0u8; 21];
+        client_far.read_exact(&mut bye).await.unwrap();
+        assert_eq!(&bye, b"* BYE [UNAVAILABLE]\r\n");
+    }
+
+    #[test]
+    fn bye_is_found_at_a_line_start_near_the_end() {
+        assert!(ends_with_bye(
+            b"* BYE Logging out\r\nZ OK Logout completed.\r\n"
+        ));
+        assert!(ends_with_bye(b"x\r\n* bye shutting down\r\n"));
+        assert!(!ends_with_bye(b"* OK [ALERT] say * BYE later\r\n"));
+        let mut far = b"* BYE early\r\n".to_vec();
+        far.extend_from_slice(&[b'x'; 600]);
+        assert!(!ends_with_bye(&far));
     }
 
     #[tokio::test(start_paused = true)]

@@ -218,7 +218,15 @@ impl Session {
             backend_down,
         )
         .await;
-        if outcome.end == RelayEnd::BackendDown {
+        // The backend went away under the session: say so, at a random
+        // moment within the jitter (already waited for BackendDown), so
+        // its clients do not all reconnect at once.
+        let lost = matches!(outcome.end, RelayEnd::BackendLost | RelayEnd::BackendError);
+        if lost {
+            drop(backend_stream);
+            tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+        }
+        if lost || outcome.end == RelayEnd::BackendDown {
             let bye = b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n";
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 send(&mut stream, bye).await?;

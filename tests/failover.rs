@@ -53,8 +53,18 @@ fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
     logged_in(&p, &walker).command("Z", "LOGOUT");
     common::wait_until("fo-a logs the login", DETECT, || a.logins_of(&walker) == 1);
 
+    // A session open on fo-a when it dies hears why, within the jitter.
+    let mut held = logged_in(&p, &walker);
+    held.select_and_idle();
     a.stop();
     let killed = Instant::now();
+    let bye = held.line();
+    assert!(bye.starts_with("* BYE [UNAVAILABLE]"), "{bye}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "within the 500 ms jitter"
+    );
+    assert!(held.closed());
     common::wait_until("fo-a is marked down", DETECT, || up(&p, "fo-a") == 0.0);
     eprintln!("fo-a marked down after {:?}", killed.elapsed());
 
@@ -78,7 +88,7 @@ fn users_of_a_dead_backend_move_to_their_next_one_and_come_back() {
     common::wait_until("fo-a is marked up again", DETECT, || up(&p, "fo-a") == 1.0);
     logged_in(&p, &walker).command("Z", "LOGOUT");
     common::wait_until("fo-a takes its user back", DETECT, || {
-        a.logins_of(&walker) == 2
+        a.logins_of(&walker) == 3
     });
     assert_eq!(
         p.metric("postern_backend_transitions_total{backend=\"fo-a\",to=\"down\"}"),
