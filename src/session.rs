@@ -196,17 +196,13 @@ impl Session {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
         };
-        // When the backend goes down, its sessions close at a random moment
-        // within the jitter, so their clients come back spread out.
+        // When the backend goes down (health checks) the relay stops; the
+        // client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
         let jitter = rt.config.backends.reconnect_jitter;
         let backend_down = async move {
             match backend {
-                Some(backend) => {
-                    backend.went_down().await;
-                    let delay = jitter.mul_f64(rand::random::<f64>());
-                    tokio::time::sleep(delay).await;
-                }
+                Some(backend) => backend.went_down().await,
                 None => std::future::pending().await,
             }
         };
@@ -218,15 +214,18 @@ impl Session {
             backend_down,
         )
         .await;
-        // The backend went away under the session: say so, at a random
-        // moment within the jitter (already waited for BackendDown), so
-        // its clients do not all reconnect at once.
-        let lost = matches!(outcome.end, RelayEnd::BackendLost | RelayEnd::BackendError);
+        // The backend went down or away under the session: say so, at a
+        // random moment within the jitter, so its clients do not all
+        // reconnect at once.
+        let lost = matches!(
+            outcome.end,
+            RelayEnd::BackendDown | RelayEnd::BackendLost | RelayEnd::BackendError
+        );
         if lost {
             drop(backend_stream);
             tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
         }
-        if lost || outcome.end == RelayEnd::BackendDown {
+        if lost {
             let bye = b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n";
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 send(&mut stream, bye).await?;

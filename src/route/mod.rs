@@ -301,7 +301,7 @@ pub struct Discovered {
 const STICKY_SHARDS: usize = 64;
 
 /// Live sessions per user and backend.
-type StickyShard = Mutex<HashMap<Box<str>, Vec<(Arc<Backend>, u32)>>>;
+type StickyShard = Mutex<HashMap<Arc<str>, Vec<(Arc<Backend>, u32)>>>;
 
 /// The backends, their health, and who is where.
 pub struct Pool {
@@ -598,20 +598,26 @@ impl Pool {
     /// Counts a relayed session of `user` on `backend` until the lease is
     /// dropped: it feeds stickiness, bounded load and the sessions gauge.
     pub fn lease(self: &Arc<Self>, user: &str, backend: &Arc<Backend>) -> Lease {
-        {
+        // The map's key and the lease share one copy of the name.
+        let key: Arc<str> = {
             let mut shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
-            let held = shard.entry(user.into()).or_default();
+            let key = match shard.get_key_value(user) {
+                Some((key, _)) => Arc::clone(key),
+                None => Arc::from(user),
+            };
+            let held = shard.entry(Arc::clone(&key)).or_default();
             match held.iter_mut().find(|(b, _)| Arc::ptr_eq(b, backend)) {
                 Some((_, n)) => *n += 1,
                 None => held.push((Arc::clone(backend), 1)),
             }
-        }
+            key
+        };
         backend.active.fetch_add(1, Ordering::Relaxed);
         backend.sessions_gauge.inc();
         Lease {
             pool: Arc::clone(self),
             backend: Arc::clone(backend),
-            user: user.into(),
+            user: key,
         }
     }
 
@@ -637,7 +643,7 @@ impl Pool {
 pub struct Lease {
     pool: Arc<Pool>,
     backend: Arc<Backend>,
-    user: Box<str>,
+    user: Arc<str>,
 }
 
 impl Lease {
