@@ -221,3 +221,99 @@ fn a_client_certificate_for_backends_that_require_one() {
     assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A one-connection STARTTLS backend that answers `STARTTLS` with its OK
+/// and, in the same write, a forged capability line (as a man in the middle
+/// could), then speaks TLS and accepts any login. Returns its port and
+/// what it was sent over TLS.
+fn injecting_backend(cert: &Path, key: &Path) -> (u16, std::thread::JoinHandle<String>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::io::{BufRead, BufReader, Write};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        tcp.write_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n")
+            .unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            std::io::Read::read_exact(&mut tcp, &mut byte).unwrap();
+            line.push(byte[0]);
+        }
+        assert_eq!(line, b"S STARTTLS\r\n");
+        tcp.write_all(b"S OK Begin TLS\r\n* CAPABILITY IMAP4rev1 AUTH=PLAIN INJECTED\r\n")
+            .unwrap();
+        let conn = rustls::ServerConnection::new(std::sync::Arc::new(config)).unwrap();
+        let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            if tls.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            seen.push_str(&line);
+            let tag = line.split(' ').next().unwrap_or("").to_owned();
+            let answer = if line.contains(" CAPABILITY") {
+                format!("* CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR\r\n{tag} OK done\r\n")
+            } else if line.contains(" LOGOUT") {
+                format!("* BYE bye\r\n{tag} OK done\r\n")
+            } else {
+                format!("{tag} OK [CAPABILITY IMAP4rev1 GENUINE] done\r\n")
+            };
+            tls.get_mut().write_all(answer.as_bytes()).unwrap();
+            tls.get_mut().flush().unwrap();
+        }
+        seen
+    });
+    (port, handle)
+}
+
+#[test]
+fn lines_injected_after_the_starttls_ok_are_dropped() {
+    let dir = pki_dir("inject");
+    let pki = make_pki(&dir, "good");
+    let (port, backend) = injecting_backend(&pki.1, &pki.2);
+    let p = Postern::start(Setup {
+        pool_lines: &format!(
+            "    - {{ name: injecting, address: \"127.0.0.1:{port}\", tls: starttls, tls_ca_file: \"{}\", tls_server_name: localhost }}\n",
+            pki.0.display()
+        ),
+        users: &user("alice"),
+        // The scripted backend takes one connection: the session's.
+        backend_options: "health_check: { enabled: false }",
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("alice", PASSWORD);
+    let ok = lines.last().unwrap();
+    assert!(
+        ok.starts_with("L1 OK [CAPABILITY IMAP4rev1 GENUINE]"),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("INJECTED")), "{lines:?}");
+    c.command("Z", "LOGOUT");
+    drop(c);
+    drop(p);
+    let seen = backend.join().unwrap();
+    // Capabilities were asked for again over TLS, not taken from the
+    // forged line, and the login went over TLS only.
+    assert!(seen.starts_with("P0 CAPABILITY\r\n"), "{seen}");
+    assert!(seen.contains("AUTHENTICATE PLAIN"), "{seen}");
+    let _ = std::fs::remove_dir_all(dir);
+}
