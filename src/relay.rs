@@ -37,7 +37,8 @@ pub enum RelayEnd {
     IdleTimeout,
     ClientError,
     BackendError,
-    /// The caller's `stop` future resolved (the backend went down).
+    /// The caller's `stop` future resolved (the backend went down, or its
+    /// drain's grace period ended).
     BackendDown,
     /// The backend closed without saying `* BYE` first: it went away. The
     /// client's side is left open for the caller to say so.

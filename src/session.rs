@@ -196,13 +196,13 @@ impl Session {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
         };
-        // When the backend goes down (health checks) the relay stops; the
-        // client is told below.
+        // When the backend goes down (health checks) or its drain's grace
+        // period ends, the relay stops; the client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
         let jitter = rt.config.backends.reconnect_jitter;
         let backend_down = async move {
             match backend {
-                Some(backend) => backend.went_down().await,
+                Some(backend) => backend.closing().await,
                 None => std::future::pending().await,
             }
         };
@@ -236,8 +236,14 @@ impl Session {
         m.session_duration
             .with_label_values(&[&self.listener.name])
             .observe(relay_started.elapsed().as_secs_f64());
+        let drained = outcome.end == RelayEnd::BackendDown
+            && self.lease.as_ref().is_some_and(|l| l.backend().is_up());
         Ending {
-            reason: outcome.end.as_str(),
+            reason: if drained {
+                "backend_drained"
+            } else {
+                outcome.end.as_str()
+            },
             client_to_backend: outcome.client_to_backend + self.handed_over.0,
             backend_to_client: outcome.backend_to_client + self.handed_over.1,
         }

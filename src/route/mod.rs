@@ -31,6 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -60,8 +61,13 @@ pub struct Backend {
     /// Gone from the pool (discovery no longer finds it): no new sessions,
     /// no more health checks.
     retired: AtomicBool,
-    /// Woken when the backend goes down: its sessions close.
-    went_down: Notify,
+    /// Woken when the backend goes down, or its drain grace has passed:
+    /// its sessions close.
+    closing: Notify,
+    /// Set when a drain's grace period ends: live sessions must go.
+    drained: AtomicBool,
+    /// Counts drains, so a drain's timer knows it is still the current one.
+    drain_epoch: AtomicU32,
     up_gauge: IntGauge,
     sessions_gauge: IntGauge,
     to_up: IntCounter,
@@ -97,7 +103,9 @@ impl Backend {
             active: AtomicUsize::new(0),
             passive_failures: AtomicU32::new(0),
             retired: AtomicBool::new(false),
-            went_down: Notify::new(),
+            closing: Notify::new(),
+            drained: AtomicBool::new(false),
+            drain_epoch: AtomicU32::new(0),
             up_gauge: metrics.backend_up.with_label_values(&[name]),
             sessions_gauge: metrics.backend_sessions.with_label_values(&[name]),
             to_up: metrics.backend_transitions.with_label_values(&[name, "up"]),
@@ -144,21 +152,41 @@ impl Backend {
         } else {
             self.to_down.inc();
             tracing::warn!(backend = %self.name, address = %self.address, why, "backend is down");
-            self.went_down.notify_waiters();
+            self.closing.notify_waiters();
         }
         true
     }
 
-    pub fn set_draining(&self, draining: bool) {
+    /// Starts or ends a drain: no new sessions while it lasts. With a
+    /// grace period, the sessions still open when it has passed are closed
+    /// (needs a Tokio runtime); without one they stay until they end.
+    pub fn set_draining(self: &Arc<Self>, draining: bool, close_after: Option<Duration>) {
+        let epoch = self.drain_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.draining.store(draining, Ordering::Release);
+        self.drained.store(false, Ordering::Release);
+        tracing::info!(backend = %self.name, draining, ?close_after, "backend drain changed");
+        let (true, Some(grace)) = (draining, close_after) else {
+            return;
+        };
+        let backend = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            // Only if this drain is still the current one.
+            if backend.drain_epoch.load(Ordering::Acquire) == epoch && backend.is_draining() {
+                backend.drained.store(true, Ordering::Release);
+                tracing::info!(backend = %backend.name, "drain grace period over; closing its sessions");
+                backend.closing.notify_waiters();
+            }
+        });
     }
 
-    /// Resolves once the backend goes down after this call.
-    pub async fn went_down(&self) {
-        let notified = self.went_down.notified();
+    /// Resolves once this backend's sessions must close: it went down, or
+    /// its drain's grace period is over.
+    pub async fn closing(&self) {
+        let notified = self.closing.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if !self.is_up() {
+        if !self.is_up() || self.drained.load(Ordering::Acquire) {
             return;
         }
         notified.await;
@@ -973,12 +1001,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn went_down_resolves_on_the_transition() {
+    async fn closing_resolves_when_the_backend_goes_down() {
         let p = pool(&["mail-a"]);
         let a = backend(&p, "mail-a");
         let waiter = {
             let a = Arc::clone(&a);
-            tokio::spawn(async move { a.went_down().await })
+            tokio::spawn(async move { a.closing().await })
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
@@ -987,6 +1015,38 @@ mod tests {
             .await
             .expect("woken")
             .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_closes_sessions_after_its_grace_period_only() {
+        let p = pool(&["mail-a"]);
+        let a = backend(&p, "mail-a");
+        let waiter = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.closing().await })
+        };
+        a.set_draining(true, Some(Duration::from_secs(600)));
+        assert!(!a.available());
+        tokio::time::sleep(Duration::from_secs(599)).await;
+        assert!(
+            !waiter.is_finished(),
+            "live sessions stay during the grace period"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("closed after it")
+            .unwrap();
+        // A drain ended in time closes nothing.
+        a.set_draining(true, Some(Duration::from_secs(60)));
+        a.set_draining(false, None);
+        let waiter = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.closing().await })
+        };
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert!(!waiter.is_finished());
+        assert!(a.available());
     }
 
     #[test]
