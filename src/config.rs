@@ -415,6 +415,11 @@ pub struct Limits {
     /// A relayed session with no bytes either way for this long is closed.
     #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// On SIGTERM: how long established sessions may go on after the
+    /// listeners close, before they get `* BYE [UNAVAILABLE]`. Keep it
+    /// below the orchestrator's termination grace period (Kubernetes: 30s).
+    #[serde(default = "default_shutdown_drain", deserialize_with = "duration")]
+    pub shutdown_drain: Duration,
     /// Longest pre-auth command line, in bytes, not counting literals.
     #[serde(default = "default_max_line", deserialize_with = "size")]
     pub max_line: usize,
@@ -439,6 +444,7 @@ impl Default for Limits {
             tls_handshake_timeout: default_tls_handshake_timeout(),
             preauth_timeout: default_preauth_timeout(),
             idle_timeout: default_idle_timeout(),
+            shutdown_drain: default_shutdown_drain(),
             max_line: default_max_line(),
             max_literal: default_max_literal(),
             max_bad_commands: default_max_bad_commands(),
@@ -537,6 +543,9 @@ fn default_tls_handshake_timeout() -> Duration {
 }
 fn default_preauth_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_shutdown_drain() -> Duration {
+    Duration::from_secs(20)
 }
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(31 * 60)

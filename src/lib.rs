@@ -17,7 +17,7 @@
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
 //! behind arc-swap), [`metrics`] (Prometheus families and the HTTP endpoint),
-//! [`logging`].
+//! [`logging`], [`shutdown`].
 
 pub mod auth;
 pub mod backend;
@@ -32,6 +32,7 @@ pub mod relay;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod stream;
 pub mod tls;
 pub mod tls_conn;

@@ -3,6 +3,7 @@
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
@@ -12,6 +13,7 @@ use postern::auth::password::{self, Scheme};
 use postern::config::Config;
 use postern::live::Runtime;
 use postern::metrics::Metrics;
+use postern::shutdown::Shutdown;
 use postern::tls::SelfSignedMode;
 
 #[derive(Parser)]
@@ -96,6 +98,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let live = Arc::new(ArcSwap::from_pointee(runtime));
     let listeners = postern::server::bind_all(&live.load().config.listeners)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let shutdown = Arc::new(Shutdown::default());
     for index in 0..workers {
         let shared = listeners
             .iter()
@@ -106,8 +109,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 })
             })
             .collect::<std::io::Result<Vec<_>>>()?;
-        postern::server::run_worker(index, shared, Arc::clone(&live), Arc::clone(&slots))
-            .context("cannot start a worker thread")?;
+        postern::server::run_worker(
+            index,
+            shared,
+            Arc::clone(&live),
+            Arc::clone(&slots),
+            Arc::clone(&shutdown),
+        )
+        .context("cannot start a worker thread")?;
     }
     drop(listeners);
 
@@ -141,8 +150,23 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), workers, "postern started");
         shutdown_signal().await;
+        // Readiness fails first, so load balancers stop sending; then the
+        // listeners close; sessions get the drain period, then a BYE.
         metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!("shutting down");
+        shutdown.stop_accepting();
+        let drain = live.load().config.limits.shutdown_drain;
+        let open = max_connections - slots.available_permits();
+        tracing::info!(sessions = open, drain = ?drain, "shutting down: listeners closed, draining sessions");
+        let all_closed = || slots.acquire_many(max_connections as u32);
+        if tokio::time::timeout(drain, all_closed()).await.is_err() {
+            let open = max_connections - slots.available_permits();
+            tracing::info!(sessions = open, "drain period over; closing the remaining sessions");
+            shutdown.close_sessions();
+            // Each session says BYE and closes within a second or two;
+            // pre-auth sessions are cut at exit.
+            let _ = tokio::time::timeout(Duration::from_secs(3), all_closed()).await;
+        }
+        tracing::info!("shut down");
         Ok(())
     })
 }

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use crate::config::Listener as ListenerConfig;
 use crate::live::Live;
 use crate::session::{self, ListenerInfo};
+use crate::shutdown::Shutdown;
 
 /// A bound listening socket, shared by every worker thread.
 pub struct BoundListener {
@@ -70,6 +71,7 @@ pub fn run_worker(
     listeners: Vec<BoundListener>,
     live: Live,
     slots: Arc<Semaphore>,
+    shutdown: Arc<Shutdown>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("postern-worker-{index}"))
@@ -85,7 +87,13 @@ pub fn run_worker(
                 for l in listeners {
                     match TcpListener::from_std(l.socket) {
                         Ok(socket) => {
-                            tokio::spawn(accept_loop(socket, l.info, Arc::clone(&live), Arc::clone(&slots)));
+                            tokio::spawn(accept_loop(
+                                socket,
+                                l.info,
+                                Arc::clone(&live),
+                                Arc::clone(&slots),
+                                Arc::clone(&shutdown),
+                            ));
                         }
                         Err(e) => {
                             tracing::error!(worker = index, listener = %l.info.name, error = %e, "cannot register listener");
@@ -98,17 +106,24 @@ pub fn run_worker(
         })
 }
 
-/// Accepts connections until the process ends. `slots` caps open client
-/// connections across all listeners; a connection over the cap is closed
-/// at once (on a plain listener after a `* BYE`).
+/// Accepts connections until shutdown begins, then closes the listening
+/// socket. `slots` caps open client connections across all listeners; a
+/// connection over the cap is closed at once (on a plain listener after a
+/// `* BYE`).
 pub async fn accept_loop(
     socket: TcpListener,
     info: Arc<ListenerInfo>,
     live: Live,
     slots: Arc<Semaphore>,
+    shutdown: Arc<Shutdown>,
 ) {
     loop {
-        match socket.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.accepting_stopped() => break,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
             Ok((tcp, peer)) => {
                 let rt = live.load_full();
                 let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
@@ -125,8 +140,9 @@ pub async fn accept_loop(
                     continue;
                 };
                 let info = Arc::clone(&info);
+                let shutdown = Arc::clone(&shutdown);
                 tokio::spawn(async move {
-                    session::run(tcp, peer, info, rt).await;
+                    session::run(tcp, peer, info, rt, shutdown).await;
                     drop(slot);
                 });
             }

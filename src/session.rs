@@ -30,6 +30,7 @@ use crate::live::Runtime;
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::relay::{self, Counters, RelayEnd};
 use crate::route::{Lease, Route, RouteError, RouteReason};
+use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
 use crate::tls_conn::{self, TlsConn};
 
@@ -53,7 +54,13 @@ type EndReason = &'static str;
 /// `Err` ends the pre-auth phase with that reason.
 type Step<T> = Result<T, EndReason>;
 
-pub async fn run(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerInfo>, rt: Arc<Runtime>) {
+pub async fn run(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerInfo>,
+    rt: Arc<Runtime>,
+    shutdown: Arc<Shutdown>,
+) {
     let id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("session", id = %id);
     async move {
@@ -80,6 +87,7 @@ pub async fn run(tcp: TcpStream, peer: SocketAddr, listener: Arc<ListenerInfo>, 
             auth_failures: 0,
             handed_over: (0, 0),
             lease: None,
+            shutdown,
         };
         let ending = session.drive(tcp).await;
         drop(session.lease.take());
@@ -139,6 +147,7 @@ struct Session {
     handed_over: (u64, u64),
     /// The relayed session's place in the pool, from the backend login on.
     lease: Option<Lease>,
+    shutdown: Arc<Shutdown>,
 }
 
 /// A client logged in at its backend, ready to relay.
@@ -200,10 +209,17 @@ impl Session {
         // period ends, the relay stops; the client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
         let jitter = rt.config.backends.reconnect_jitter;
+        let shutdown = Arc::clone(&self.shutdown);
         let backend_down = async move {
-            match backend {
-                Some(backend) => backend.closing().await,
-                None => std::future::pending().await,
+            let backend_closing = async {
+                match backend {
+                    Some(backend) => backend.closing().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = backend_closing => {}
+                _ = shutdown.sessions_closing() => {}
             }
         };
         let outcome = relay::relay(
@@ -214,19 +230,25 @@ impl Session {
             backend_down,
         )
         .await;
-        // The backend went down or away under the session: say so, at a
-        // random moment within the jitter, so its clients do not all
-        // reconnect at once.
+        // Shutting down: the client is told at once and reconnects to
+        // another replica. The backend went down or away under the
+        // session: say so at a random moment within the jitter, so its
+        // clients do not all reconnect at once.
+        let shutting_down = outcome.end == RelayEnd::BackendDown && self.shutdown.is_closing();
         let lost = matches!(
             outcome.end,
             RelayEnd::BackendDown | RelayEnd::BackendLost | RelayEnd::BackendError
         );
         if lost {
             drop(backend_stream);
-            tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
-        }
-        if lost {
-            let bye = b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n";
+            if !shutting_down {
+                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+            }
+            let bye: &[u8] = if shutting_down {
+                b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+            } else {
+                b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n"
+            };
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 send(&mut stream, bye).await?;
                 stream.shutdown().await
@@ -239,7 +261,9 @@ impl Session {
         let drained = outcome.end == RelayEnd::BackendDown
             && self.lease.as_ref().is_some_and(|l| l.backend().is_up());
         Ending {
-            reason: if drained {
+            reason: if shutting_down {
+                "shutdown"
+            } else if drained {
                 "backend_drained"
             } else {
                 outcome.end.as_str()

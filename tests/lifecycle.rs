@@ -1,0 +1,63 @@
+//! The process's life with sessions open: SIGTERM turns readiness off at
+//! once, closes the listeners, lets sessions go on for the drain period,
+//! then tells them `* BYE [UNAVAILABLE] Server shutting down` and exits 0.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+
+#[test]
+fn sigterm_drains_then_says_bye_and_exits_zero() {
+    let (_b, mut p) =
+        common::postern::alice_behind("sigterm", "limits:\n  shutdown_drain: 1500ms\n", "");
+    let mut c = Client::imaps(p.imaps).0;
+    assert!(c
+        .login("alice", common::postern::PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    c.select_and_idle();
+    assert!(p
+        .http_get("/readyz")
+        .is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+
+    p.signal("TERM");
+    let signalled = Instant::now();
+    common::wait_until("readiness fails", Duration::from_secs(2), || {
+        p.http_get("/readyz")
+            .is_some_and(|r| r.starts_with("HTTP/1.1 503"))
+    });
+    common::wait_until("the listener is closed", Duration::from_secs(2), || {
+        std::net::TcpStream::connect(("127.0.0.1", p.imaps)).is_err()
+    });
+    // The session lives through the drain period, then hears why it ends.
+    let bye = c.line();
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE] Server shutting down"),
+        "{bye}"
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_millis(1400),
+        "not before the drain period: {:?}",
+        signalled.elapsed()
+    );
+    let status = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    let log = p.log();
+    assert!(log.contains("reason=\"shutdown\""), "{log}");
+    assert!(log.contains("shut down"), "{log}");
+}
+
+#[test]
+fn sigterm_with_no_sessions_exits_at_once() {
+    let (_b, mut p) = common::postern::alice_behind("sigterm-idle", "", "");
+    p.signal("TERM");
+    let started = Instant::now();
+    assert!(p.wait_exit(Duration::from_secs(5)).success());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "no drain wait without sessions"
+    );
+}
