@@ -46,9 +46,37 @@ pub struct Config {
     /// (or 0) is one per core.
     #[serde(default)]
     pub workers: Workers,
+    #[serde(default)]
+    pub reload: Reload,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// A hash of the config file's text: which configuration is live.
+    #[serde(skip)]
+    pub version: String,
+}
+
+/// When the configuration is read again (SIGHUP always reloads).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reload {
+    /// Reload when the config file, or a file it names (users file,
+    /// certificates, keys, CA files, the probe password), changes on disk;
+    /// a Kubernetes ConfigMap or Secret update (a swapped symlink) counts.
+    #[serde(default = "yes")]
+    pub watch: bool,
+    /// How often the files are looked at.
+    #[serde(default = "default_watch_interval", deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for Reload {
+    fn default() -> Self {
+        Reload {
+            watch: true,
+            interval: default_watch_interval(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,7 +104,7 @@ impl<'de> Deserialize<'de> for Workers {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     /// Used in logs and as the `listener` metric label.
@@ -93,7 +121,7 @@ pub struct Listener {
     pub proxy_protocol: Option<ProxyProtocolIn>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyProtocolIn {
     /// Load balancers allowed to state a client's address, as CIDR
@@ -249,7 +277,7 @@ pub struct Backends {
     pub bounded_load: Option<f64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendServer {
     /// Stable identity: the rendezvous hash uses it, so renaming moves users
@@ -544,6 +572,9 @@ fn default_tls_handshake_timeout() -> Duration {
 fn default_preauth_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(2)
+}
 fn default_shutdown_drain() -> Duration {
     Duration::from_secs(20)
 }
@@ -681,6 +712,12 @@ impl Config {
             message,
         };
         let mut config: Config = from_yaml(text).map_err(invalid)?;
+        config.version = {
+            use std::hash::Hasher;
+            let mut h = siphasher::sip::SipHasher13::new();
+            h.write(text.as_bytes());
+            format!("{:016x}", h.finish())
+        };
         config.base_dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
@@ -688,6 +725,47 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("."));
         config.validate().map_err(invalid)?;
         Ok(config)
+    }
+
+    /// Every file the configuration reads, resolved: what a change on disk
+    /// of should reload it (the config file itself not included).
+    pub fn referenced_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        if let Some(s) = &self.auth.static_users {
+            files.push(self.resolve(&s.users_file));
+        }
+        for c in &self.tls.certificates {
+            files.push(self.resolve(&c.cert));
+            files.push(self.resolve(&c.key));
+        }
+        for b in self.backends.all_servers() {
+            for f in [&b.tls_ca_file, &b.tls_client_cert, &b.tls_client_key]
+                .into_iter()
+                .flatten()
+            {
+                files.push(self.resolve(f));
+            }
+        }
+        if let Some(login) = &self.backends.health_check.login {
+            files.push(self.resolve(&login.password_file));
+        }
+        files
+    }
+
+    /// What a reload cannot change in a running process: the sockets and
+    /// threads made at start.
+    pub fn restart_only_changes(&self, new: &Config) -> Option<&'static str> {
+        if self.listeners != new.listeners {
+            Some("listeners")
+        } else if self.metrics.bind != new.metrics.bind {
+            Some("metrics.bind")
+        } else if self.workers != new.workers {
+            Some("workers")
+        } else if self.limits.max_connections != new.limits.max_connections {
+            Some("limits.max_connections")
+        } else {
+            None
+        }
     }
 
     /// Resolves a path from the config against the config file's directory.

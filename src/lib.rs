@@ -16,7 +16,7 @@
 //!   borrowed buffers.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
-//! behind arc-swap), [`metrics`] (Prometheus families and the HTTP endpoint),
+//! behind arc-swap), [`reload`] (SIGHUP and file changes), [`metrics`] (Prometheus families and the HTTP endpoint),
 //! [`logging`], [`shutdown`].
 
 pub mod auth;
@@ -29,6 +29,7 @@ pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

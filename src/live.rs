@@ -37,6 +37,7 @@ impl Runtime {
         config: Config,
         metrics: Arc<Metrics>,
         self_signed: SelfSignedMode,
+        previous: Option<&Runtime>,
     ) -> Result<Runtime, String> {
         let auth: Box<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
@@ -83,9 +84,12 @@ impl Runtime {
             }
             None => None,
         };
-        let pool = Arc::new(Pool::new(&config.backends, &metrics, &|p| {
-            config.resolve(p)
-        })?);
+        let pool = Arc::new(Pool::new(
+            &config.backends,
+            &metrics,
+            &|p| config.resolve(p),
+            previous.map(|r| r.pool.as_ref()),
+        )?);
         Ok(Runtime {
             config,
             tls,
@@ -98,7 +102,7 @@ impl Runtime {
 
     pub fn load(path: &Path, metrics: Arc<Metrics>) -> Result<Runtime, String> {
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        Runtime::build(config, metrics, SelfSignedMode::Persist)
+        Runtime::build(config, metrics, SelfSignedMode::Persist, None)
     }
 }
 

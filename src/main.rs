@@ -15,6 +15,7 @@ use postern::live::Runtime;
 use postern::metrics::Metrics;
 use postern::shutdown::Shutdown;
 use postern::tls::SelfSignedMode;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -64,7 +65,7 @@ fn check_config(path: PathBuf) -> anyhow::Result<()> {
         config.listeners.len(),
         config.backends.pool.len()
     );
-    Runtime::build(config, Metrics::new(), SelfSignedMode::InMemory)
+    Runtime::build(config, Metrics::new(), SelfSignedMode::InMemory, None)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     println!("{summary}");
     Ok(())
@@ -93,7 +94,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let workers = config.workers.count();
     let metrics_bind = config.metrics.bind;
     let max_connections = config.limits.max_connections;
-    let runtime = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist)
+    let runtime = Runtime::build(config, Arc::clone(&metrics), SelfSignedMode::Persist, None)
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let live = Arc::new(ArcSwap::from_pointee(runtime));
     let listeners = postern::server::bind_all(&live.load().config.listeners)?;
@@ -125,31 +126,33 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the control runtime")?;
-    let checks = Arc::clone(&live.load());
     control.block_on(async move {
-        postern::route::health::spawn(
-            &checks.pool,
-            &checks.config.backends.health_check,
-            checks.probe.clone(),
-            &metrics,
-        );
+        // Before anything else: SIGHUP's default action would end the process.
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         // Discovered backends join before the process reports ready.
-        postern::route::discovery::start(
-            Arc::clone(&checks.pool),
-            &checks.config.backends.discovery,
-            postern::route::discovery::Checks {
-                config: checks.config.backends.health_check.clone(),
-                probe: checks.probe.clone(),
-                metrics: Arc::clone(&metrics),
-            },
-        )
-        .await;
+        let mut reloader =
+            postern::reload::Reloader::start(path.clone(), Arc::clone(&live), Arc::clone(&metrics))
+                .await;
         postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await
             .with_context(|| format!("metrics endpoint cannot bind {metrics_bind}"))?;
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), workers, "postern started");
-        shutdown_signal().await;
+        let mut watch = tokio::time::interval(live.load().config.reload.interval);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => reloader.reload("SIGHUP").await,
+                _ = watch.tick() => {
+                    if live.load().config.reload.watch && reloader.files_changed() {
+                        reloader.reload("file changed").await;
+                    }
+                }
+            }
+        }
         // Readiness fails first, so load balancers stop sending; then the
         // listeners close; sessions get the drain period, then a BYE.
         metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -169,13 +172,4 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::info!("shut down");
         Ok(())
     })
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

@@ -35,6 +35,9 @@ pub struct Metrics {
     pub backend_checks: IntCounterVec,
     pub backend_check_duration: HistogramVec,
     pub routes: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+    pub config_info: IntGaugeVec,
+    pub config_last_reload: prometheus::Gauge,
     pub relay_bytes: IntCounterVec,
     pub session_duration: HistogramVec,
     pub login_duration: HistogramVec,
@@ -154,6 +157,27 @@ impl Metrics {
                 &["backend"],
                 vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
             ),
+            config_reloads: counter(
+                &registry,
+                "postern_config_reloads_total",
+                "Configuration reloads, by result (success, failure: the previous configuration stays).",
+                &["result"],
+            ),
+            config_info: gauge(
+                &registry,
+                "postern_config_info",
+                "1 for the live configuration, labelled with a hash of its file.",
+                &["version"],
+            ),
+            config_last_reload: {
+                let g = prometheus::Gauge::new(
+                    "postern_config_last_reload_success_timestamp_seconds",
+                    "When the live configuration was loaded, in Unix time.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             routes: counter(
                 &registry,
                 "postern_routes_total",

@@ -122,6 +122,7 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
         &serde_yaml::from_str::<Backends>(&yaml).unwrap(),
         &Metrics::new(),
         &|p| p.to_owned(),
+        None,
     )
     .unwrap();
     for n in names.iter().chain([&"pinned".to_string()]) {

@@ -10,6 +10,7 @@
 //! every other program on the host), or a configured name server.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig};
@@ -71,6 +72,8 @@ pub struct Checks {
     pub config: HealthCheck,
     pub probe: Option<ProbeAccount>,
     pub metrics: Arc<Metrics>,
+    /// Set when a reload replaces this pool: lookups and checks stop.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Resolves every discovered entry once, then keeps doing so every
@@ -86,6 +89,9 @@ pub async fn start(pool: Arc<Pool>, config: &Discovery, checks: Checks) {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(interval).await;
+            if checks.stop.load(Ordering::Acquire) {
+                break;
+            }
             round(&pool, &resolver, &checks).await;
         }
     });
@@ -96,7 +102,13 @@ async fn round(pool: &Pool, resolver: &Resolver, checks: &Checks) {
         match resolver.lookup(&entry.host, entry.port).await {
             Ok(ips) if !ips.is_empty() => {
                 for added in pool.set_discovered(index, &ips) {
-                    health::spawn_one(added, &checks.config, checks.probe.clone(), &checks.metrics);
+                    health::spawn_one(
+                        added,
+                        &checks.config,
+                        checks.probe.clone(),
+                        &checks.metrics,
+                        &checks.stop,
+                    );
                 }
             }
             Ok(_) => {

@@ -11,6 +11,7 @@
 //! This module decides nothing about routing: it only writes the state the
 //! [`Pool`](super::Pool) reads.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,25 +37,29 @@ pub fn spawn(
     config: &HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: &Arc<Metrics>,
+    stop: &Arc<AtomicBool>,
 ) {
     for backend in pool.backends() {
-        spawn_one(backend, config, probe.clone(), metrics);
+        spawn_one(backend, config, probe.clone(), metrics, stop);
     }
 }
 
-/// Starts the checks of one backend (a newly discovered one).
+/// Starts the checks of one backend (a newly discovered one). They stop
+/// when `stop` is set (a reload started new ones) or the backend retires.
 pub fn spawn_one(
     backend: Arc<Backend>,
     config: &HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: &Arc<Metrics>,
+    stop: &Arc<AtomicBool>,
 ) {
     if !config.enabled {
         return;
     }
     let config = config.clone();
     let metrics = Arc::clone(metrics);
-    tokio::spawn(async move { check_loop(backend, config, probe, metrics).await });
+    let stop = Arc::clone(stop);
+    tokio::spawn(async move { check_loop(backend, config, probe, metrics, stop).await });
 }
 
 async fn check_loop(
@@ -62,6 +67,7 @@ async fn check_loop(
     config: HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
 ) {
     let duration = metrics
         .backend_check_duration
@@ -75,7 +81,7 @@ async fn check_loop(
     let mut passes = 0u32;
     let mut failures = 0u32;
     let mut seen_up = backend.is_up();
-    while !backend.is_retired() {
+    while !backend.is_retired() && !stop.load(Ordering::Acquire) {
         let started = Instant::now();
         let login = probe
             .as_ref()

@@ -45,6 +45,9 @@ use crate::metrics::Metrics;
 
 /// One backend IMAP server of the pool, with its live state.
 pub struct Backend {
+    /// The pool entry it was made from (for a discovered member, the
+    /// entry with the DNS name).
+    config: BackendServer,
     pub name: String,
     /// `host:port`, resolved at connect time.
     pub address: String,
@@ -93,6 +96,7 @@ impl Backend {
         address: &str,
     ) -> Backend {
         let b = Backend {
+            config: server.clone(),
             tls,
             name: name.to_owned(),
             address: address.to_owned(),
@@ -132,6 +136,19 @@ impl Backend {
 
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// Whether a reloaded pool may keep this backend (and its health and
+    /// counts) for `server`: the same entry but for `drain`.
+    fn same_entry(&self, server: &BackendServer) -> bool {
+        let mut config = self.config.clone();
+        config.drain = server.drain;
+        config == *server
+    }
+
+    fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        self.up_gauge.set(0);
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -331,6 +348,11 @@ const STICKY_SHARDS: usize = 64;
 /// Live sessions per user and backend.
 type StickyShard = Mutex<HashMap<Arc<str>, Vec<(Arc<Backend>, u32)>>>;
 
+struct Sticky {
+    shards: Box<[StickyShard]>,
+    keys: std::hash::RandomState,
+}
+
 /// The backends, their health, and who is where.
 pub struct Pool {
     /// The default pool first, then the named pools.
@@ -338,8 +360,9 @@ pub struct Pool {
     /// Lower-cased domain to group index.
     domains: HashMap<String, usize>,
     discovered: Vec<Discovered>,
-    sticky: Box<[StickyShard]>,
-    sticky_keys: std::hash::RandomState,
+    /// Shared with the pools of later configurations, so stickiness and
+    /// leases survive a reload.
+    sticky: Arc<Sticky>,
     bounded_load: Option<f64>,
     /// Failed session logins in a row that mark a backend down; 0: never.
     passive_fall: u32,
@@ -355,12 +378,26 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     /// Builds the pool; `resolve` turns the config's relative paths (CA
-    /// files, client certificates) into real ones.
+    /// files, client certificates) into real ones. With the `previous`
+    /// pool of a reload, unchanged backends are kept with their health,
+    /// counts and live sessions, and backends no longer configured are
+    /// retired once the new pool is in place ([`Pool::retire_replaced`]).
     pub fn new(
         config: &Backends,
         metrics: &Arc<Metrics>,
         resolve: &dyn Fn(&Path) -> PathBuf,
+        previous: Option<&Pool>,
     ) -> Result<Pool, String> {
+        let kept = |server: &BackendServer| -> Option<Arc<Backend>> {
+            let old = previous?
+                .backends()
+                .into_iter()
+                .find(|b| b.name == server.name && b.same_entry(server))?;
+            if old.is_draining() != server.drain {
+                old.set_draining(server.drain, None);
+            }
+            Some(old)
+        };
         let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
         let mut system_roots = None;
         let mut groups = Vec::new();
@@ -377,6 +414,20 @@ impl Pool {
             for server in servers {
                 let tls = BackendTls::new(server, resolve, &mut system_roots)?;
                 if server.discover {
+                    let carried = previous
+                        .and_then(|p| {
+                            p.discovered.iter().find(|d| {
+                                d.server.name == server.name
+                                    && *p.groups[d.group].name == *name
+                                    && {
+                                        let mut c = d.server.clone();
+                                        c.drain = server.drain;
+                                        c == *server
+                                    }
+                            })
+                        })
+                        .map(|d| d.members.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                        .unwrap_or_default();
                     let (host, port) = server
                         .address
                         .rsplit_once(':')
@@ -390,17 +441,21 @@ impl Pool {
                         host,
                         port,
                         tls,
-                        members: Mutex::default(),
+                        members: Mutex::new(carried),
                     });
                     continue;
                 }
-                fixed.push(Arc::new(Backend::new(
-                    server,
-                    metrics,
-                    tls,
-                    &server.name,
-                    &server.address,
-                )));
+                let backend = match kept(server) {
+                    Some(old) => old,
+                    None => Arc::new(Backend::new(
+                        server,
+                        metrics,
+                        tls,
+                        &server.name,
+                        &server.address,
+                    )),
+                };
+                fixed.push(backend);
             }
             for domain in pool_domains {
                 domains.insert(domain.to_ascii_lowercase(), groups.len());
@@ -411,12 +466,19 @@ impl Pool {
                 fixed,
             });
         }
-        Ok(Pool {
+        let pool = Pool {
             groups,
             domains,
             discovered,
-            sticky: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
-            sticky_keys: std::hash::RandomState::new(),
+            sticky: previous.map_or_else(
+                || {
+                    Arc::new(Sticky {
+                        shards: (0..STICKY_SHARDS).map(|_| Mutex::default()).collect(),
+                        keys: std::hash::RandomState::new(),
+                    })
+                },
+                |p| Arc::clone(&p.sticky),
+            ),
             bounded_load: config.bounded_load,
             passive_fall: if config.health_check.enabled {
                 config.passive_fall
@@ -431,7 +493,23 @@ impl Pool {
                 reason(RouteReason::BoundedLoad),
             ],
             metrics: Arc::clone(metrics),
-        })
+        };
+        for group in 0..pool.groups.len() {
+            pool.rebuild(group);
+        }
+        Ok(pool)
+    }
+
+    /// After a reload: retires the backends of `previous` that this pool
+    /// did not keep. Their live sessions stay; their checks stop.
+    pub fn retire_replaced(&self, previous: &Pool) {
+        let now = self.backends();
+        for old in previous.backends() {
+            if !now.iter().any(|b| Arc::ptr_eq(b, &old)) {
+                tracing::info!(backend = %old.name, "backend left the configuration; retired");
+                old.retire();
+            }
+        }
     }
 
     /// Every backend of every pool now.
@@ -608,9 +686,9 @@ impl Pool {
     }
 
     fn shard(&self, user: &str) -> &StickyShard {
-        let mut h = self.sticky_keys.build_hasher();
+        let mut h = self.sticky.keys.build_hasher();
         h.write(user.as_bytes());
-        &self.sticky[h.finish() as usize % STICKY_SHARDS]
+        &self.sticky.shards[h.finish() as usize % STICKY_SHARDS]
     }
 
     /// The backend holding most of the user's live sessions, if any.
@@ -743,7 +821,7 @@ mod tests {
         }
         yaml.push_str(extra);
         let config: Backends = serde_yaml::from_str(&yaml).unwrap();
-        Arc::new(Pool::new(&config, &Metrics::new(), &|p| p.to_owned()).unwrap())
+        Arc::new(Pool::new(&config, &Metrics::new(), &|p| p.to_owned(), None).unwrap())
     }
 
     fn pool(names: &[&str]) -> Arc<Pool> {
@@ -919,6 +997,44 @@ mod tests {
         for i in 0..50 {
             assert_eq!(pick(&p, &format!("u{i}")).0, "dovecot-10.0.0.3");
         }
+    }
+
+    #[test]
+    fn a_reloaded_pool_keeps_unchanged_backends_with_their_state() {
+        let metrics = Metrics::new();
+        let build = |yaml: &str, previous: Option<&Pool>| {
+            let config: Backends = serde_yaml::from_str(yaml).unwrap();
+            Arc::new(Pool::new(&config, &metrics, &|p| p.to_owned(), previous).unwrap())
+        };
+        let old = build(
+            "pool:\n  - { name: a, address: \"127.0.0.1:1\" }\n  - { name: b, address: \"127.0.0.1:2\" }\n  - { name: c, address: \"127.0.0.1:3\" }\n",
+            None,
+        );
+        let a = backend(&old, "a");
+        a.set_up(false, "test");
+        let lease = old.lease("alice", &backend(&old, "b"));
+        let new = build(
+            "pool:\n  - { name: a, address: \"127.0.0.1:1\" }\n  - { name: b, address: \"127.0.0.1:2\", drain: true }\n  - { name: c, address: \"127.0.0.1:9\" }\n",
+            Some(&old),
+        );
+        new.retire_replaced(&old);
+        assert!(Arc::ptr_eq(&backend(&new, "a"), &a), "kept");
+        assert!(!backend(&new, "a").is_up(), "with its health");
+        let b = backend(&new, "b");
+        assert!(
+            Arc::ptr_eq(&b, &backend(&old, "b")),
+            "a drain change keeps it"
+        );
+        assert!(b.is_draining() && b.active_sessions() == 1);
+        assert!(
+            !Arc::ptr_eq(&backend(&new, "c"), &backend(&old, "c")),
+            "a new address is a new backend"
+        );
+        assert!(backend(&old, "c").is_retired());
+        // Stickiness survives the reload: the lease's session is seen.
+        assert!(new.sticky_backend("alice").is_none(), "b is draining");
+        drop(lease);
+        assert_eq!(b.active_sessions(), 0);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn user_preferring(names: &[&str], first: &str) -> String {
         &serde_yaml::from_str::<::postern::config::Backends>(&yaml).unwrap(),
         &::postern::metrics::Metrics::new(),
         &|p| p.to_owned(),
+        None,
     )
     .unwrap();
     (0..)

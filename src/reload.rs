@@ -1,0 +1,158 @@
+//! Reloading the configuration while sessions run: on SIGHUP, and when the
+//! config file or a file it names changes on disk (checked every
+//! `reload.interval`; following symlinks, so a Kubernetes ConfigMap or
+//! Secret update, which swaps a symlink, is seen).
+//!
+//! A reload builds a whole new [`Runtime`] — config, certificates, users,
+//! pools — and validates everything before it replaces the old one behind
+//! arc-swap. A bad one is refused (logged, counted) and the old one keeps
+//! serving. Sessions keep the snapshot they started with; new sessions get
+//! the new one. Backends that did not change keep their health and counts;
+//! health checks and discovery restart with the new settings.
+//!
+//! Listeners, `workers` and `metrics.bind` are sockets and threads made at
+//! start: a reload that changes them is refused with that reason.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::Config;
+use crate::live::{Live, Runtime};
+use crate::metrics::Metrics;
+use crate::route::{discovery, health};
+use crate::tls::SelfSignedMode;
+
+/// What identifies a file's content without reading it.
+type Stamp = Option<(SystemTime, u64, u64)>;
+
+pub struct Reloader {
+    path: PathBuf,
+    live: Live,
+    metrics: Arc<Metrics>,
+    /// Stops the health checks and discovery of the live pool.
+    probes: Arc<AtomicBool>,
+    stamps: Vec<(PathBuf, Stamp)>,
+}
+
+fn stamp(path: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+impl Reloader {
+    /// Starts the live pool's health checks and discovery (the first
+    /// discovery round is awaited) and notes the files to watch.
+    pub async fn start(path: PathBuf, live: Live, metrics: Arc<Metrics>) -> Reloader {
+        let mut r = Reloader {
+            path,
+            live,
+            metrics,
+            probes: Arc::new(AtomicBool::new(false)),
+            stamps: Vec::new(),
+        };
+        r.start_probes().await;
+        r.stamps = r.current_stamps();
+        r.published(&r.live.load().config.version.clone());
+        r
+    }
+
+    fn current_stamps(&self) -> Vec<(PathBuf, Stamp)> {
+        std::iter::once(self.path.clone())
+            .chain(self.live.load().config.referenced_files())
+            .map(|p| {
+                let s = stamp(&p);
+                (p, s)
+            })
+            .collect()
+    }
+
+    /// Whether a watched file changed since the last look.
+    pub fn files_changed(&mut self) -> bool {
+        let now = self.current_stamps();
+        let changed = now != self.stamps;
+        self.stamps = now;
+        changed
+    }
+
+    async fn start_probes(&mut self) {
+        let rt = self.live.load_full();
+        self.probes.store(true, Ordering::Release);
+        self.probes = Arc::new(AtomicBool::new(false));
+        let checks = &rt.config.backends.health_check;
+        health::spawn(
+            &rt.pool,
+            checks,
+            rt.probe.clone(),
+            &self.metrics,
+            &self.probes,
+        );
+        discovery::start(
+            Arc::clone(&rt.pool),
+            &rt.config.backends.discovery,
+            discovery::Checks {
+                config: checks.clone(),
+                probe: rt.probe.clone(),
+                metrics: Arc::clone(&self.metrics),
+                stop: Arc::clone(&self.probes),
+            },
+        )
+        .await;
+    }
+
+    fn published(&self, version: &str) {
+        self.metrics.config_info.reset();
+        self.metrics
+            .config_info
+            .with_label_values(&[version])
+            .set(1);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.metrics.config_last_reload.set(now);
+    }
+
+    /// Reads the configuration again and, if it is good, makes it live.
+    pub async fn reload(&mut self, why: &str) {
+        let old = self.live.load_full();
+        let built = Config::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| match old.config.restart_only_changes(&config) {
+                Some(key) => Err(format!(
+                    "key `{key}` changed; it takes effect only with a restart"
+                )),
+                None => Runtime::build(
+                    config,
+                    Arc::clone(&self.metrics),
+                    SelfSignedMode::Persist,
+                    Some(&old),
+                ),
+            });
+        self.stamps = self.current_stamps();
+        match built {
+            Ok(runtime) => {
+                let version = runtime.config.version.clone();
+                let runtime = Arc::new(runtime);
+                self.live.store(Arc::clone(&runtime));
+                runtime.pool.retire_replaced(&old.pool);
+                self.start_probes().await;
+                self.stamps = self.current_stamps();
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["success"])
+                    .inc();
+                self.published(&version);
+                tracing::info!(why, version, "configuration reloaded");
+            }
+            Err(e) => {
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["failure"])
+                    .inc();
+                tracing::error!(why, error = %e, "configuration reload refused; the previous configuration stays");
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Configuration reloads under load: the users file, the certificate and
+//! the config change on disk (or SIGHUP asks) while an IDLE session stays
+//! open and logins keep coming; bad configurations are refused and the
+//! previous one keeps serving.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::backend::DovecotBackend;
+use common::client::{tcp, tls_over, Client};
+use common::postern::{user, Postern, Setup, PASSWORD};
+
+const DETECT: Duration = Duration::from_secs(10);
+
+/// Writes `text` to `path` the way an orchestrator would: a new file
+/// renamed over the old one.
+fn replace(path: &Path, text: &[u8]) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A self-signed certificate for localhost: (cert PEM, key PEM, cert DER).
+fn certificate() -> (String, String, Vec<u8>) {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    (
+        made.cert.pem(),
+        made.key_pair.serialize_pem(),
+        made.cert.der().to_vec(),
+    )
+}
+
+fn served_certificate(port: u16) -> Vec<u8> {
+    let tls = tls_over(tcp(port), "localhost", &[b"imap"]).unwrap();
+    tls.conn.peer_certificates().unwrap()[0].to_vec()
+}
+
+fn reloads(p: &Postern, result: &str) -> f64 {
+    p.metric(&format!(
+        "postern_config_reloads_total{{result=\"{result}\"}}"
+    ))
+}
+
+fn login_ok(port: u16, name: &str) -> bool {
+    let (mut c, _) = Client::imaps(port);
+    let ok = c
+        .login(name, PASSWORD)
+        .last()
+        .is_some_and(|l| l.starts_with("L1 OK"));
+    c.command("Z", "LOGOUT");
+    ok
+}
+
+#[test]
+fn files_changing_under_load_reload_without_dropping_anything() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("reload", &[("alice", PASSWORD), ("bob", PASSWORD)]);
+    let certs = std::env::temp_dir().join(format!("postern-test-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&certs).unwrap();
+    let (cert_path, key_path) = (certs.join("tls.crt"), certs.join("tls.key"));
+    let first = certificate();
+    std::fs::write(&cert_path, &first.0).unwrap();
+    std::fs::write(&key_path, &first.1).unwrap();
+    let tls = format!(
+        "tls:\n  certificates:\n    - {{ cert: \"{}\", key: \"{}\" }}",
+        cert_path.display(),
+        key_path.display()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        tls: &tls,
+        extra: "reload:\n  interval: 200ms\n",
+        ..Setup::default()
+    });
+    assert_eq!(served_certificate(p.imaps), first.2);
+    let version = p.metrics_text();
+    let mut idle = Client::imaps(p.imaps).0;
+    assert!(idle
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    idle.select_and_idle();
+
+    // A steady stream of logins that must all succeed, bounded in count.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let stream = {
+        let failures = Arc::clone(&failures);
+        let port = p.imaps;
+        std::thread::spawn(move || {
+            for _ in 0..40 {
+                if !login_ok(port, "alice") {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        })
+    };
+
+    // A new user in the users file.
+    assert!(!login_ok(p.imaps, "bob"));
+    replace(
+        &p.dir.join("users.yaml"),
+        format!("users:\n{}{}", user("alice"), user("bob")).as_bytes(),
+    );
+    common::wait_until("the users file is reloaded", DETECT, || {
+        reloads(&p, "success") >= 1.0
+    });
+    assert!(login_ok(p.imaps, "bob"));
+
+    // A rotated certificate (cert-manager writes new files).
+    let second = certificate();
+    replace(&key_path, second.1.as_bytes());
+    replace(&cert_path, second.0.as_bytes());
+    common::wait_until("the new certificate is served", DETECT, || {
+        served_certificate(p.imaps) == second.2
+    });
+
+    // A broken config is refused; the previous one keeps serving.
+    let config_path = p.dir.join("postern.yaml");
+    let good = std::fs::read(&config_path).unwrap();
+    replace(&config_path, b"listeners: [ this is not valid\n");
+    common::wait_until("the bad config is refused", DETECT, || {
+        reloads(&p, "failure") >= 1.0
+    });
+    assert!(login_ok(p.imaps, "bob"));
+    assert!(p.log().contains("configuration reload refused"));
+    replace(&config_path, &good);
+
+    stream.join().unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "no login failed during reloads"
+    );
+    // The session from before all this is alive and well.
+    idle.send(b"DONE\r\n");
+    assert!(idle.until_tagged("i").last().unwrap().starts_with("i OK"));
+    assert!(version.contains("postern_config_info{version=\""));
+    let _ = std::fs::remove_dir_all(certs);
+}
+
+#[test]
+fn sighup_reloads_and_restart_only_keys_are_refused() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("hup", &[("alice", PASSWORD), ("bob", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra: "reload:\n  watch: false\n",
+        ..Setup::default()
+    });
+    replace(
+        &p.dir.join("users.yaml"),
+        format!("users:\n{}{}", user("alice"), user("bob")).as_bytes(),
+    );
+    // Not watching: nothing happens until SIGHUP.
+    assert!(!login_ok(p.imaps, "bob"));
+    p.signal("HUP");
+    common::wait_until("SIGHUP reloads", DETECT, || reloads(&p, "success") == 1.0);
+    assert!(login_ok(p.imaps, "bob"));
+
+    let config_path = p.dir.join("postern.yaml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let moved = text.replace(
+        &format!("127.0.0.1:{}", p.imaps),
+        &format!("127.0.0.1:{}", common::free_port()),
+    );
+    replace(&config_path, moved.as_bytes());
+    p.signal("HUP");
+    common::wait_until("the listener change is refused", DETECT, || {
+        reloads(&p, "failure") == 1.0
+    });
+    assert!(p
+        .log()
+        .contains("key `listeners` changed; it takes effect only with a restart"));
+    assert!(
+        login_ok(p.imaps, "alice"),
+        "still serving on the old listener"
+    );
+}
