@@ -44,6 +44,7 @@ fn main() {
         let counters = Counters {
             client_to_backend: IntCounter::new("up", "up").unwrap(),
             backend_to_client: IntCounter::new("down", "down").unwrap(),
+            session: None,
         };
         let relay = tokio::spawn(async move {
             relay(

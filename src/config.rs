@@ -48,12 +48,27 @@ pub struct Config {
     pub workers: Workers,
     #[serde(default)]
     pub reload: Reload,
+    /// The admin API; off when absent.
+    #[serde(default)]
+    pub admin: Option<AdminApi>,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
     /// A hash of the config file's text: which configuration is live.
     #[serde(skip)]
     pub version: String,
+}
+
+/// The admin API: its own HTTP listener, every request with
+/// `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminApi {
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// A file holding the token (one line); read on every request, so it
+    /// can be rotated in place.
+    pub token_file: PathBuf,
 }
 
 /// When the configuration is read again (SIGHUP always reloads).
@@ -572,6 +587,9 @@ fn default_tls_handshake_timeout() -> Duration {
 fn default_preauth_timeout() -> Duration {
     Duration::from_secs(60)
 }
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9091))
+}
 fn default_watch_interval() -> Duration {
     Duration::from_secs(2)
 }
@@ -761,6 +779,8 @@ impl Config {
             Some("metrics.bind")
         } else if self.workers != new.workers {
             Some("workers")
+        } else if self.admin.as_ref().map(|a| a.bind) != new.admin.as_ref().map(|a| a.bind) {
+            Some("admin.bind")
         } else if self.limits.max_connections != new.limits.max_connections {
             Some("limits.max_connections")
         } else {
@@ -812,6 +832,14 @@ impl Config {
             if l.allow_plaintext_auth && l.tls == ListenerTls::Implicit {
                 return Err(format!(
                     "key `listeners[{i}].allow_plaintext_auth`: only meaningful on a `starttls` listener"
+                ));
+            }
+        }
+        if let Some(admin) = &self.admin {
+            if binds.contains(&admin.bind) || admin.bind == self.metrics.bind {
+                return Err(format!(
+                    "key `admin.bind`: {} is also a listener's or the metrics address",
+                    admin.bind
                 ));
             }
         }

@@ -16,9 +16,11 @@
 //!   borrowed buffers.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
-//! behind arc-swap), [`reload`] (SIGHUP and file changes), [`metrics`] (Prometheus families and the HTTP endpoint),
+//! behind arc-swap), [`reload`] (SIGHUP and file changes), [`admin`] (the
+//! admin API, with the [`registry`] of live sessions), [`metrics`] (Prometheus families and the HTTP endpoint),
 //! [`logging`], [`shutdown`].
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod buffer;
@@ -28,6 +30,7 @@ pub mod live;
 pub mod logging;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod registry;
 pub mod relay;
 pub mod reload;
 pub mod route;

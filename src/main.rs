@@ -100,6 +100,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let listeners = postern::server::bind_all(&live.load().config.listeners)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let shutdown = Arc::new(Shutdown::default());
+    let registry = Arc::new(postern::registry::Registry::default());
     for index in 0..workers {
         let shared = listeners
             .iter()
@@ -116,6 +117,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             Arc::clone(&live),
             Arc::clone(&slots),
             Arc::clone(&shutdown),
+            Arc::clone(&registry),
         )
         .context("cannot start a worker thread")?;
     }
@@ -137,6 +139,19 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await
             .with_context(|| format!("metrics endpoint cannot bind {metrics_bind}"))?;
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<postern::admin::ReloadRequest>(4);
+        let admin_config = live.load().config.admin.clone();
+        if let Some(admin) = admin_config {
+            let api = postern::admin::Admin {
+                live: Arc::clone(&live),
+                registry: Arc::clone(&registry),
+                reload: reload_tx,
+                token_file: live.load().config.resolve(&admin.token_file),
+            };
+            postern::admin::serve(admin.bind, Arc::new(api))
+                .await
+                .with_context(|| format!("admin API cannot bind {}", admin.bind))?;
+        }
         metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %path.display(), workers, "postern started");
         let mut watch = tokio::time::interval(live.load().config.reload.interval);
@@ -145,10 +160,15 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
-                _ = hup.recv() => reloader.reload("SIGHUP").await,
+                _ = hup.recv() => {
+                    let _ = reloader.reload("SIGHUP").await;
+                }
+                Some(answer) = reload_rx.recv() => {
+                    let _ = answer.send(reloader.reload("admin API").await);
+                }
                 _ = watch.tick() => {
                     if live.load().config.reload.watch && reloader.files_changed() {
-                        reloader.reload("file changed").await;
+                        let _ = reloader.reload("file changed").await;
                     }
                 }
             }

@@ -18,6 +18,8 @@
 use std::future::{poll_fn, Future};
 use std::io::ErrorKind;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,6 +71,8 @@ pub struct RelayOutcome {
 pub struct Counters {
     pub client_to_backend: IntCounter,
     pub backend_to_client: IntCounter,
+    /// The session's own running totals (for the admin API), when kept.
+    pub session: Option<(Arc<AtomicU64>, Arc<AtomicU64>)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +117,7 @@ struct Pump {
     unflushed: bool,
     total: u64,
     counter: IntCounter,
+    tally: Option<Arc<AtomicU64>>,
     /// Backend to client: watch for the backend's `* BYE`.
     from_backend: bool,
     /// The backend's last bytes held a BYE: its end of stream is orderly.
@@ -120,12 +125,13 @@ struct Pump {
 }
 
 impl Pump {
-    fn new(counter: IntCounter, from_backend: bool) -> Self {
+    fn new(counter: IntCounter, tally: Option<Arc<AtomicU64>>, from_backend: bool) -> Self {
         Pump {
             state: State::Reading,
             unflushed: false,
             total: 0,
             counter,
+            tally,
             from_backend,
             bye_seen: false,
         }
@@ -212,6 +218,9 @@ impl Pump {
                             *start += n;
                             self.total += n as u64;
                             self.counter.inc_by(n as u64);
+                            if let Some(tally) = &self.tally {
+                                tally.fetch_add(n as u64, Ordering::Relaxed);
+                            }
                             self.unflushed = true;
                             *active = true;
                             if start == end {
@@ -264,8 +273,9 @@ where
     S: Future<Output = ()>,
 {
     tokio::pin!(stop);
-    let mut up = Pump::new(counters.client_to_backend.clone(), false);
-    let mut down = Pump::new(counters.backend_to_client.clone(), true);
+    let (tally_in, tally_out) = counters.session.clone().unzip();
+    let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
+    let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
     let mut limit = idle;
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep(limit);
@@ -345,6 +355,7 @@ mod tests {
         Counters {
             client_to_backend: IntCounter::new("up", "up").unwrap(),
             backend_to_client: IntCounter::new("down", "down").unwrap(),
+            session: None,
         }
     }
 

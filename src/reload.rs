@@ -115,7 +115,8 @@ impl Reloader {
     }
 
     /// Reads the configuration again and, if it is good, makes it live.
-    pub async fn reload(&mut self, why: &str) {
+    /// The new version, or why it was refused.
+    pub async fn reload(&mut self, why: &str) -> Result<String, String> {
         let old = self.live.load_full();
         let built = Config::load(&self.path)
             .map_err(|e| e.to_string())
@@ -145,6 +146,7 @@ impl Reloader {
                     .inc();
                 self.published(&version);
                 tracing::info!(why, version, "configuration reloaded");
+                Ok(version)
             }
             Err(e) => {
                 self.metrics
@@ -152,6 +154,7 @@ impl Reloader {
                     .with_label_values(&["failure"])
                     .inc();
                 tracing::error!(why, error = %e, "configuration reload refused; the previous configuration stays");
+                Err(e)
             }
         }
     }

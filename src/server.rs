@@ -11,6 +11,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::Listener as ListenerConfig;
 use crate::live::Live;
+use crate::registry::Registry;
 use crate::session::{self, ListenerInfo};
 use crate::shutdown::Shutdown;
 
@@ -72,6 +73,7 @@ pub fn run_worker(
     live: Live,
     slots: Arc<Semaphore>,
     shutdown: Arc<Shutdown>,
+    registry: Arc<Registry>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("postern-worker-{index}"))
@@ -93,6 +95,7 @@ pub fn run_worker(
                                 Arc::clone(&live),
                                 Arc::clone(&slots),
                                 Arc::clone(&shutdown),
+                                Arc::clone(&registry),
                             ));
                         }
                         Err(e) => {
@@ -116,6 +119,7 @@ pub async fn accept_loop(
     live: Live,
     slots: Arc<Semaphore>,
     shutdown: Arc<Shutdown>,
+    registry: Arc<Registry>,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -141,8 +145,9 @@ pub async fn accept_loop(
                 };
                 let info = Arc::clone(&info);
                 let shutdown = Arc::clone(&shutdown);
+                let registry = Arc::clone(&registry);
                 tokio::spawn(async move {
-                    session::run(tcp, peer, info, rt, shutdown).await;
+                    session::run(tcp, peer, info, rt, shutdown, registry).await;
                     drop(slot);
                 });
             }

@@ -28,6 +28,7 @@ use crate::imap::sasl::{self, Credentials};
 use crate::imap::{printable, Secret};
 use crate::live::Runtime;
 use crate::proxy_protocol::{self, ProxyHeader};
+use crate::registry::{Registry, SessionInfo};
 use crate::relay::{self, Counters, RelayEnd};
 use crate::route::{Lease, Route, RouteError, RouteReason};
 use crate::shutdown::Shutdown;
@@ -60,6 +61,7 @@ pub async fn run(
     listener: Arc<ListenerInfo>,
     rt: Arc<Runtime>,
     shutdown: Arc<Shutdown>,
+    registry: Arc<Registry>,
 ) {
     let id = format!("{:016x}", rand::random::<u64>());
     let span = tracing::info_span!("session", id = %id);
@@ -88,6 +90,7 @@ pub async fn run(
             handed_over: (0, 0),
             lease: None,
             shutdown,
+            registry,
         };
         let ending = session.drive(tcp).await;
         drop(session.lease.take());
@@ -148,6 +151,7 @@ struct Session {
     /// The relayed session's place in the pool, from the backend login on.
     lease: Option<Lease>,
     shutdown: Arc<Shutdown>,
+    registry: Arc<Registry>,
 }
 
 /// A client logged in at its backend, ready to relay.
@@ -201,15 +205,25 @@ impl Session {
 
         let m = &self.rt.metrics;
         let relay_started = Instant::now();
+        let registration = self.registry.register(SessionInfo::new(
+            &self.id,
+            self.user.as_deref().unwrap_or("-"),
+            self.peer,
+            &self.listener.name,
+            self.backend.as_deref().unwrap_or("-"),
+        ));
+        let info = Arc::clone(registration.info());
         let counters = Counters {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
+            session: Some((Arc::clone(&info.bytes_in), Arc::clone(&info.bytes_out))),
         };
         // When the backend goes down (health checks) or its drain's grace
         // period ends, the relay stops; the client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
         let jitter = rt.config.backends.reconnect_jitter;
         let shutdown = Arc::clone(&self.shutdown);
+        let kick = Arc::clone(&info);
         let backend_down = async move {
             let backend_closing = async {
                 match backend {
@@ -220,6 +234,7 @@ impl Session {
             tokio::select! {
                 _ = backend_closing => {}
                 _ = shutdown.sessions_closing() => {}
+                _ = kick.kicked() => {}
             }
         };
         let outcome = relay::relay(
@@ -230,22 +245,27 @@ impl Session {
             backend_down,
         )
         .await;
-        // Shutting down: the client is told at once and reconnects to
-        // another replica. The backend went down or away under the
-        // session: say so at a random moment within the jitter, so its
-        // clients do not all reconnect at once.
-        let shutting_down = outcome.end == RelayEnd::BackendDown && self.shutdown.is_closing();
+        // Shutting down, or ended by an administrator: the client is told
+        // at once. The backend went down or away under the session: say so
+        // at a random moment within the jitter, so its clients do not all
+        // reconnect at once.
+        drop(registration);
+        let stopped = outcome.end == RelayEnd::BackendDown;
+        let shutting_down = stopped && self.shutdown.is_closing();
+        let kicked = stopped && !shutting_down && info.is_kicked();
         let lost = matches!(
             outcome.end,
             RelayEnd::BackendDown | RelayEnd::BackendLost | RelayEnd::BackendError
         );
         if lost {
             drop(backend_stream);
-            if !shutting_down {
+            if !shutting_down && !kicked {
                 tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
             }
             let bye: &[u8] = if shutting_down {
                 b"* BYE [UNAVAILABLE] Server shutting down\r\n"
+            } else if kicked {
+                b"* BYE Session ended by the administrator\r\n"
             } else {
                 b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n"
             };
@@ -258,11 +278,13 @@ impl Session {
         m.session_duration
             .with_label_values(&[&self.listener.name])
             .observe(relay_started.elapsed().as_secs_f64());
-        let drained = outcome.end == RelayEnd::BackendDown
-            && self.lease.as_ref().is_some_and(|l| l.backend().is_up());
+        let drained =
+            stopped && !kicked && self.lease.as_ref().is_some_and(|l| l.backend().is_up());
         Ending {
             reason: if shutting_down {
                 "shutdown"
+            } else if kicked {
+                "kicked"
             } else if drained {
                 "backend_drained"
             } else {

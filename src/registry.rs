@@ -1,0 +1,169 @@
+//! The logged-in sessions of this process, for the admin API: who is
+//! connected from where to which backend, since when, how many bytes; and
+//! a way to end a user's sessions.
+//!
+//! A session registers when its relay starts and is removed when it ends
+//! (the [`Registration`] guard). Sharded so registering never contends
+//! across worker threads.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use tokio::sync::Notify;
+
+const SHARDS: usize = 16;
+
+pub struct SessionInfo {
+    pub id: String,
+    pub user: String,
+    pub client: SocketAddr,
+    pub listener: String,
+    pub backend: String,
+    pub started: SystemTime,
+    /// Relayed bytes so far, client to backend and back.
+    pub bytes_in: Arc<AtomicU64>,
+    pub bytes_out: Arc<AtomicU64>,
+    kicked: AtomicBool,
+    kick: Notify,
+}
+
+impl SessionInfo {
+    pub fn new(
+        id: &str,
+        user: &str,
+        client: SocketAddr,
+        listener: &str,
+        backend: &str,
+    ) -> SessionInfo {
+        SessionInfo {
+            id: id.to_owned(),
+            user: user.to_owned(),
+            client,
+            listener: listener.to_owned(),
+            backend: backend.to_owned(),
+            started: SystemTime::now(),
+            bytes_in: Arc::default(),
+            bytes_out: Arc::default(),
+            kicked: AtomicBool::new(false),
+            kick: Notify::new(),
+        }
+    }
+
+    pub fn is_kicked(&self) -> bool {
+        self.kicked.load(Ordering::Acquire)
+    }
+
+    /// Resolves once an administrator ends this session.
+    pub async fn kicked(&self) {
+        let notified = self.kick.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_kicked() {
+            return;
+        }
+        notified.await;
+    }
+}
+
+#[derive(Default)]
+pub struct Registry {
+    shards: [Mutex<HashMap<String, Arc<SessionInfo>>>; SHARDS],
+}
+
+/// Removes its session from the registry when dropped.
+pub struct Registration {
+    registry: Arc<Registry>,
+    info: Arc<SessionInfo>,
+}
+
+impl Registration {
+    pub fn info(&self) -> &Arc<SessionInfo> {
+        &self.info
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.registry
+            .shard(&self.info.id)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.info.id);
+    }
+}
+
+impl Registry {
+    fn shard(&self, id: &str) -> &Mutex<HashMap<String, Arc<SessionInfo>>> {
+        let h = id
+            .bytes()
+            .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize));
+        &self.shards[h % SHARDS]
+    }
+
+    pub fn register(self: &Arc<Self>, info: SessionInfo) -> Registration {
+        let info = Arc::new(info);
+        self.shard(&info.id)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.id.clone(), Arc::clone(&info));
+        Registration {
+            registry: Arc::clone(self),
+            info,
+        }
+    }
+
+    /// Every registered session, oldest first.
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        let mut all: Vec<Arc<SessionInfo>> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort_by_key(|s| s.started);
+        all
+    }
+
+    /// Ends every session of `user`; how many there were.
+    pub fn kick_user(&self, user: &str) -> usize {
+        let mut n = 0;
+        for s in self.list().into_iter().filter(|s| s.user == user) {
+            s.kicked.store(true, Ordering::Release);
+            s.kick.notify_waiters();
+            n += 1;
+        }
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sessions_register_list_kick_and_leave() {
+        let r = Arc::new(Registry::default());
+        let addr: SocketAddr = "192.0.2.1:1".parse().unwrap();
+        let a = r.register(SessionInfo::new("s1", "alice", addr, "imaps", "mail-a"));
+        let b = r.register(SessionInfo::new("s2", "bob", addr, "imaps", "mail-a"));
+        assert_eq!(r.list().len(), 2);
+        let waiter = {
+            let info = Arc::clone(a.info());
+            tokio::spawn(async move { info.kicked().await })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(r.kick_user("alice"), 1);
+        waiter.await.unwrap();
+        assert!(!b.info().is_kicked());
+        drop(a);
+        assert_eq!(r.list().len(), 1);
+    }
+}
