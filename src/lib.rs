@@ -26,6 +26,7 @@ pub mod backend;
 pub mod buffer;
 pub mod config;
 pub mod imap;
+pub mod latch;
 pub mod live;
 pub mod logging;
 pub mod metrics;

@@ -8,11 +8,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::sync::Notify;
+use crate::latch::Latch;
 
 const SHARDS: usize = 16;
 
@@ -26,8 +26,7 @@ pub struct SessionInfo {
     /// Relayed bytes so far, client to backend and back.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
-    kicked: AtomicBool,
-    kick: Notify,
+    kicked: Latch,
 }
 
 impl SessionInfo {
@@ -47,24 +46,17 @@ impl SessionInfo {
             started: SystemTime::now(),
             bytes_in: Arc::default(),
             bytes_out: Arc::default(),
-            kicked: AtomicBool::new(false),
-            kick: Notify::new(),
+            kicked: Latch::default(),
         }
     }
 
     pub fn is_kicked(&self) -> bool {
-        self.kicked.load(Ordering::Acquire)
+        self.kicked.is_set()
     }
 
     /// Resolves once an administrator ends this session.
     pub async fn kicked(&self) {
-        let notified = self.kick.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.is_kicked() {
-            return;
-        }
-        notified.await;
+        self.kicked.wait().await
     }
 }
 
@@ -136,8 +128,7 @@ impl Registry {
     pub fn kick_user(&self, user: &str) -> usize {
         let mut n = 0;
         for s in self.list().into_iter().filter(|s| s.user == user) {
-            s.kicked.store(true, Ordering::Release);
-            s.kick.notify_waiters();
+            s.kicked.set();
             n += 1;
         }
         n
