@@ -99,6 +99,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let live = Arc::new(ArcSwap::from_pointee(runtime));
     let listeners = postern::server::bind_all(&live.load().config.listeners)?;
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    metrics.connection_limit.set(max_connections as i64);
     let shutdown = Arc::new(Shutdown::default());
     let registry = Arc::new(postern::registry::Registry::default());
     for index in 0..workers {

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub auth_duration: HistogramVec,
+    pub backend_draining: IntGaugeVec,
+    pub connection_limit: prometheus::IntGauge,
     pub authentications: IntCounterVec,
     pub backend_logins: IntCounterVec,
     pub backend_up: IntGaugeVec,
@@ -70,6 +74,13 @@ impl Metrics {
             r.register(Box::new(g.clone())).expect("unique metric");
             g
         }
+        // process_cpu_seconds_total, process_resident_memory_bytes,
+        // process_open_fds and the rest, from /proc.
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         let sessions_active = IntGaugeVec::new(
             Opts::new(
                 "postern_sessions_active",
@@ -89,7 +100,7 @@ impl Metrics {
         registry
             .register(Box::new(starttls_discarded_bytes.clone()))
             .expect("unique metric");
-        Arc::new(Metrics {
+        let m = Arc::new(Metrics {
             connections_accepted: counter(
                 &registry,
                 "postern_connections_accepted_total",
@@ -107,6 +118,34 @@ impl Metrics {
                 "postern_sessions_ended_total",
                 "Client connections ended, by why they ended.",
                 &["reason"],
+            ),
+            tls_handshakes: counter(
+                &registry,
+                "postern_tls_handshakes_total",
+                "TLS handshakes with clients that completed, per listener.",
+                &["listener"],
+            ),
+            auth_duration: histogram(
+                &registry,
+                "postern_auth_duration_seconds",
+                "Time the authentication source took to answer, per source and result.",
+                &["source", "result"],
+                vec![0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+            ),
+            connection_limit: {
+                let g = prometheus::IntGauge::new(
+                    "postern_connection_limit",
+                    "limits.max_connections: client connections open at once, at most.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            backend_draining: gauge(
+                &registry,
+                "postern_backend_draining",
+                "1 while a backend is draining (takes no new sessions).",
+                &["backend"],
             ),
             tls_handshake_failures: counter(
                 &registry,
@@ -221,7 +260,12 @@ impl Metrics {
             starttls_discarded_bytes,
             registry,
             ready: AtomicBool::new(false),
-        })
+        });
+        // Series that alerts compare against exist from the start, at 0.
+        for result in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[result]);
+        }
+        m
     }
 
     pub fn render(&self) -> Vec<u8> {

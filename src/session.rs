@@ -396,7 +396,14 @@ impl Session {
                 .inc();
         };
         match tokio::time::timeout(timeout, tls_conn::accept(tcp, Arc::clone(&self.rt.tls))).await {
-            Ok(Ok(tls)) => Ok(tls),
+            Ok(Ok(tls)) => {
+                self.rt
+                    .metrics
+                    .tls_handshakes
+                    .with_label_values(&[&self.listener.name])
+                    .inc();
+                Ok(tls)
+            }
             Ok(Err(e)) => {
                 let reason = handshake_failure_reason(&e);
                 failed(reason);
@@ -736,7 +743,20 @@ impl Session {
             }
         }
         let password = creds.password;
-        let identity = match rt.auth.authenticate(&user, password.clone()).await {
+        let asked = Instant::now();
+        let answer = rt.auth.authenticate(&user, password.clone()).await;
+        rt.metrics
+            .auth_duration
+            .with_label_values(&[
+                rt.auth.name(),
+                match &answer {
+                    Ok(_) => "success",
+                    Err(AuthError::Rejected) => "failure",
+                    Err(AuthError::Unavailable(_)) => "unavailable",
+                },
+            ])
+            .observe(asked.elapsed().as_secs_f64());
+        let identity = match answer {
             Ok(identity) => identity,
             Err(AuthError::Rejected) => {
                 self.count_auth(mechanism, "failure");

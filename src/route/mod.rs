@@ -72,6 +72,7 @@ pub struct Backend {
     /// Counts drains, so a drain's timer knows it is still the current one.
     drain_epoch: AtomicU32,
     up_gauge: IntGauge,
+    draining_gauge: IntGauge,
     sessions_gauge: IntGauge,
     to_up: IntCounter,
     to_down: IntCounter,
@@ -111,6 +112,7 @@ impl Backend {
             drained: AtomicBool::new(false),
             drain_epoch: AtomicU32::new(0),
             up_gauge: metrics.backend_up.with_label_values(&[name]),
+            draining_gauge: metrics.backend_draining.with_label_values(&[name]),
             sessions_gauge: metrics.backend_sessions.with_label_values(&[name]),
             to_up: metrics.backend_transitions.with_label_values(&[name, "up"]),
             to_down: metrics
@@ -118,6 +120,7 @@ impl Backend {
                 .with_label_values(&[name, "down"]),
         };
         b.up_gauge.set(1);
+        b.draining_gauge.set(server.drain as i64);
         b
     }
 
@@ -180,6 +183,7 @@ impl Backend {
     pub fn set_draining(self: &Arc<Self>, draining: bool, close_after: Option<Duration>) {
         let epoch = self.drain_epoch.fetch_add(1, Ordering::AcqRel) + 1;
         self.draining.store(draining, Ordering::Release);
+        self.draining_gauge.set(draining as i64);
         self.drained.store(false, Ordering::Release);
         tracing::info!(backend = %self.name, draining, ?close_after, "backend drain changed");
         let (true, Some(grace)) = (draining, close_after) else {

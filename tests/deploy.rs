@@ -1,0 +1,105 @@
+//! The monitoring files under deploy/: the alert rules pass `promtool
+//! check rules` and their unit tests (`promtool test rules`), and every
+//! metric the dashboard and the alerts query is one Postern exports.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn promtool(args: &[&str]) -> String {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(root().join("deploy/prometheus"))
+        .output()
+        .expect("promtool is missing: apt-get install prometheus (scripts/test does)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+/// Metric family names in a PromQL expression.
+fn families(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("postern_") || w.starts_with("process_"))
+        .map(|w| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_their_unit_tests() {
+    assert!(promtool(&["check", "rules", "postern-alerts.yaml"]).contains("SUCCESS"));
+    assert!(promtool(&["test", "rules", "postern-alerts.test.yaml"]).contains("SUCCESS"));
+}
+
+#[test]
+fn dashboard_and_alerts_query_only_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("deploy/grafana/postern-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queried.extend(families(target["expr"].as_str().unwrap()));
+        }
+    }
+    let rules: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("deploy/prometheus/postern-alerts.yaml")).unwrap(),
+    )
+    .unwrap();
+    for group in rules["groups"].as_sequence().unwrap() {
+        for rule in group["rules"].as_sequence().unwrap() {
+            queried.extend(families(rule["expr"].as_str().unwrap()));
+        }
+    }
+    assert!(queried.len() > 10, "{queried:?}");
+
+    // Traffic of every kind the queries look at: a failed and a good
+    // login, relayed commands, a failed TLS handshake, ended sessions.
+    let (_b, p) = common::postern::alice_behind("deploy", "", "");
+    let (mut c, _) = common::client::Client::imaps(p.imaps);
+    assert!(c
+        .login("alice", "wrong")
+        .last()
+        .unwrap()
+        .starts_with("L1 NO"));
+    let ok = c.login("alice", common::postern::PASSWORD);
+    assert!(ok.last().unwrap().starts_with("L1 OK"));
+    c.command("s", "SELECT INBOX");
+    c.command("Z", "LOGOUT");
+    drop(c);
+    let mut raw = common::client::tcp(p.imaps);
+    std::io::Write::write_all(&mut raw, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    drop(raw);
+    common::wait_until(
+        "both sessions have ended",
+        std::time::Duration::from_secs(5),
+        || {
+            p.metrics_text()
+                .contains("postern_tls_handshake_failures_total")
+                && p.metrics_text().contains("postern_sessions_ended_total")
+        },
+    );
+    let exported: BTreeSet<String> = p
+        .metrics_text()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_owned)
+        .collect();
+    let missing: Vec<&String> = queried.difference(&exported).collect();
+    assert!(missing.is_empty(), "queried but not exported: {missing:?}");
+}
