@@ -783,6 +783,8 @@ impl Config {
             Some("admin.bind")
         } else if self.limits.max_connections != new.limits.max_connections {
             Some("limits.max_connections")
+        } else if self.log.format != new.log.format {
+            Some("log.format")
         } else {
             None
         }

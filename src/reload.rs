@@ -10,8 +10,9 @@
 //! the new one. Backends that did not change keep their health and counts;
 //! health checks and discovery restart with the new settings.
 //!
-//! Listeners, `workers` and `metrics.bind` are sockets and threads made at
-//! start: a reload that changes them is refused with that reason.
+//! Listeners, `workers`, `metrics.bind`, `admin.bind`,
+//! `limits.max_connections` and `log.format` are fixed at start: a reload
+//! that changes them is refused with that reason. `log.level` follows.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,6 +136,11 @@ impl Reloader {
         match built {
             Ok(runtime) => {
                 let version = runtime.config.version.clone();
+                if runtime.config.log.level != old.config.log.level {
+                    if let Err(e) = crate::logging::set_level(&runtime.config.log.level) {
+                        tracing::warn!(error = %e, "log level not changed");
+                    }
+                }
                 let runtime = Arc::new(runtime);
                 self.live.store(Arc::clone(&runtime));
                 runtime.pool.retire_replaced(&old.pool);

@@ -164,8 +164,32 @@ fn sighup_reloads_and_restart_only_keys_are_refused() {
     common::wait_until("SIGHUP reloads", DETECT, || reloads(&p, "success") == 1.0);
     assert!(login_ok(p.imaps, "bob"));
 
+    // The log level follows the configuration.
     let config_path = p.dir.join("postern.yaml");
     let text = std::fs::read_to_string(&config_path).unwrap();
+    assert!(text.contains("level: debug"));
+    replace(
+        &config_path,
+        text.replace("level: debug", "level: warn").as_bytes(),
+    );
+    p.signal("HUP");
+    common::wait_until("the level change is reloaded", DETECT, || {
+        reloads(&p, "success") == 2.0
+    });
+    let ended = || {
+        p.metric("postern_sessions_ended_total{reason=\"backend_closed\"}")
+            + p.metric("postern_sessions_ended_total{reason=\"client_closed\"}")
+    };
+    let (before, lines) = (ended(), p.log().matches("session ended").count());
+    assert!(login_ok(p.imaps, "alice"));
+    common::wait_until("the session has ended", DETECT, || ended() > before);
+    assert_eq!(
+        p.log().matches("session ended").count(),
+        lines,
+        "INFO lines are off"
+    );
+    replace(&config_path, text.as_bytes());
+
     let moved = text.replace(
         &format!("127.0.0.1:{}", p.imaps),
         &format!("127.0.0.1:{}", common::free_port()),
