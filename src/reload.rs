@@ -146,20 +146,22 @@ impl Reloader {
                 runtime.pool.retire_replaced(&old.pool);
                 self.start_probes().await;
                 self.stamps = self.current_stamps();
+                tracing::info!(why, version, "configuration reloaded");
                 self.metrics
                     .config_reloads
                     .with_label_values(&["success"])
                     .inc();
                 self.published(&version);
-                tracing::info!(why, version, "configuration reloaded");
                 Ok(version)
             }
             Err(e) => {
+                // Logged before it is counted: whoever sees the count finds
+                // the reason in the log.
+                tracing::error!(why, error = %e, "configuration reload refused; the previous configuration stays");
                 self.metrics
                     .config_reloads
                     .with_label_values(&["failure"])
                     .inc();
-                tracing::error!(why, error = %e, "configuration reload refused; the previous configuration stays");
                 Err(e)
             }
         }

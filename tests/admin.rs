@@ -109,7 +109,7 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
             .unwrap()
             .is_empty()
     });
-    assert!(p.log().contains("reason=\"kicked\""));
+    p.wait_for_log("reason=\"kicked\"");
 
     // Drain: the user whose first choice is adm-a goes to adm-b until undrained.
     let (status, body) = call(port, "POST", "/v1/backends/adm-a/drain", Some(TOKEN));
