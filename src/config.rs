@@ -773,9 +773,7 @@ impl Config {
     /// What a reload cannot change in a running process: the sockets and
     /// threads made at start.
     pub fn restart_only_changes(&self, new: &Config) -> Option<&'static str> {
-        if self.listeners != new.listeners {
-            Some("listeners")
-        } else if self.metrics.bind != new.metrics.bind {
+        if self.metrics.bind != new.metrics.bind {
             Some("metrics.bind")
         } else if self.workers != new.workers {
             Some("workers")

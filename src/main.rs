@@ -102,19 +102,18 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     metrics.connection_limit.set(max_connections as i64);
     let shutdown = Arc::new(Shutdown::default());
     let registry = Arc::new(postern::registry::Registry::default());
+    let mut commands = Vec::with_capacity(workers);
     for index in 0..workers {
         let shared = listeners
             .iter()
-            .map(|l| {
-                Ok(postern::server::BoundListener {
-                    socket: l.socket.try_clone()?,
-                    info: Arc::clone(&l.info),
-                })
-            })
+            .map(|l| l.share())
             .collect::<std::io::Result<Vec<_>>>()?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        commands.push(tx);
         postern::server::run_worker(
             index,
             shared,
+            rx,
             Arc::clone(&live),
             Arc::clone(&slots),
             Arc::clone(&shutdown),
@@ -122,7 +121,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         )
         .context("cannot start a worker thread")?;
     }
-    drop(listeners);
+    let listeners = postern::server::Listeners::new(listeners, commands);
 
     // The main thread serves metrics and waits for a signal.
     let control = tokio::runtime::Builder::new_current_thread()
@@ -135,7 +134,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         // Discovered backends join before the process reports ready.
         let mut reloader =
-            postern::reload::Reloader::start(path.clone(), Arc::clone(&live), Arc::clone(&metrics))
+            postern::reload::Reloader::start(path.clone(), Arc::clone(&live), Arc::clone(&metrics), listeners)
                 .await;
         postern::metrics::serve(metrics_bind, Arc::clone(&metrics))
             .await

@@ -10,9 +10,12 @@
 //! the new one. Backends that did not change keep their health and counts;
 //! health checks and discovery restart with the new settings.
 //!
-//! Listeners, `workers`, `metrics.bind`, `admin.bind`,
-//! `limits.max_connections` and `log.format` are fixed at start: a reload
-//! that changes them is refused with that reason. `log.level` follows.
+//! Listeners are matched by name: new ones are bound (a reload whose new
+//! address cannot be bound is refused), changed options apply to the next
+//! connection, removed or moved ones stop accepting while their sessions
+//! go on. `workers`, `metrics.bind`, `admin.bind`, `limits.max_connections`
+//! and `log.format` are fixed at start: a reload that changes them is
+//! refused with that reason. `log.level` follows.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +26,7 @@ use crate::config::Config;
 use crate::live::{Live, Runtime};
 use crate::metrics::Metrics;
 use crate::route::{discovery, health};
+use crate::server::Listeners;
 use crate::tls::SelfSignedMode;
 
 /// What identifies a file's content without reading it.
@@ -35,6 +39,7 @@ pub struct Reloader {
     /// Stops the health checks and discovery of the live pool.
     probes: Arc<AtomicBool>,
     stamps: Vec<(PathBuf, Stamp)>,
+    listeners: Listeners,
 }
 
 fn stamp(path: &Path) -> Stamp {
@@ -46,13 +51,19 @@ fn stamp(path: &Path) -> Stamp {
 impl Reloader {
     /// Starts the live pool's health checks and discovery (the first
     /// discovery round is awaited) and notes the files to watch.
-    pub async fn start(path: PathBuf, live: Live, metrics: Arc<Metrics>) -> Reloader {
+    pub async fn start(
+        path: PathBuf,
+        live: Live,
+        metrics: Arc<Metrics>,
+        listeners: Listeners,
+    ) -> Reloader {
         let mut r = Reloader {
             path,
             live,
             metrics,
             probes: Arc::new(AtomicBool::new(false)),
             stamps: Vec::new(),
+            listeners,
         };
         r.start_probes().await;
         r.stamps = r.current_stamps();
@@ -131,6 +142,12 @@ impl Reloader {
                     SelfSignedMode::Persist,
                     Some(&old),
                 ),
+            })
+            // Last, as it cannot be taken back: new addresses are bound (or
+            // the reload is refused), moved and removed listeners close.
+            .and_then(|runtime| {
+                self.listeners.apply(&runtime.config.listeners)?;
+                Ok(runtime)
             });
         self.stamps = self.current_stamps();
         match built {

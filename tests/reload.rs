@@ -190,20 +190,64 @@ fn sighup_reloads_and_restart_only_keys_are_refused() {
     );
     replace(&config_path, text.as_bytes());
 
-    let moved = text.replace(
-        &format!("127.0.0.1:{}", p.imaps),
-        &format!("127.0.0.1:{}", common::free_port()),
+    // A start-only key is refused, and the old configuration serves on.
+    replace(
+        &config_path,
+        text.replace(
+            "log:\n  level: debug",
+            "log:\n  level: debug\n  format: json",
+        )
+        .as_bytes(),
     );
-    replace(&config_path, moved.as_bytes());
     p.signal("HUP");
-    common::wait_until("the listener change is refused", DETECT, || {
+    common::wait_until("the log format change is refused", DETECT, || {
         reloads(&p, "failure") == 1.0
     });
     assert!(p
         .log()
-        .contains("key `listeners` changed; it takes effect only with a restart"));
-    assert!(
-        login_ok(p.imaps, "alice"),
-        "still serving on the old listener"
+        .contains("key `log.format` changed; it takes effect only with a restart"));
+    assert!(login_ok(p.imaps, "alice"));
+}
+
+#[test]
+fn listeners_are_added_moved_and_removed_by_a_reload() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("listeners", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra: "reload:\n  watch: false\n",
+        ..Setup::default()
+    });
+    let mut held = Client::imaps(p.imaps).0;
+    assert!(held
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    held.select_and_idle();
+
+    // The IMAPS listener moves to a new port; the STARTTLS one goes away;
+    // a second IMAPS listener appears.
+    let (moved, added) = (common::free_port(), common::free_port());
+    let config_path = p.dir.join("postern.yaml");
+    let text = std::fs::read_to_string(&config_path).unwrap();
+    let listeners: String = format!(
+        "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{moved}\", tls: implicit }}\n  - {{ name: extra, bind: \"127.0.0.1:{added}\", tls: implicit }}\n"
     );
+    let rest = &text[text.find("\ntls:").expect("a tls block") + 1..];
+    replace(&config_path, (listeners + rest).as_bytes());
+    p.signal("HUP");
+    common::wait_until("the listeners are reloaded", DETECT, || {
+        reloads(&p, "success") == 1.0
+    });
+    assert!(login_ok(moved, "alice"), "the moved listener serves");
+    assert!(login_ok(added, "alice"), "the added listener serves");
+    common::wait_until("the old ports are closed", DETECT, || {
+        std::net::TcpStream::connect(("127.0.0.1", p.imaps)).is_err()
+            && std::net::TcpStream::connect(("127.0.0.1", p.imap)).is_err()
+    });
+    // The session that came in through the old listener goes on.
+    held.send(b"DONE\r\n");
+    assert!(held.until_tagged("i").last().unwrap().starts_with("i OK"));
 }
