@@ -156,8 +156,8 @@ impl Metrics {
             authentications: counter(
                 &registry,
                 "postern_authentications_total",
-                "Client authentication attempts, by mechanism and result.",
-                &["mechanism", "result"],
+                "Client authentication attempts, by mechanism, authentication source and result.",
+                &["mechanism", "source", "result"],
             ),
             backend_logins: counter(
                 &registry,

@@ -702,7 +702,7 @@ impl Session {
         self.rt
             .metrics
             .authentications
-            .with_label_values(&[mechanism, result])
+            .with_label_values(&[mechanism, self.rt.auth.name(), result])
             .inc();
     }
 

@@ -100,7 +100,7 @@ fn authenticate_plain_with_sasl_ir() {
     );
     assert_logged_in(&lines, "a");
     assert!(
-        p.metric("postern_authentications_total{mechanism=\"PLAIN\",result=\"success\"}") >= 1.0
+        p.metric("postern_authentications_total{mechanism=\"PLAIN\",result=\"success\",source=\"static\"}") >= 1.0
     );
 }
 

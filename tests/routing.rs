@@ -62,7 +62,7 @@ fn wrong_password_never_reaches_backend() {
     );
     assert!(!b.saw_user("nobody"), "{log}");
     assert!(
-        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\"}") == 2.0
+        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\",source=\"static\"}") == 2.0
     );
     assert!(
         !p.log().contains("not-the-password"),
