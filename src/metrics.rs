@@ -29,6 +29,8 @@ pub struct Metrics {
     pub tls_handshake_failures: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub auth_duration: HistogramVec,
+    pub auth_penalties: IntCounter,
+    pub auth_blocks: IntCounterVec,
     pub backend_draining: IntGaugeVec,
     pub connection_limit: prometheus::IntGauge,
     pub authentications: IntCounterVec,
@@ -141,6 +143,21 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
+            auth_penalties: {
+                let c = IntCounter::new(
+                    "postern_auth_penalties_total",
+                    "Failed logins answered only after auth.failure_delay.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            auth_blocks: counter(
+                &registry,
+                "postern_auth_blocks_total",
+                "Connections closed after limits.max_auth_failures failed logins, per listener.",
+                &["listener"],
+            ),
             backend_draining: gauge(
                 &registry,
                 "postern_backend_draining",

@@ -897,10 +897,15 @@ impl Session {
         received: Instant,
         response: &str,
     ) -> Step<Option<LoggedIn>> {
+        let m = &self.rt.metrics;
+        m.auth_penalties.inc();
         tokio::time::sleep_until(received + self.rt.config.auth.failure_delay).await;
         self.auth_failures += 1;
         let mut out = format!("{tag} {}\r\n", printable(response, 200));
         if self.auth_failures >= self.rt.config.limits.max_auth_failures {
+            m.auth_blocks
+                .with_label_values(&[&self.listener.name])
+                .inc();
             out.push_str("* BYE Too many failed logins\r\n");
             let _ = send(stream, out.as_bytes()).await;
             return Err("too_many_auth_failures");

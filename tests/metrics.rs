@@ -75,6 +75,7 @@ fn metrics_pass_promtool_and_cover_the_operators_needs() {
         "postern_tls_handshakes_total",
         "postern_authentications_total",
         "postern_auth_duration_seconds_bucket",
+        "postern_auth_penalties_total",
         "postern_backend_logins_total",
         "postern_backend_up",
         "postern_backend_draining",

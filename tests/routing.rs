@@ -86,6 +86,11 @@ fn too_many_failed_logins_end_with_bye() {
     assert!(c.line().starts_with("L2 NO [AUTHENTICATIONFAILED]"));
     assert_eq!(c.line(), "* BYE Too many failed logins");
     assert!(c.closed());
+    assert_eq!(p.metric("postern_auth_penalties_total"), 2.0);
+    assert_eq!(
+        p.metric("postern_auth_blocks_total{listener=\"imaps\"}"),
+        1.0
+    );
 }
 
 #[test]
