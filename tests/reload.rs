@@ -251,3 +251,46 @@ fn listeners_are_added_moved_and_removed_by_a_reload() {
     held.send(b"DONE\r\n");
     assert!(held.until_tagged("i").last().unwrap().starts_with("i OK"));
 }
+
+#[test]
+fn a_configmap_style_symlink_swap_is_seen() {
+    use std::os::unix::fs::symlink;
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("symlink", &[("alice", PASSWORD), ("bob", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra: "reload:\n  interval: 200ms\n",
+        ..Setup::default()
+    });
+    // The kubelet's layout: users.yaml -> ..data/users.yaml, ..data -> a
+    // timestamped directory, swapped whole on update.
+    let dir = &p.dir;
+    std::fs::create_dir(dir.join("..2026_11_23_a")).unwrap();
+    std::fs::write(
+        dir.join("..2026_11_23_a/users.yaml"),
+        format!("users:\n{}", user("alice")),
+    )
+    .unwrap();
+    symlink("..2026_11_23_a", dir.join("..data")).unwrap();
+    symlink("..data/users.yaml", dir.join("users.yaml.link")).unwrap();
+    std::fs::rename(dir.join("users.yaml.link"), dir.join("users.yaml")).unwrap();
+    common::wait_until("the first swap is reloaded", DETECT, || {
+        reloads(&p, "success") >= 1.0
+    });
+    let before = reloads(&p, "success");
+    assert!(!login_ok(p.imaps, "bob"));
+
+    std::fs::create_dir(dir.join("..2026_11_23_b")).unwrap();
+    std::fs::write(
+        dir.join("..2026_11_23_b/users.yaml"),
+        format!("users:\n{}{}", user("alice"), user("bob")),
+    )
+    .unwrap();
+    symlink("..2026_11_23_b", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    common::wait_until("the swapped directory is reloaded", DETECT, || {
+        reloads(&p, "success") > before
+    });
+    assert!(login_ok(p.imaps, "bob"));
+}
