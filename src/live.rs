@@ -47,7 +47,13 @@ impl Runtime {
                     &config.resolve(&s.users_file),
                     s.format,
                     &config.auth,
-                    &|name| backends.all_servers().any(|b| b.name == name),
+                    // Discovered entries stand for their members, which
+                    // are named by address: nobody can be pinned to them.
+                    &|name| {
+                        backends
+                            .all_servers()
+                            .any(|b| b.name == name && !b.discover)
+                    },
                     &|name| backends.pools.iter().any(|p| p.name == name),
                 )?;
                 Box::new(users)

@@ -177,6 +177,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         // listeners close; sessions get the drain period, then a BYE.
         metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
         shutdown.stop_accepting();
+        reloader.close_listeners();
         let drain = live.load().config.limits.shutdown_drain;
         let open = max_connections - slots.available_permits();
         tracing::info!(sessions = open, drain = ?drain, "shutting down: listeners closed, draining sessions");

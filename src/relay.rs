@@ -322,8 +322,12 @@ where
         if up.done() && down.done() {
             return Poll::Ready(closed.unwrap_or(RelayEnd::ClientClosed));
         }
-        if closed.is_some() {
-            limit = limit.min(LINGER);
+        if closed.is_some() && limit > LINGER {
+            // The other side has LINGER from now: re-arm the timer, which
+            // would otherwise wait for the idle deadline first.
+            limit = LINGER;
+            last_activity = Instant::now();
+            timer.as_mut().reset(last_activity + limit);
         }
         if active {
             last_activity = Instant::now();
@@ -440,6 +444,29 @@ mod tests {
         let mut bye = [0u8; 21];
         client_far.read_exact(&mut bye).await.unwrap();
         assert_eq!(&bye, b"* BYE [UNAVAILABLE]\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_one_side_closes_the_other_has_linger_not_the_idle_limit() {
+        let (mut client_far, client_near) = tokio::io::duplex(64);
+        let (_backend_far, backend_near) = tokio::io::duplex(64);
+        let c = counters();
+        client_far.shutdown().await.unwrap();
+        let started = Instant::now();
+        let outcome = relay(
+            client_near,
+            backend_near,
+            Duration::from_secs(1800),
+            &c,
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(outcome.end, RelayEnd::ClientClosed);
+        let took = started.elapsed();
+        assert!(
+            took >= LINGER && took < LINGER + Duration::from_secs(1),
+            "{took:?}"
+        );
     }
 
     #[test]

@@ -89,6 +89,12 @@ impl Reloader {
         changed
     }
 
+    /// Closes every listening socket at once (shutdown): connections are
+    /// refused rather than left waiting in a backlog nobody accepts from.
+    pub fn close_listeners(&mut self) {
+        self.listeners.close_all();
+    }
+
     async fn start_probes(&mut self) {
         let rt = self.live.load_full();
         self.probes.store(true, Ordering::Release);
@@ -130,6 +136,9 @@ impl Reloader {
     /// The new version, or why it was refused.
     pub async fn reload(&mut self, why: &str) -> Result<String, String> {
         let old = self.live.load_full();
+        // Noted before reading: a file changed while this reload runs is
+        // seen as changed at the next look.
+        self.stamps = self.current_stamps();
         let built = Config::load(&self.path)
             .map_err(|e| e.to_string())
             .and_then(|config| match old.config.restart_only_changes(&config) {
@@ -149,7 +158,6 @@ impl Reloader {
                 self.listeners.apply(&runtime.config.listeners)?;
                 Ok(runtime)
             });
-        self.stamps = self.current_stamps();
         match built {
             Ok(runtime) => {
                 let version = runtime.config.version.clone();
@@ -162,7 +170,6 @@ impl Reloader {
                 self.live.store(Arc::clone(&runtime));
                 runtime.pool.retire_replaced(&old.pool);
                 self.start_probes().await;
-                self.stamps = self.current_stamps();
                 tracing::info!(why, version, "configuration reloaded");
                 self.metrics
                     .config_reloads

@@ -91,6 +91,13 @@ impl Listeners {
         Listeners { bound, workers }
     }
 
+    /// Closes every listener (their sessions go on).
+    pub fn close_all(&mut self) {
+        for b in self.bound.drain(..) {
+            b.closed.set();
+        }
+    }
+
     /// Brings the listeners in line with `wanted`, matched by name. New
     /// addresses are bound first: if one cannot be, nothing changes and the
     /// error says why. Then the workers take the new sockets, listeners

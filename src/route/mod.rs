@@ -660,7 +660,7 @@ impl Pool {
             }
             return Ok(route(backend, RouteReason::Directory));
         }
-        if let Some(backend) = self.sticky_backend(&identity.user) {
+        if let Some(backend) = self.sticky_backend(group, &identity.user) {
             if backend.available() && !excluded(&backend) {
                 return Ok(route(backend, RouteReason::Sticky));
             }
@@ -695,12 +695,14 @@ impl Pool {
         &self.sticky.shards[h.finish() as usize % STICKY_SHARDS]
     }
 
-    /// The backend holding most of the user's live sessions, if any.
-    fn sticky_backend(&self, user: &str) -> Option<Arc<Backend>> {
+    /// The backend of `group` holding most of the user's live sessions, if
+    /// any (a user moved to another pool is not held in the old one).
+    fn sticky_backend(&self, group: &Group, user: &str) -> Option<Arc<Backend>> {
+        let members = group.members.load();
         let shard = self.shard(user).lock().unwrap_or_else(|e| e.into_inner());
         let held = shard.get(user)?;
         held.iter()
-            .filter(|(b, _)| b.available())
+            .filter(|(b, _)| b.available() && members.iter().any(|m| Arc::ptr_eq(m, b)))
             .max_by_key(|(_, n)| *n)
             .map(|(b, _)| Arc::clone(b))
     }
@@ -1036,7 +1038,10 @@ mod tests {
         );
         assert!(backend(&old, "c").is_retired());
         // Stickiness survives the reload: the lease's session is seen.
-        assert!(new.sticky_backend("alice").is_none(), "b is draining");
+        assert!(
+            new.sticky_backend(&new.groups[0], "alice").is_none(),
+            "b is draining"
+        );
         drop(lease);
         assert_eq!(b.active_sessions(), 0);
     }
