@@ -190,7 +190,8 @@ pub async fn connect_and_login(
 /// else is sent; bytes it sent after its OK arrived in plaintext and are
 /// dropped unread, and the capabilities are asked for again over TLS.
 async fn start(backend: &Backend, tcp: TcpStream) -> Result<(Conn, Capabilities), BackendError> {
-    let Some(tls) = &backend.tls else {
+    let tls = backend.tls.load_full();
+    let Some(tls) = tls.as_deref() else {
         let mut conn = Conn::new(BackendStream::Plain(tcp));
         let caps = greet(&mut conn).await?;
         return Ok((conn, caps));

@@ -96,6 +96,10 @@ impl Runtime {
             &|p| config.resolve(p),
             previous.map(|r| r.pool.as_ref()),
         )?);
+        // A reload commits the pool itself, once everything else is good.
+        if previous.is_none() {
+            pool.commit();
+        }
         Ok(Runtime {
             config,
             tls,

@@ -65,7 +65,8 @@ impl Reloader {
             stamps: Vec::new(),
             listeners,
         };
-        r.start_probes().await;
+        let rt = r.live.load_full();
+        r.start_probes(&rt).await;
         r.stamps = r.current_stamps();
         r.published(&r.live.load().config.version.clone());
         r
@@ -95,8 +96,9 @@ impl Reloader {
         self.listeners.close_all();
     }
 
-    async fn start_probes(&mut self) {
-        let rt = self.live.load_full();
+    /// Starts the health checks and discovery of `rt`'s pool (awaiting the
+    /// first discovery round), and stops those of the previous one.
+    async fn start_probes(&mut self, rt: &Arc<Runtime>) {
         self.probes.store(true, Ordering::Release);
         self.probes = Arc::new(AtomicBool::new(false));
         let checks = &rt.config.backends.health_check;
@@ -167,9 +169,11 @@ impl Reloader {
                     }
                 }
                 let runtime = Arc::new(runtime);
+                runtime.pool.commit();
+                // Discovered members are found before the pool goes live.
+                self.start_probes(&runtime).await;
                 self.live.store(Arc::clone(&runtime));
                 runtime.pool.retire_replaced(&old.pool);
-                self.start_probes().await;
                 tracing::info!(why, version, "configuration reloaded");
                 self.metrics
                     .config_reloads

@@ -54,8 +54,9 @@ pub struct Backend {
     pub weight: u32,
     /// Send a PROXY protocol v2 header first.
     pub proxy_protocol: bool,
-    /// TLS to the backend, when configured.
-    pub tls: Option<BackendTls>,
+    /// TLS to the backend, when configured; replaced by a reload (rotated
+    /// CA or client certificate files) without touching the rest.
+    pub tls: arc_swap::ArcSwapOption<BackendTls>,
     up: AtomicBool,
     draining: AtomicBool,
     /// Relayed sessions through this process.
@@ -92,13 +93,13 @@ impl Backend {
     fn new(
         server: &BackendServer,
         metrics: &Metrics,
-        tls: Option<BackendTls>,
+        tls: Option<Arc<BackendTls>>,
         name: &str,
         address: &str,
     ) -> Backend {
-        let b = Backend {
+        Backend {
             config: server.clone(),
-            tls,
+            tls: arc_swap::ArcSwapOption::new(tls),
             name: name.to_owned(),
             address: address.to_owned(),
             weight: server.weight,
@@ -118,10 +119,7 @@ impl Backend {
             to_down: metrics
                 .backend_transitions
                 .with_label_values(&[name, "down"]),
-        };
-        b.up_gauge.set(1);
-        b.draining_gauge.set(server.drain as i64);
-        b
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -151,7 +149,6 @@ impl Backend {
 
     fn retire(&self) {
         self.retired.store(true, Ordering::Release);
-        self.up_gauge.set(0);
     }
 
     pub fn active_sessions(&self) -> usize {
@@ -343,7 +340,7 @@ pub struct Discovered {
     server: BackendServer,
     pub host: String,
     pub port: u16,
-    tls: Option<BackendTls>,
+    tls: Option<Arc<BackendTls>>,
     members: Mutex<Vec<Arc<Backend>>>,
 }
 
@@ -356,6 +353,10 @@ struct Sticky {
     shards: Box<[StickyShard]>,
     keys: std::hash::RandomState,
 }
+
+/// A kept backend's drain flag and TLS settings as the new configuration
+/// has them, applied on commit.
+type KeptChange = (Arc<Backend>, bool, Option<Arc<BackendTls>>);
 
 /// The backends, their health, and who is where.
 pub struct Pool {
@@ -372,6 +373,9 @@ pub struct Pool {
     passive_fall: u32,
     routes: [IntCounter; 5],
     metrics: Arc<Metrics>,
+    /// Changes to backends kept from the previous pool (drain, TLS files),
+    /// applied by [`Pool::commit`] once the whole reload is good.
+    pending: Mutex<Vec<KeptChange>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -392,15 +396,12 @@ impl Pool {
         resolve: &dyn Fn(&Path) -> PathBuf,
         previous: Option<&Pool>,
     ) -> Result<Pool, String> {
-        let kept = |server: &BackendServer| -> Option<Arc<Backend>> {
-            let old = previous?
+        let mut pending = Vec::new();
+        let kept = |server: &BackendServer| {
+            previous?
                 .backends()
                 .into_iter()
-                .find(|b| b.name == server.name && b.same_entry(server))?;
-            if old.is_draining() != server.drain {
-                old.set_draining(server.drain, None);
-            }
-            Some(old)
+                .find(|b| b.name == server.name && b.same_entry(server))
         };
         let reason = |r: RouteReason| metrics.routes.with_label_values(&[r.as_str()]);
         let mut system_roots = None;
@@ -416,7 +417,7 @@ impl Pool {
         {
             let mut fixed = Vec::with_capacity(servers.len());
             for server in servers {
-                let tls = BackendTls::new(server, resolve, &mut system_roots)?;
+                let tls = BackendTls::new(server, resolve, &mut system_roots)?.map(Arc::new);
                 if server.discover {
                     let carried = previous
                         .and_then(|p| {
@@ -432,6 +433,9 @@ impl Pool {
                         })
                         .map(|d| d.members.lock().unwrap_or_else(|e| e.into_inner()).clone())
                         .unwrap_or_default();
+                    for member in &carried {
+                        pending.push((Arc::clone(member), server.drain, tls.clone()));
+                    }
                     let (host, port) = server
                         .address
                         .rsplit_once(':')
@@ -450,7 +454,10 @@ impl Pool {
                     continue;
                 }
                 let backend = match kept(server) {
-                    Some(old) => old,
+                    Some(old) => {
+                        pending.push((Arc::clone(&old), server.drain, tls.clone()));
+                        old
+                    }
                     None => Arc::new(Backend::new(
                         server,
                         metrics,
@@ -497,6 +504,7 @@ impl Pool {
                 reason(RouteReason::BoundedLoad),
             ],
             metrics: Arc::clone(metrics),
+            pending: Mutex::new(pending),
         };
         for group in 0..pool.groups.len() {
             pool.rebuild(group);
@@ -504,16 +512,45 @@ impl Pool {
         Ok(pool)
     }
 
+    /// Makes this pool's view the live one: applies the changes a reload
+    /// made to kept backends (drain, TLS) and sets every backend's gauges.
+    /// Call once the whole configuration is known to be good.
+    pub fn commit(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for (backend, drain, tls) in pending {
+            if backend.is_draining() != drain {
+                backend.set_draining(drain, None);
+            }
+            backend.tls.store(tls);
+        }
+        for b in self.backends() {
+            b.up_gauge.set(b.is_up() as i64);
+            b.draining_gauge.set(b.is_draining() as i64);
+        }
+    }
+
     /// After a reload: retires the backends of `previous` that this pool
-    /// did not keep. Their live sessions stay; their checks stop.
+    /// did not keep. Their live sessions stay; their checks stop. Series of
+    /// names gone from the configuration are removed from the metrics.
     pub fn retire_replaced(&self, previous: &Pool) {
         let now = self.backends();
         for old in previous.backends() {
             if !now.iter().any(|b| Arc::ptr_eq(b, &old)) {
                 tracing::info!(backend = %old.name, "backend left the configuration; retired");
                 old.retire();
+                if !now.iter().any(|b| b.name == old.name) {
+                    self.forget(&old.name);
+                }
             }
         }
+    }
+
+    /// Removes a backend name's gauge series (counters keep their history).
+    fn forget(&self, name: &str) {
+        let m = &self.metrics;
+        let _ = m.backend_up.remove_label_values(&[name]);
+        let _ = m.backend_draining.remove_label_values(&[name]);
+        let _ = m.backend_sessions.remove_label_values(&[name]);
     }
 
     /// Every backend of every pool now.
@@ -551,6 +588,8 @@ impl Pool {
                         &address,
                     ));
                     tracing::info!(backend = %name, address = %address, "backend discovered");
+                    backend.up_gauge.set(1);
+                    backend.draining_gauge.set(backend.is_draining() as i64);
                     added.push(Arc::clone(&backend));
                     next.push(backend);
                 }
@@ -827,7 +866,9 @@ mod tests {
         }
         yaml.push_str(extra);
         let config: Backends = serde_yaml::from_str(&yaml).unwrap();
-        Arc::new(Pool::new(&config, &Metrics::new(), &|p| p.to_owned(), None).unwrap())
+        let pool = Pool::new(&config, &Metrics::new(), &|p| p.to_owned(), None).unwrap();
+        pool.commit();
+        Arc::new(pool)
     }
 
     fn pool(names: &[&str]) -> Arc<Pool> {
@@ -1010,7 +1051,9 @@ mod tests {
         let metrics = Metrics::new();
         let build = |yaml: &str, previous: Option<&Pool>| {
             let config: Backends = serde_yaml::from_str(yaml).unwrap();
-            Arc::new(Pool::new(&config, &metrics, &|p| p.to_owned(), previous).unwrap())
+            let pool = Pool::new(&config, &metrics, &|p| p.to_owned(), previous).unwrap();
+            pool.commit();
+            Arc::new(pool)
         };
         let old = build(
             "pool:\n  - { name: a, address: \"127.0.0.1:1\" }\n  - { name: b, address: \"127.0.0.1:2\" }\n  - { name: c, address: \"127.0.0.1:3\" }\n",
@@ -1044,6 +1087,56 @@ mod tests {
         );
         drop(lease);
         assert_eq!(b.active_sessions(), 0);
+    }
+
+    #[test]
+    fn a_reload_changes_nothing_until_committed_and_keeps_gauges_true() {
+        let metrics = Metrics::new();
+        let config = |yaml: &str| serde_yaml::from_str::<Backends>(yaml).unwrap();
+        let old = Pool::new(
+            &config("pool:\n  - { name: a, address: \"127.0.0.1:1\" }\n  - { name: b, address: \"127.0.0.1:2\" }\n  - { name: c, address: \"127.0.0.1:3\" }\n"),
+            &metrics,
+            &|p| p.to_owned(),
+            None,
+        )
+        .unwrap();
+        old.commit();
+        // a drains, b moves to another address, c leaves.
+        let new = Pool::new(
+            &config("pool:\n  - { name: a, address: \"127.0.0.1:1\", drain: true }\n  - { name: b, address: \"127.0.0.1:9\" }\n"),
+            &metrics,
+            &|p| p.to_owned(),
+            Some(&old),
+        )
+        .unwrap();
+        let a = backend(&old, "a");
+        assert!(
+            !a.is_draining(),
+            "a reload refused after this point changed nothing"
+        );
+        new.commit();
+        new.retire_replaced(&old);
+        assert!(a.is_draining());
+        let up = |name: &str| {
+            metrics
+                .registry
+                .gather()
+                .iter()
+                .filter(|f| f.name() == "postern_backend_up")
+                .flat_map(|f| f.get_metric().to_vec())
+                .find(|m| m.get_label().iter().any(|l| l.value() == name))
+                .map(|m| m.get_gauge().get_value())
+        };
+        assert_eq!(
+            up("b"),
+            Some(1.0),
+            "the moved b is up, not zeroed by the old b's retirement"
+        );
+        assert_eq!(
+            up("c"),
+            None,
+            "a name gone from the configuration leaves the metrics"
+        );
     }
 
     #[test]
