@@ -1,13 +1,16 @@
 //! Connecting and logging in to a backend IMAP server for a user.
 //!
 //! Sequence: TCP connect (bounded by `connect_timeout`), then within
-//! `login_timeout`: read the greeting (refusing `PREAUTH` and `BYE`), ask for
+//! `login_timeout`: a PROXY protocol v2 header if the backend wants one,
+//! TLS (implicit, or STARTTLS that must be offered and accepted before
+//! anything else is sent), read the greeting (refusing `PREAUTH` and `BYE`), ask for
 //! CAPABILITY if the greeting carried none, send `ID` with the client's
 //! address pipelined with the login (`AUTHENTICATE PLAIN` with SASL-IR when
 //! offered, else `AUTHENTICATE PLAIN` with a continuation, else `LOGIN` with
 //! quoting or literals), and capture the post-login capabilities. Everything
 //! the backend says before its tagged OK stays here; bytes after it are
-//! handed to the relay so nothing is lost.
+//! handed to the relay so nothing is lost. Health checks ([`probe`]) take
+//! the same path up to an optional probe login, then LOGOUT.
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -10,15 +10,19 @@
 //! - [`session`]: one client, from greeting through pre-auth to the relay.
 //! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL.
 //! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password hashes.
-//! - [`route`]: backend selection (directory hint, rendezvous hashing).
-//! - [`backend`]: connect and log in to the chosen backend for the user.
+//! - [`route`]: pools and backend selection (directory, stickiness,
+//!   weighted rendezvous hashing, failover, bounded load), health checks
+//!   and DNS discovery.
+//! - [`backend`]: connect (TLS or STARTTLS, PROXY header) and log in to the
+//!   chosen backend for the user.
 //! - [`relay`]: the opaque byte pump after login, with [`buffer`]'s
 //!   borrowed buffers.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
-//! behind arc-swap), [`reload`] (SIGHUP and file changes), [`admin`] (the
-//! admin API, with the [`registry`] of live sessions), [`metrics`] (Prometheus families and the HTTP endpoint),
-//! [`logging`], [`shutdown`].
+//! behind arc-swap), [`reload`] (SIGHUP, file changes, listeners),
+//! [`admin`] (the admin API, with the [`registry`] of live sessions),
+//! [`metrics`] (Prometheus families and the HTTP endpoint), [`logging`],
+//! [`shutdown`] and [`latch`].
 
 pub mod admin;
 pub mod auth;
