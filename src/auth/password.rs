@@ -114,7 +114,7 @@ impl PasswordHash {
 /// the blocking pool: an argon2 check can take tens of MiB.
 const CHECKS_PER_CORE: usize = 2;
 
-/// Verifies on the blocking pool, at most [`CHECKS_PER_CORE`] per core at once.
+/// Verifies on the blocking pool, at most `CHECKS_PER_CORE` per core at once.
 pub async fn verify_off_thread(
     hash: std::sync::Arc<PasswordHash>,
     password: Secret,

@@ -9,7 +9,7 @@
 //! fresh passes as well.
 //!
 //! This module decides nothing about routing: it only writes the state the
-//! [`Pool`](super::Pool) reads.
+//! [`Pool`] reads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
