@@ -18,11 +18,11 @@
 //! refused with that reason. `log.level` follows.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::Config;
+use crate::latch::Latch;
 use crate::live::{Live, Runtime};
 use crate::metrics::Metrics;
 use crate::route::{discovery, health};
@@ -37,7 +37,7 @@ pub struct Reloader {
     live: Live,
     metrics: Arc<Metrics>,
     /// Stops the health checks and discovery of the live pool.
-    probes: Arc<AtomicBool>,
+    probes: Arc<Latch>,
     stamps: Vec<(PathBuf, Stamp)>,
     listeners: Listeners,
 }
@@ -61,7 +61,7 @@ impl Reloader {
             path,
             live,
             metrics,
-            probes: Arc::new(AtomicBool::new(false)),
+            probes: Arc::new(Latch::default()),
             stamps: Vec::new(),
             listeners,
         };
@@ -99,8 +99,8 @@ impl Reloader {
     /// Starts the health checks and discovery of `rt`'s pool (awaiting the
     /// first discovery round), and stops those of the previous one.
     async fn start_probes(&mut self, rt: &Arc<Runtime>) {
-        self.probes.store(true, Ordering::Release);
-        self.probes = Arc::new(AtomicBool::new(false));
+        self.probes.set();
+        self.probes = Arc::new(Latch::default());
         let checks = &rt.config.backends.health_check;
         health::spawn(
             &rt.pool,

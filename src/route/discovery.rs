@@ -10,7 +10,6 @@
 //! every other program on the host), or a configured name server.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hickory_resolver::config::{LookupIpStrategy, NameServerConfigGroup, ResolverConfig};
@@ -20,6 +19,7 @@ use hickory_resolver::TokioResolver;
 use super::health::{self, ProbeAccount};
 use super::Pool;
 use crate::config::{Discovery, HealthCheck};
+use crate::latch::Latch;
 use crate::metrics::Metrics;
 
 enum Resolver {
@@ -73,7 +73,7 @@ pub struct Checks {
     pub probe: Option<ProbeAccount>,
     pub metrics: Arc<Metrics>,
     /// Set when a reload replaces this pool: lookups and checks stop.
-    pub stop: Arc<AtomicBool>,
+    pub stop: Arc<Latch>,
 }
 
 /// Resolves every discovered entry once, then keeps doing so every
@@ -88,9 +88,9 @@ pub async fn start(pool: Arc<Pool>, config: &Discovery, checks: Checks) {
     let interval = config.interval;
     tokio::spawn(async move {
         loop {
-            tokio::time::sleep(interval).await;
-            if checks.stop.load(Ordering::Acquire) {
-                break;
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = checks.stop.wait() => break,
             }
             round(&pool, &resolver, &checks).await;
         }

@@ -11,7 +11,6 @@
 //! This module decides nothing about routing: it only writes the state the
 //! [`Pool`] reads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +20,7 @@ use super::{Backend, Pool};
 use crate::backend;
 use crate::config::HealthCheck;
 use crate::imap::Secret;
+use crate::latch::Latch;
 use crate::metrics::Metrics;
 
 /// The probe account's credentials, read from its password file.
@@ -37,7 +37,7 @@ pub fn spawn(
     config: &HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: &Arc<Metrics>,
-    stop: &Arc<AtomicBool>,
+    stop: &Arc<Latch>,
 ) {
     for backend in pool.backends() {
         spawn_one(backend, config, probe.clone(), metrics, stop);
@@ -51,7 +51,7 @@ pub fn spawn_one(
     config: &HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: &Arc<Metrics>,
-    stop: &Arc<AtomicBool>,
+    stop: &Arc<Latch>,
 ) {
     if !config.enabled {
         return;
@@ -67,7 +67,7 @@ async fn check_loop(
     config: HealthCheck,
     probe: Option<ProbeAccount>,
     metrics: Arc<Metrics>,
-    stop: Arc<AtomicBool>,
+    stop: Arc<Latch>,
 ) {
     let duration = metrics
         .backend_check_duration
@@ -81,7 +81,7 @@ async fn check_loop(
     let mut passes = 0u32;
     let mut failures = 0u32;
     let mut seen_up = backend.is_up();
-    while !backend.is_retired() && !stop.load(Ordering::Acquire) {
+    while !backend.is_retired() && !stop.is_set() {
         let started = Instant::now();
         let login = probe
             .as_ref()
@@ -126,6 +126,11 @@ async fn check_loop(
             .interval
             .mul_f64(rand::thread_rng().gen_range(0.0..0.1));
         let next = started + config.interval + spread;
-        tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(10)).into()).await;
+        let wake = next.max(Instant::now() + Duration::from_millis(10));
+        // A reload's new checks replace these at once.
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake.into()) => {}
+            _ = stop.wait() => {}
+        }
     }
 }
