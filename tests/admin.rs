@@ -123,11 +123,7 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
         .unwrap()
         .clone();
     assert_eq!(adm_a["draining"], true);
-    let login = |name: &str| {
-        let (mut c, _) = Client::imaps(p.imaps);
-        assert!(c.login(name, PASSWORD).last().unwrap().starts_with("L1 OK"));
-        c.command("Z", "LOGOUT");
-    };
+    let login = |name: &str| assert!(Client::login_ok(p.imaps, name), "{name}");
     login(&walker);
     common::wait_until(
         "adm-b takes the drained backend's user",

@@ -40,8 +40,26 @@ fn make_pki(dir: &Path, tag: &str) -> (PathBuf, PathBuf, PathBuf) {
     paths
 }
 
-fn pki_dir(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("postern-test-pki-{}-{name}", std::process::id()))
+/// A test's own directory for its certificates, removed when dropped.
+struct PkiDir(PathBuf);
+
+impl PkiDir {
+    fn new(name: &str) -> PkiDir {
+        PkiDir(std::env::temp_dir().join(format!("postern-test-pki-{}-{name}", std::process::id())))
+    }
+}
+
+impl std::ops::Deref for PkiDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PkiDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn tls_backend(
@@ -94,7 +112,7 @@ fn login(p: &Postern) -> Vec<String> {
 #[test]
 fn starttls_to_a_backend_with_a_private_ca() {
     common::backend::ensure_installed();
-    let dir = pki_dir("starttls");
+    let dir = PkiDir::new("starttls");
     let pki = make_pki(&dir, "good");
     let b = tls_backend("tls-st", &pki, None);
     let p = postern_with(format!(
@@ -116,13 +134,12 @@ fn starttls_to_a_backend_with_a_private_ca() {
         Duration::from_secs(5),
         || p.metric("postern_backend_checks_total{backend=\"tls-st\",result=\"pass\"}") >= 1.0,
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn implicit_tls_checks_the_address_when_no_name_is_given() {
     common::backend::ensure_installed();
-    let dir = pki_dir("implicit");
+    let dir = PkiDir::new("implicit");
     let pki = make_pki(&dir, "good");
     let imaps_port = common::free_port();
     let b = tls_backend("tls-imp", &pki, Some(imaps_port));
@@ -138,13 +155,12 @@ fn implicit_tls_checks_the_address_when_no_name_is_given() {
         Duration::from_secs(10),
         || b.logins().iter().any(|l| l.contains(", TLS")),
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_certificate_from_another_ca_fails_closed() {
     common::backend::ensure_installed();
-    let dir = pki_dir("wrong");
+    let dir = PkiDir::new("wrong");
     let pki = make_pki(&dir, "good");
     let other = make_pki(&dir, "other");
     let b = tls_backend("tls-wrong", &pki, None);
@@ -162,13 +178,12 @@ fn a_certificate_from_another_ca_fails_closed() {
     common::wait_until("the backend is marked down", Duration::from_secs(5), || {
         p.metric("postern_backend_up{backend=\"tls-wrong\"}") == 0.0
     });
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_backend_without_starttls_gets_no_credentials() {
     common::backend::ensure_installed();
-    let dir = pki_dir("missing");
+    let dir = PkiDir::new("missing");
     let pki = make_pki(&dir, "good");
     // A plain backend: its greeting offers no STARTTLS.
     let b = DovecotBackend::start_with_users("tls-none", &[("alice", PASSWORD)]);
@@ -186,13 +201,12 @@ fn a_backend_without_starttls_gets_no_credentials() {
     assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
     assert!(p.log().contains("does not offer STARTTLS"));
     assert!(!b.saw_user("alice"));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
 fn a_client_certificate_for_backends_that_require_one() {
     common::backend::ensure_installed();
-    let dir = pki_dir("mtls");
+    let dir = PkiDir::new("mtls");
     let server = make_pki(&dir, "server");
     let client = make_pki(&dir, "client");
     let b = tls_backend_with("tls-mtls", &server, None, Some(&client.0));
@@ -219,7 +233,6 @@ fn a_client_certificate_for_backends_that_require_one() {
     let with = postern_with(line(true));
     let lines = login(&with);
     assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// A one-connection STARTTLS backend that answers `STARTTLS` with its OK
@@ -286,7 +299,7 @@ fn injecting_backend(cert: &Path, key: &Path) -> (u16, std::thread::JoinHandle<S
 
 #[test]
 fn lines_injected_after_the_starttls_ok_are_dropped() {
-    let dir = pki_dir("inject");
+    let dir = PkiDir::new("inject");
     let pki = make_pki(&dir, "good");
     let (port, backend) = injecting_backend(&pki.1, &pki.2);
     let p = Postern::start(Setup {
@@ -315,5 +328,4 @@ fn lines_injected_after_the_starttls_ok_are_dropped() {
     // forged line, and the login went over TLS only.
     assert!(seen.starts_with("P0 CAPABILITY\r\n"), "{seen}");
     assert!(seen.contains("AUTHENTICATE PLAIN"), "{seen}");
-    let _ = std::fs::remove_dir_all(dir);
 }

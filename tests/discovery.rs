@@ -83,15 +83,7 @@ fn members_follow_the_dns_records() {
         ),
         ..Setup::default()
     });
-    let login = |name: &str| {
-        let (mut c, _) = Client::imaps(p.imaps);
-        let lines = c.login(name, PASSWORD);
-        assert!(
-            lines.last().unwrap().starts_with("L1 OK"),
-            "{name}: {lines:?}"
-        );
-        c.command("Z", "LOGOUT");
-    };
+    let login = |name: &str| assert!(Client::login_ok(p.imaps, name), "{name}");
     // Discovered before the process said it was ready: one member.
     login(&to_three);
     common::wait_until(

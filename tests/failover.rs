@@ -26,13 +26,7 @@ fn up(p: &Postern, backend: &str) -> f64 {
 }
 
 fn logged_in(p: &Postern, user: &str) -> Client {
-    let (mut c, _) = Client::imaps(p.imaps);
-    let lines = c.login(user, PASSWORD);
-    assert!(
-        lines.last().unwrap().starts_with("L1 OK"),
-        "{user}: {lines:?}"
-    );
-    c
+    Client::logged_in(p.imaps, user)
 }
 
 #[test]

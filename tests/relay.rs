@@ -15,13 +15,7 @@ fn start(name: &str, extra: &str) -> (DovecotBackend, Postern) {
 }
 
 fn logged_in(p: &Postern) -> Client {
-    let (mut c, _) = Client::imaps(p.imaps);
-    assert!(c
-        .login("alice", PASSWORD)
-        .last()
-        .unwrap()
-        .starts_with("L1 OK"));
-    c
+    Client::logged_in(p.imaps, "alice")
 }
 
 /// A 10 MiB message of CRLF lines with varied content.

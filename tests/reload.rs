@@ -46,13 +46,7 @@ fn reloads(p: &Postern, result: &str) -> f64 {
 }
 
 fn login_ok(port: u16, name: &str) -> bool {
-    let (mut c, _) = Client::imaps(port);
-    let ok = c
-        .login(name, PASSWORD)
-        .last()
-        .is_some_and(|l| l.starts_with("L1 OK"));
-    c.command("Z", "LOGOUT");
-    ok
+    Client::login_ok(port, name)
 }
 
 #[test]

@@ -239,6 +239,29 @@ impl Client {
         assert!(self.line().starts_with('+'));
     }
 
+    /// Implicit TLS and a LOGIN with the test password, which must succeed.
+    pub fn logged_in(port: u16, user: &str) -> Client {
+        let (mut c, _) = Client::imaps(port);
+        let lines = c.login(user, super::postern::PASSWORD);
+        assert!(
+            lines.last().is_some_and(|l| l.starts_with("L1 OK")),
+            "{user}: {lines:?}"
+        );
+        c
+    }
+
+    /// Logs in with the test password and out again; whether the login
+    /// succeeded.
+    pub fn login_ok(port: u16, user: &str) -> bool {
+        let (mut c, _) = Client::imaps(port);
+        let ok = c
+            .login(user, super::postern::PASSWORD)
+            .last()
+            .is_some_and(|l| l.starts_with("L1 OK"));
+        c.command("Z", "LOGOUT");
+        ok
+    }
+
     pub fn login(&mut self, user: &str, password: &str) -> Vec<String> {
         self.command("L1", &format!("LOGIN \"{user}\" \"{password}\""))
     }
