@@ -371,3 +371,56 @@ fn pools_by_domain_and_by_directory() {
     assert!(b.saw_user("cid@example.net"), "by the users file");
     p.wait_for_log("pool=business");
 }
+
+/// Two replicas with one configuration and no link between them send every
+/// user to the same backend: placement is a pure function of the user name
+/// and the backend names, so scaling out needs no shared state.
+#[test]
+fn replicas_route_every_user_to_the_same_backend() {
+    common::backend::ensure_installed();
+    let names: Vec<String> = (0..40).map(|i| format!("replica-user-{i}")).collect();
+    let accounts: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), PASSWORD)).collect();
+    let backends: Vec<DovecotBackend> = ["replica-a", "replica-b", "replica-c"]
+        .iter()
+        .map(|n| DovecotBackend::start_with_users(n, &accounts))
+        .collect();
+    let refs: Vec<&DovecotBackend> = backends.iter().collect();
+    let users: String = names.iter().map(|n| user(n)).collect();
+    let replicas: Vec<Postern> = (0..2)
+        .map(|_| {
+            Postern::start(Setup {
+                backends: &refs,
+                users: &users,
+                ..Setup::default()
+            })
+        })
+        .collect();
+    let mut placed = vec![0; backends.len()];
+    for name in &names {
+        let mut chosen = Vec::new();
+        for (round, replica) in replicas.iter().enumerate() {
+            assert!(
+                Client::login_ok(replica.imaps, name),
+                "{name} via replica {round}"
+            );
+            let mut at = None;
+            common::wait_until(
+                &format!("a backend logs {name}'s login {}", round + 1),
+                Duration::from_secs(10),
+                || {
+                    let counts: Vec<usize> = backends.iter().map(|b| b.logins_of(name)).collect();
+                    at = counts.iter().position(|&c| c > 0);
+                    counts.iter().sum::<usize>() == round + 1
+                },
+            );
+            chosen.push(at.unwrap());
+        }
+        assert_eq!(chosen[0], chosen[1], "{name}: replicas disagree");
+        assert_eq!(backends[chosen[0]].logins_of(name), 2, "{name}");
+        placed[chosen[0]] += 1;
+    }
+    assert!(
+        placed.iter().all(|&n| n > 0),
+        "users spread over every backend: {placed:?}"
+    );
+}

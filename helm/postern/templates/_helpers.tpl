@@ -1,0 +1,112 @@
+{{/* Names and labels shared by every object. */}}
+
+{{- define "postern.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "postern.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "postern.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "postern.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "postern.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "postern.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: postern
+{{- end }}
+
+{{- define "postern.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "postern.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret holding tls.crt and tls.key, or "" for a self-signed certificate. */}}
+{{- define "postern.tlsSecret" -}}
+{{- if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else if .Values.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "postern.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "postern.usersSecret" -}}
+{{- default (printf "%s-users" (include "postern.fullname" .)) .Values.users.existingSecret }}
+{{- end }}
+
+{{/* Seconds Postern drains sessions for after SIGTERM. */}}
+{{- define "postern.drainSeconds" -}}
+{{- int .Values.shutdown.drainSeconds }}
+{{- end }}
+
+{{- define "postern.terminationGracePeriodSeconds" -}}
+{{- $floor := add (int .Values.shutdown.drainSeconds) (int .Values.shutdown.preStopSleepSeconds) }}
+{{- if kindIs "invalid" .Values.shutdown.terminationGracePeriodSeconds }}
+{{- add $floor 10 }}
+{{- else }}
+{{- $grace := int .Values.shutdown.terminationGracePeriodSeconds }}
+{{- if le $grace $floor }}
+{{- fail (printf "shutdown.terminationGracePeriodSeconds (%d) must be above shutdown.drainSeconds + shutdown.preStopSleepSeconds (%d), or Kubernetes kills Postern before its sessions are told to reconnect" $grace $floor) }}
+{{- end }}
+{{- $grace }}
+{{- end }}
+{{- end }}
+
+{{/* The Postern configuration file, rendered from the values. */}}
+{{- define "postern.config" -}}
+{{- $v := .Values }}
+{{- $listeners := list }}
+{{- range $name := list "imaps" "imap" }}
+{{- if index $v.listeners $name }}
+{{- $l := dict "name" $name "bind" (printf "%s:%d" $v.listeners.bindAddress (int (index $v.containerPorts $name))) "tls" (ternary "implicit" "starttls" (eq $name "imaps")) }}
+{{- if $v.proxyProtocol.enabled }}
+{{- if not $v.proxyProtocol.trustedNetworks }}
+{{- fail "proxyProtocol.enabled needs proxyProtocol.trustedNetworks: the load balancer's addresses (headers from anywhere else are refused)" }}
+{{- end }}
+{{- $_ := set $l "proxy_protocol" (dict "trusted_networks" $v.proxyProtocol.trustedNetworks "timeout" $v.proxyProtocol.timeout) }}
+{{- end }}
+{{- $listeners = append $listeners $l }}
+{{- end }}
+{{- end }}
+{{- if not $listeners }}
+{{- fail "listeners: enable at least one of listeners.imaps and listeners.imap" }}
+{{- end }}
+{{- $tls := dict }}
+{{- if include "postern.tlsSecret" . }}
+{{- $_ := set $tls "certificates" (list (dict "cert" "/etc/postern/tls/tls.crt" "key" "/etc/postern/tls/tls.key")) }}
+{{- else }}
+{{- $_ := set $tls "certificates" list }}
+{{- $_ := set $tls "self_signed" (dict "dir" "/var/lib/postern/self-signed-tls" "names" $v.tls.selfSignedNames) }}
+{{- end }}
+{{- $config := dict
+  "listeners" $listeners
+  "tls" $tls
+  "auth" (dict "source" "static" "static" (dict "users_file" "/etc/postern/users/users.yaml" "format" $v.users.format))
+  "backends" (deepCopy $v.backends)
+  "limits" (dict "shutdown_drain" (printf "%ds" (int $v.shutdown.drainSeconds)))
+  "metrics" (dict "bind" (printf "%s:%d" $v.listeners.bindAddress (int $v.containerPorts.metrics)))
+  "reload" (dict "watch" (eq $v.reload.mode "hot"))
+  "log" (dict "format" $v.log.format "level" $v.log.level)
+}}
+{{- if $v.admin.enabled }}
+{{- $_ := set $config "admin" (dict "bind" (printf "127.0.0.1:%d" (int $v.admin.port)) "token_file" "/etc/postern/admin/token") }}
+{{- end }}
+{{- toYaml (mustMergeOverwrite $config (deepCopy $v.config)) }}
+{{- end }}

@@ -1,0 +1,566 @@
+//! The Helm chart under helm/postern and the plain manifests under
+//! deploy/kubernetes: `helm lint --strict` and `helm template` for the
+//! default values and every file in helm/postern/ci/, every rendered object
+//! through `kubernetes-validate --strict` (the cert-manager and Prometheus
+//! Operator objects, which it has no schema for, are checked here), the
+//! rendered Postern configuration through `postern check-config`, the
+//! PrometheusRule through promtool, the plain manifests equal to the
+//! default render, and the chart README naming every value.
+//!
+//! The tools come from scripts/test: helm v3.18.0 (checked by its sha256),
+//! kubernetes-validate from PyPI, promtool from Debian's prometheus.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chart() -> PathBuf {
+    root().join("helm/postern")
+}
+
+fn run(program: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is missing ({e}): scripts/test installs it"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn helm(args: &[&str]) -> String {
+    let (ok, out, err) = run("helm", args);
+    assert!(ok, "helm {args:?} failed:\n{out}{err}");
+    out
+}
+
+/// helm's error for a render that must fail.
+fn helm_error(args: &[&str]) -> String {
+    let (ok, out, err) = run("helm", args);
+    assert!(!ok, "helm {args:?} should have failed:\n{out}");
+    err
+}
+
+/// The default values, then each ci/*.yaml: (label, extra helm arguments).
+fn values_files() -> Vec<(String, Vec<String>)> {
+    let mut files = vec![("default".to_owned(), Vec::new())];
+    let mut ci: Vec<PathBuf> = fs::read_dir(chart().join("ci"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    ci.sort();
+    assert!(ci.len() >= 2, "helm/postern/ci holds the test values files");
+    for path in ci {
+        let label = path.file_name().unwrap().to_string_lossy().into_owned();
+        files.push((label, vec!["-f".to_owned(), path.display().to_string()]));
+    }
+    files
+}
+
+fn render(extra: &[String]) -> String {
+    let mut args = vec!["template", "postern", "helm/postern"];
+    args.extend(extra.iter().map(String::as_str));
+    helm(&args)
+}
+
+fn documents(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind(doc: &Value) -> &str {
+    doc["kind"].as_str().unwrap_or_default()
+}
+
+fn find<'a>(docs: &'a [Value], k: &str) -> Option<&'a Value> {
+    docs.iter().find(|d| kind(d) == k)
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> &'a str {
+    let mut at = v;
+    for key in path {
+        at = &at[*key];
+    }
+    at.as_str()
+        .unwrap_or_else(|| panic!("no string at {path:?} in {v:?}"))
+}
+
+#[test]
+fn tools_are_the_pinned_versions() {
+    assert!(helm(&["version", "--short"]).starts_with("v3.18.0"));
+    let (ok, out, err) = run("kubernetes-validate", &["--version"]);
+    assert!(ok, "{out}{err}");
+}
+
+#[test]
+fn helm_lint_strict_passes_for_every_values_file() {
+    for (label, extra) in values_files() {
+        let mut args = vec!["lint", "--strict", "helm/postern"];
+        args.extend(extra.iter().map(String::as_str));
+        let out = helm(&args);
+        assert!(out.contains("0 chart(s) failed"), "{label}: {out}");
+    }
+}
+
+#[test]
+fn every_rendered_object_passes_kubernetes_validate_strict() {
+    let dir = tempdir("validate");
+    for (label, extra) in values_files() {
+        let text = render(&extra);
+        let file = dir.join(format!("{label}.rendered.yaml"));
+        fs::write(&file, &text).unwrap();
+        let (ok, out, err) = run("kubernetes-validate", &["--strict", file.to_str().unwrap()]);
+        assert!(
+            ok,
+            "{label}: kubernetes-validate --strict failed:\n{out}{err}"
+        );
+        let docs = documents(&text);
+        let custom = ["Certificate", "ServiceMonitor", "PrometheusRule"];
+        for doc in &docs {
+            let k = kind(doc);
+            let name = str_at(doc, &["metadata", "name"]);
+            if custom.contains(&k) {
+                check_custom_resource(doc, &docs);
+            } else {
+                let passed = format!("passed for resource {}/{name}", k.to_lowercase());
+                assert!(
+                    out.contains(&passed),
+                    "{label}: no `{passed}` in:\n{out}{err}"
+                );
+            }
+        }
+        let kinds: BTreeSet<&str> = docs.iter().map(kind).collect();
+        for always in [
+            "Deployment",
+            "Service",
+            "ConfigMap",
+            "Secret",
+            "PodDisruptionBudget",
+        ] {
+            if always == "Secret" && !kinds.contains("Secret") {
+                // Users from an existing Secret: the chart makes none.
+                continue;
+            }
+            assert!(kinds.contains(always), "{label}: no {always} in {kinds:?}");
+        }
+    }
+}
+
+/// What kubernetes-validate has no schema for: the fields cert-manager and
+/// the Prometheus Operator require, and references that must match.
+fn check_custom_resource(doc: &Value, docs: &[Value]) {
+    let deployment = find(docs, "Deployment").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    match kind(doc) {
+        "Certificate" => {
+            assert_eq!(str_at(doc, &["apiVersion"]), "cert-manager.io/v1");
+            let secret = str_at(doc, &["spec", "secretName"]);
+            assert!(!str_at(doc, &["spec", "issuerRef", "name"]).is_empty());
+            assert!(
+                ["Issuer", "ClusterIssuer"].contains(&str_at(doc, &["spec", "issuerRef", "kind"]))
+            );
+            assert!(!doc["spec"]["dnsNames"].as_sequence().unwrap().is_empty());
+            let mounted = pod["volumes"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|v| v["secret"]["secretName"].as_str() == Some(secret));
+            assert!(mounted, "the Certificate's Secret {secret} is mounted");
+        }
+        "ServiceMonitor" => {
+            assert_eq!(str_at(doc, &["apiVersion"]), "monitoring.coreos.com/v1");
+            let selector = doc["spec"]["selector"]["matchLabels"].as_mapping().unwrap();
+            let metrics = docs
+                .iter()
+                .filter(|d| kind(d) == "Service")
+                .find(|s| {
+                    selector
+                        .iter()
+                        .all(|(k, v)| s["metadata"]["labels"].get(k) == Some(v))
+                })
+                .expect("the ServiceMonitor selects a Service");
+            assert_eq!(metrics["spec"]["type"].as_str(), Some("ClusterIP"));
+            let endpoint = &doc["spec"]["endpoints"][0];
+            assert_eq!(endpoint["path"].as_str(), Some("/metrics"));
+            let port = endpoint["port"].as_str().unwrap();
+            assert!(metrics["spec"]["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"].as_str() == Some(port)));
+        }
+        "PrometheusRule" => {
+            assert_eq!(str_at(doc, &["apiVersion"]), "monitoring.coreos.com/v1");
+            let alerts: Value = serde_yaml::from_str(
+                &fs::read_to_string(root().join("deploy/prometheus/postern-alerts.yaml")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(
+                doc["spec"], alerts,
+                "the PrometheusRule carries the alert file"
+            );
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+#[test]
+fn chart_alert_rules_are_the_deploy_files_and_pass_promtool() {
+    let shipped = fs::read(root().join("deploy/prometheus/postern-alerts.yaml")).unwrap();
+    let in_chart = fs::read(chart().join("files/postern-alerts.yaml")).unwrap();
+    assert!(
+        shipped == in_chart,
+        "helm/postern/files/postern-alerts.yaml differs from deploy/prometheus/postern-alerts.yaml: \
+         cp deploy/prometheus/postern-alerts.yaml helm/postern/files/"
+    );
+    let docs = documents(&render(&[
+        "--set".to_owned(),
+        "prometheusRule.enabled=true".to_owned(),
+    ]));
+    let rule = find(&docs, "PrometheusRule").expect("a PrometheusRule");
+    let dir = tempdir("rules");
+    let file = dir.join("rules.yaml");
+    fs::write(&file, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+    let (ok, out, err) = run("promtool", &["check", "rules", file.to_str().unwrap()]);
+    assert!(ok && out.contains("SUCCESS"), "{out}{err}");
+}
+
+#[test]
+fn plain_manifests_equal_the_default_render() {
+    let plain = fs::read_to_string(root().join("deploy/kubernetes/postern.yaml")).unwrap();
+    let rendered = render(&[]);
+    assert!(
+        plain == rendered,
+        "deploy/kubernetes/postern.yaml is not the chart's default render; regenerate it:\n  \
+         helm template postern helm/postern > deploy/kubernetes/postern.yaml"
+    );
+}
+
+/// The configuration each values file renders passes `postern
+/// check-config`, with the files it names (mounted Secrets in a pod) made
+/// under a temporary root.
+#[test]
+fn rendered_configuration_passes_check_config() {
+    for (label, extra) in values_files() {
+        let docs = documents(&render(&extra));
+        let config = find(&docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let dir = tempdir(&format!("config-{label}"));
+        let base = dir.display().to_string();
+        let config = config
+            .replace("/etc/postern/", &format!("{base}/etc/postern/"))
+            .replace("/var/lib/postern", &format!("{base}/var/lib/postern"));
+        let parsed: Value = serde_yaml::from_str(&config).unwrap();
+
+        let users = dir.join("etc/postern/users/users.yaml");
+        fs::create_dir_all(users.parent().unwrap()).unwrap();
+        match find(&docs, "Secret") {
+            Some(secret) => fs::write(&users, str_at(secret, &["stringData", "users.yaml"])),
+            None if parsed["auth"]["static"]["format"].as_str() == Some("passwd-file") => {
+                fs::write(&users, "alice@example.com:{PLAIN}secret\n")
+            }
+            None => fs::write(&users, "users: []\n"),
+        }
+        .unwrap();
+        let made = rcgen::generate_simple_self_signed(vec!["imap.example.com".into()]).unwrap();
+        for file in mentioned_files(&config, &base) {
+            fs::create_dir_all(file.parent().unwrap()).unwrap();
+            let name = file.file_name().unwrap().to_string_lossy();
+            let text = if name.ends_with(".key") {
+                made.key_pair.serialize_pem()
+            } else if name.ends_with(".crt") || name.ends_with(".pem") {
+                made.cert.pem()
+            } else {
+                "secret\n".to_owned()
+            };
+            if !file.exists() {
+                fs::write(&file, text).unwrap();
+            }
+        }
+        let path = dir.join("postern.yaml");
+        fs::write(&path, &config).unwrap();
+        let (ok, out, err) = run(
+            env!("CARGO_BIN_EXE_postern"),
+            &["check-config", path.to_str().unwrap()],
+        );
+        assert!(
+            ok && out.contains("configuration OK"),
+            "{label}:\n{config}\n{out}{err}"
+        );
+    }
+}
+
+/// Absolute paths under `base` in a configuration (cert, key, CA, password
+/// and token files), except the self-signed directory.
+fn mentioned_files(config: &str, base: &str) -> Vec<PathBuf> {
+    config
+        .split(|c: char| c.is_whitespace() || c == '"' || c == '\'' || c == ',')
+        .filter(|w| w.starts_with(base) && !w.contains("self-signed"))
+        .map(PathBuf::from)
+        .collect()
+}
+
+#[test]
+fn configuration_reload_is_hot_or_rolls_the_pods() {
+    let pod_annotations = |extra: &[&str]| {
+        let mut args: Vec<String> = Vec::new();
+        for e in extra {
+            args.extend(["--set".to_owned(), e.to_string()]);
+        }
+        let docs = documents(&render(&args));
+        let deployment = find(&docs, "Deployment").unwrap().clone();
+        let config = find(&docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (
+            deployment["spec"]["template"]["metadata"]["annotations"].clone(),
+            config,
+        )
+    };
+    let (hot, config) = pod_annotations(&[]);
+    assert!(hot.is_null(), "hot reload rolls nothing: {hot:?}");
+    assert!(config.contains("watch: true"), "{config}");
+
+    let (a, config) = pod_annotations(&["reload.mode=restart"]);
+    assert!(config.contains("watch: false"), "{config}");
+    let (b, _) = pod_annotations(&["reload.mode=restart", "log.level=debug"]);
+    let (c, _) = pod_annotations(&[
+        "reload.mode=restart",
+        "users.entries[0].user=x",
+        "users.entries[0].password=hash",
+    ]);
+    let sum = |v: &Value, k: &str| v[k].as_str().unwrap().to_owned();
+    assert_ne!(sum(&a, "checksum/config"), sum(&b, "checksum/config"));
+    assert_eq!(sum(&a, "checksum/config"), sum(&c, "checksum/config"));
+    assert_ne!(sum(&a, "checksum/users"), sum(&c, "checksum/users"));
+}
+
+#[test]
+fn pods_are_locked_down_and_outlive_their_drain() {
+    for (label, extra) in values_files() {
+        let docs = documents(&render(&extra));
+        let pod = &find(&docs, "Deployment").unwrap()["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        let sc = &container["securityContext"];
+        assert_eq!(
+            pod["securityContext"]["runAsNonRoot"].as_bool(),
+            Some(true),
+            "{label}"
+        );
+        assert_eq!(
+            sc["readOnlyRootFilesystem"].as_bool(),
+            Some(true),
+            "{label}"
+        );
+        assert_eq!(
+            sc["allowPrivilegeEscalation"].as_bool(),
+            Some(false),
+            "{label}"
+        );
+        assert_eq!(
+            sc["capabilities"]["drop"][0].as_str(),
+            Some("ALL"),
+            "{label}"
+        );
+        for port in container["ports"].as_sequence().unwrap() {
+            assert!(
+                port["containerPort"].as_u64().unwrap() >= 1024,
+                "{label}: {port:?}"
+            );
+        }
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            assert_eq!(
+                container[probe]["httpGet"]["path"].as_str(),
+                Some(path),
+                "{label}"
+            );
+            assert_eq!(
+                container[probe]["httpGet"]["port"].as_str(),
+                Some("metrics")
+            );
+        }
+        let config: Value = serde_yaml::from_str(
+            find(&docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        let drain: u64 = str_at(&config, &["limits", "shutdown_drain"])
+            .strip_suffix('s')
+            .unwrap()
+            .parse()
+            .unwrap();
+        let sleep = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .unwrap_or(0);
+        let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(
+            grace > drain + sleep,
+            "{label}: grace {grace} vs drain {drain} + {sleep}"
+        );
+        // The metrics port answers probes from outside the pod.
+        assert!(
+            !str_at(&config, &["metrics", "bind"]).starts_with("127."),
+            "{label}"
+        );
+    }
+}
+
+#[test]
+fn bad_values_are_refused_with_the_key_named() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["service.type=Foo"], "service.type"),
+        (&["listeners.imapz=true"], "imapz"),
+        (
+            &["shutdown.terminationGracePeriodSeconds=20"],
+            "shutdown.terminationGracePeriodSeconds",
+        ),
+        (
+            &["proxyProtocol.enabled=true"],
+            "proxyProtocol.trustedNetworks",
+        ),
+        (
+            &[
+                "tls.certManager.enabled=true",
+                "tls.certManager.dnsNames[0]=a",
+            ],
+            "tls.certManager.issuerRef.name",
+        ),
+        (
+            &[
+                "tls.certManager.enabled=true",
+                "tls.certManager.issuerRef.name=i",
+            ],
+            "tls.certManager.dnsNames",
+        ),
+        (
+            &[
+                "tls.existingSecret=s",
+                "tls.certManager.enabled=true",
+                "tls.certManager.issuerRef.name=i",
+                "tls.certManager.dnsNames[0]=a",
+            ],
+            "not both",
+        ),
+        (&["admin.enabled=true"], "admin.existingSecret"),
+        (
+            &["listeners.imap=false", "listeners.imaps=false"],
+            "listeners",
+        ),
+        (
+            &[
+                "autoscaling.enabled=true",
+                "autoscaling.minReplicas=5",
+                "autoscaling.maxReplicas=2",
+            ],
+            "autoscaling.minReplicas",
+        ),
+        (&["image.digest=latest"], "image.digest"),
+    ];
+    for (sets, needle) in cases {
+        let mut args = vec!["template", "postern", "helm/postern"];
+        for s in *sets {
+            args.extend(["--set", s]);
+        }
+        let err = helm_error(&args);
+        assert!(err.contains(needle), "{sets:?}: `{needle}` not in:\n{err}");
+    }
+}
+
+#[test]
+fn chart_readme_documents_every_value() {
+    let values: Value =
+        serde_yaml::from_str(&fs::read_to_string(chart().join("values.yaml")).unwrap()).unwrap();
+    let readme = fs::read_to_string(chart().join("README.md")).unwrap();
+    let mut keys = Vec::new();
+    leaf_keys(&values, "", &mut keys);
+    assert!(keys.len() > 60, "{keys:?}");
+    let missing: Vec<_> = keys
+        .iter()
+        .filter(|k| !readme.contains(&format!("`{k}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "helm/postern/README.md does not describe {missing:?}"
+    );
+    // The schema knows every top-level value, and refuses others.
+    let schema: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(chart().join("values.schema.json")).unwrap())
+            .unwrap();
+    let known = schema["properties"].as_object().unwrap();
+    for key in values.as_mapping().unwrap().keys() {
+        assert!(
+            known.contains_key(key.as_str().unwrap()),
+            "{key:?} not in the schema"
+        );
+    }
+}
+
+/// Value paths down to the blocks that pass through as Kubernetes or
+/// Postern objects.
+fn leaf_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
+    const WHOLE: &[&str] = &[
+        "backends",
+        "config",
+        "resources",
+        "podSecurityContext",
+        "securityContext",
+        "livenessProbe",
+        "readinessProbe",
+        "autoscaling.behavior",
+    ];
+    match v.as_mapping() {
+        Some(map) if !map.is_empty() && !WHOLE.contains(&prefix) => {
+            for (k, v) in map {
+                let k = k.as_str().unwrap();
+                let path = if prefix.is_empty() {
+                    k.to_owned()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                leaf_keys(v, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_owned()),
+    }
+}
+
+/// A directory under the system's temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("postern-chart-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
