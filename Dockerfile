@@ -12,10 +12,11 @@
 #
 # Postern is PID 1: it handles SIGTERM (drain, then exit 0), SIGINT and
 # SIGHUP (reload) itself and starts no child processes, so no init is needed.
-# It writes nothing outside the self-signed certificate directory (/tmp,
-# used only when no certificate is configured), so a read-only root
-# filesystem works; Kubernetes probes /healthz and /readyz, so the image
-# has no HEALTHCHECK.
+# It writes nothing outside the self-signed certificate directory (/tmp in
+# the shipped configuration, used only when no certificate is configured),
+# so a read-only root filesystem works (docker run --read-only --tmpfs /tmp;
+# the Helm chart mounts an emptyDir); Kubernetes probes /healthz and
+# /readyz, so the image has no HEALTHCHECK.
 #
 # Both base images are build arguments, so a build can use a mirror or
 # locally made images (scripts/container-image does, with buildah).

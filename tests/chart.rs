@@ -339,7 +339,10 @@ fn configuration_reload_is_hot_or_rolls_the_pods() {
     assert!(config.contains("watch: true"), "{config}");
 
     let (a, config) = pod_annotations(&["reload.mode=restart"]);
-    assert!(config.contains("watch: false"), "{config}");
+    assert!(
+        config.contains("watch: true"),
+        "Secrets the chart does not make still reload in place: {config}"
+    );
     let (b, _) = pod_annotations(&["reload.mode=restart", "log.level=debug"]);
     let (c, _) = pod_annotations(&[
         "reload.mode=restart",
@@ -423,6 +426,43 @@ fn pods_are_locked_down_and_outlive_their_drain() {
     }
 }
 
+/// Users from a chart-made Secret are mounted by its own key, whatever
+/// `users.key` says; one pod per node rolls without a surge pod.
+#[test]
+fn users_key_and_rollout_follow_the_other_values() {
+    let docs = documents(&render(&[
+        "--set".to_owned(),
+        "users.key=passwd".to_owned(),
+    ]));
+    let pod = &find(&docs, "Deployment").unwrap()["spec"]["template"]["spec"];
+    let users = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str() == Some("users"))
+        .unwrap();
+    let secret = find(&docs, "Secret").unwrap();
+    let key = users["secret"]["items"][0]["key"].as_str().unwrap();
+    assert!(
+        secret["stringData"].get(key).is_some(),
+        "{key} in {secret:?}"
+    );
+
+    for (preset, surge, unavailable) in [("soft", 1, 0), ("hard", 0, 1)] {
+        let docs = documents(&render(&[
+            "--set".to_owned(),
+            format!("podAntiAffinity={preset}"),
+        ]));
+        let rolling = &find(&docs, "Deployment").unwrap()["spec"]["strategy"]["rollingUpdate"];
+        assert_eq!(rolling["maxSurge"].as_u64(), Some(surge), "{preset}");
+        assert_eq!(
+            rolling["maxUnavailable"].as_u64(),
+            Some(unavailable),
+            "{preset}"
+        );
+    }
+}
+
 #[test]
 fn bad_values_are_refused_with_the_key_named() {
     let cases: &[(&[&str], &str)] = &[
@@ -473,6 +513,32 @@ fn bad_values_are_refused_with_the_key_named() {
             "autoscaling.minReplicas",
         ),
         (&["image.digest=latest"], "image.digest"),
+        (
+            &["config.limits.shutdown_drain=60s"],
+            "shutdown.drainSeconds",
+        ),
+        (
+            &["config.metrics.bind=127.0.0.1:9090"],
+            "containerPorts.metrics",
+        ),
+        (&["config.listeners=x"], "config.listeners"),
+        (
+            &[
+                "users.format=passwd-file",
+                "users.entries[0].user=a",
+                "users.entries[0].password=b",
+            ],
+            "users.entries",
+        ),
+        (
+            &[
+                "tls.certManager.enabled=true",
+                "tls.certManager.issuerRef.name=i",
+                "tls.certManager.dnsNames[0]=a",
+                "tls.certManager.privateKey.algorithm=RSA",
+            ],
+            "2048",
+        ),
     ];
     for (sets, needle) in cases {
         let mut args = vec!["template", "postern", "helm/postern"];

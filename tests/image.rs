@@ -178,6 +178,7 @@ mount -t proc proc \"$root/proc\"
 ip link set lo up
 exec chroot --userspec=65532:65532 \"$root\" /usr/local/bin/postern run --config /etc/postern/postern.yaml";
     let log = std::env::temp_dir().join(format!("postern-image-pid1-{}.log", std::process::id()));
+    let log_file = fs::File::create(&log).unwrap();
     let mut unshare = Command::new("unshare")
         .args([
             "--pid",
@@ -192,8 +193,8 @@ exec chroot --userspec=65532:65532 \"$root\" /usr/local/bin/postern run --config
         ])
         .arg(&rootfs)
         .stdin(Stdio::null())
-        .stdout(fs::File::create(&log).unwrap())
-        .stderr(Stdio::inherit())
+        .stdout(log_file.try_clone().unwrap())
+        .stderr(log_file)
         .spawn()
         .expect("unshare (util-linux) runs");
     let children = format!("/proc/{0}/task/{0}/children", unshare.id());

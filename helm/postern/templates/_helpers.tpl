@@ -102,11 +102,33 @@ app.kubernetes.io/part-of: postern
   "backends" (deepCopy $v.backends)
   "limits" (dict "shutdown_drain" (printf "%ds" (int $v.shutdown.drainSeconds)))
   "metrics" (dict "bind" (printf "%s:%d" $v.listeners.bindAddress (int $v.containerPorts.metrics)))
-  "reload" (dict "watch" (eq $v.reload.mode "hot"))
+  "reload" (dict "watch" true)
   "log" (dict "format" $v.log.format "level" $v.log.level)
 }}
 {{- if $v.admin.enabled }}
 {{- $_ := set $config "admin" (dict "bind" (printf "127.0.0.1:%d" (int $v.admin.port)) "token_file" "/etc/postern/admin/token") }}
+{{- end }}
+{{- $owned := dict
+  "listeners" "listeners.* and containerPorts.*"
+  "metrics" "containerPorts.metrics (the probes use it)"
+  "tls" "tls.*"
+  "admin" "admin.*"
+  "reload" "reload.mode"
+  "log" "log.*"
+}}
+{{- range $key, $instead := $owned }}
+{{- if hasKey $v.config $key }}
+{{- fail (printf "config.%s is set by the chart: use %s" $key $instead) }}
+{{- end }}
+{{- end }}
+{{- if and (hasKey $v.config "limits") (hasKey (default dict $v.config.limits) "shutdown_drain") }}
+{{- fail "config.limits.shutdown_drain is set by the chart: use shutdown.drainSeconds (the grace period follows it)" }}
+{{- end }}
+{{- if and (hasKey $v.config "auth") (hasKey (default dict $v.config.auth) "static") }}
+{{- fail "config.auth.static is set by the chart: use users.*" }}
+{{- end }}
+{{- if and $v.users.entries (eq $v.users.format "passwd-file") }}
+{{- fail "users.entries makes a YAML users file: use users.format yaml with it, or users.existingSecret for a passwd-file" }}
 {{- end }}
 {{- toYaml (mustMergeOverwrite $config (deepCopy $v.config)) }}
 {{- end }}
