@@ -21,7 +21,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::BackendTlsMode;
+use crate::config::{BackendTlsMode, MasterForm};
 use crate::imap::{push_string, sasl, Capabilities, Secret};
 use crate::proxy_protocol;
 use crate::route::Backend;
@@ -116,9 +116,21 @@ pub struct ClientAddresses {
     pub local: SocketAddr,
 }
 
+/// A master user that logs in at backends on users' behalf.
+pub struct MasterLogin {
+    pub user: String,
+    pub password: Secret,
+    pub form: MasterForm,
+    pub separator: String,
+    /// Every login, not only those with no password to pass on.
+    pub always: bool,
+}
+
 pub struct LoginRequest<'a> {
     pub user: &'a str,
     pub password: &'a Secret,
+    /// Log in as this master user for `user`; `password` is then unused.
+    pub master: Option<&'a MasterLogin>,
     pub client: Option<ClientAddresses>,
     /// Send the client's address in `ID` (where the backend has ID).
     pub send_id: bool,
@@ -149,6 +161,7 @@ pub async fn probe(backend: &Backend, login: Option<(&str, &Secret)>) -> Result<
         let req = LoginRequest {
             user,
             password,
+            master: None,
             client: None,
             send_id: false,
             session_id: "health-check",
@@ -296,8 +309,20 @@ async fn login(
     // The login: the first segment goes with ID; each later one waits for a
     // `+` continuation. Segments hold the password, so they are secrets.
     let mut segments: Vec<Secret> = Vec::new();
+    // Who authenticates, for whom, with which password.
+    let separated;
+    let (authzid, authcid, password): (&[u8], &[u8], &Secret) = match req.master {
+        None => (b"", req.user.as_bytes(), req.password),
+        Some(m) if m.form == MasterForm::Authzid => {
+            (req.user.as_bytes(), m.user.as_bytes(), &m.password)
+        }
+        Some(m) => {
+            separated = format!("{}{}{}", req.user, m.separator, m.user);
+            (b"", separated.as_bytes(), &m.password)
+        }
+    };
     if caps.has("AUTH=PLAIN") {
-        let ir = sasl::encode_plain(b"", req.user.as_bytes(), req.password.expose());
+        let ir = sasl::encode_plain(authzid, authcid, password.expose());
         if caps.has("SASL-IR") {
             out.extend_from_slice(b"P2 AUTHENTICATE PLAIN ");
             out.extend_from_slice(ir.expose());
@@ -310,16 +335,19 @@ async fn login(
             line.extend_from_slice(b"\r\n");
             segments.push(Secret::new(line));
         }
+    } else if !authzid.is_empty() {
+        return Err(BackendError::Protocol(
+            "backend offers no AUTH=PLAIN for a master login with an authorization identity \
+             (use master_user.form: separator)"
+                .into(),
+        ));
     } else if !caps.has("LOGINDISABLED") {
         // RFC 7888: LITERAL- allows non-synchronizing literals up to 4096 bytes.
         let literal_plus = caps.has("LITERAL+");
         let literal_minus = caps.has("LITERAL-");
         let mut current = out;
         current.extend_from_slice(b"P2 LOGIN ");
-        for (i, value) in [req.user.as_bytes(), req.password.expose()]
-            .into_iter()
-            .enumerate()
-        {
+        for (i, value) in [authcid, password.expose()].into_iter().enumerate() {
             if i == 1 {
                 current.push(b' ');
             }

@@ -215,6 +215,9 @@ pub struct Auth {
     pub source: AuthSource,
     #[serde(rename = "static")]
     pub static_users: Option<StaticUsers>,
+    /// The `http` source: a service speaking nginx's `auth_http` protocol.
+    #[serde(default)]
+    pub http: Option<HttpAuth>,
     /// How long a failed login waits, counted from when the credentials arrived.
     #[serde(default = "default_failure_delay", deserialize_with = "duration")]
     pub failure_delay: Duration,
@@ -234,6 +237,32 @@ pub struct Auth {
 #[serde(rename_all = "lowercase")]
 pub enum AuthSource {
     Static,
+    Http,
+}
+
+/// An authentication service speaking nginx's `auth_http` protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpAuth {
+    /// `http://host:port/path` or `https://…`.
+    pub url: String,
+    /// For the whole exchange: connect, request, response headers.
+    #[serde(default = "default_http_auth_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Extra request headers (nginx's `auth_http_header`).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Extra request headers whose values are read from files (a shared
+    /// secret from a Kubernetes Secret); one line, trailing newline dropped.
+    #[serde(default)]
+    pub header_files: std::collections::BTreeMap<String, PathBuf>,
+    /// CAs for an https service (default: the system's store).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+fn default_http_auth_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -259,6 +288,9 @@ pub enum UsersFormat {
 pub struct Backends {
     /// The default pool: users no rule or directory entry sends elsewhere.
     pub pool: Vec<BackendServer>,
+    /// Log in at backends as a master user on the user's behalf.
+    #[serde(default)]
+    pub master_user: Option<MasterUser>,
     /// More pools, chosen by the user's domain or their directory entry.
     #[serde(default)]
     pub pools: Vec<NamedPool>,
@@ -424,6 +456,38 @@ impl Default for HealthCheck {
             login: None,
         }
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterUser {
+    pub user: String,
+    /// A file holding the master password (one line), relative to the
+    /// config file: a Kubernetes Secret, never the YAML itself.
+    pub password_file: PathBuf,
+    /// `authzid`: `AUTHENTICATE PLAIN` with the user as authorization
+    /// identity and the master as authentication identity. `separator`:
+    /// `LOGIN "user<separator>master"` (Dovecot's auth_master_user_separator).
+    #[serde(default)]
+    pub form: MasterForm,
+    #[serde(default = "default_master_separator")]
+    pub separator: String,
+    /// true: every backend login is a master login. false: only logins with
+    /// no password to pass on (token logins).
+    #[serde(default)]
+    pub always: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MasterForm {
+    #[default]
+    Authzid,
+    Separator,
+}
+
+fn default_master_separator() -> String {
+    "*".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -752,6 +816,13 @@ impl Config {
         if let Some(s) = &self.auth.static_users {
             files.push(self.resolve(&s.users_file));
         }
+        if let Some(m) = &self.backends.master_user {
+            files.push(self.resolve(&m.password_file));
+        }
+        if let Some(h) = &self.auth.http {
+            files.extend(h.header_files.values().map(|f| self.resolve(f)));
+            files.extend(h.tls_ca_file.iter().map(|f| self.resolve(f)));
+        }
         for c in &self.tls.certificates {
             files.push(self.resolve(&c.cert));
             files.push(self.resolve(&c.key));
@@ -872,7 +943,39 @@ impl Config {
                     "key `auth.static`: `source: static` needs `static: { users_file: … }`".into(),
                 )
             }
+            AuthSource::Http => {
+                let Some(h) = &self.auth.http else {
+                    return Err("key `auth.http`: `source: http` needs `http: { url: … }`".into());
+                };
+                if !(h.url.starts_with("http://") || h.url.starts_with("https://")) {
+                    return Err(format!(
+                        "key `auth.http.url`: `{}` must start with http:// or https://",
+                        h.url
+                    ));
+                }
+                for name in h.headers.keys().chain(h.header_files.keys()) {
+                    let reserved = name.to_ascii_lowercase().starts_with("auth-")
+                        || ["host", "client-ip", "client-host"]
+                            .contains(&name.to_ascii_lowercase().as_str());
+                    if reserved || hyper::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                        return Err(format!(
+                            "key `auth.http.headers`: `{name}` is not a header Postern may add"
+                        ));
+                    }
+                }
+                if h.timeout.is_zero() {
+                    return Err("key `auth.http.timeout`: must be above 0".into());
+                }
+            }
             _ => {}
+        }
+        if let Some(m) = &self.backends.master_user {
+            if m.user.is_empty() || m.user.chars().any(|c| c.is_control() || c == ' ') {
+                return Err("key `backends.master_user.user`: not a user name".into());
+            }
+            if m.form == MasterForm::Separator && m.separator.is_empty() {
+                return Err("key `backends.master_user.separator`: empty".into());
+            }
         }
         if let Some(domain) = &self.auth.default_domain {
             if domain.is_empty() || domain.contains(['@', ' ']) {
@@ -1086,6 +1189,46 @@ backends:
             PathBuf::from("/etc/postern/users.yaml")
         );
         assert!(c.auth.lowercase_usernames);
+    }
+
+    #[test]
+    fn http_source_and_master_user_are_checked() {
+        let http = |block: &str| {
+            let text = MINIMAL.replace("  source: static\n", &format!("  source: http\n{block}"));
+            Config::parse(&text, Path::new("p.yaml"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let err = http("").unwrap_err();
+        assert!(err.contains("auth.http"), "{err}");
+        assert!(http("  http: { url: \"http://127.0.0.1:8080/auth\" }\n").is_ok());
+        let err = http("  http: { url: \"ftp://x/\" }\n").unwrap_err();
+        assert!(err.contains("auth.http.url"), "{err}");
+        for bad in ["Auth-Pass", "Client-IP", "Host", "Bad Name"] {
+            let err = http(&format!(
+                "  http: {{ url: \"http://a:1/\", headers: {{ \"{bad}\": x }} }}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                err.contains("auth.http.headers") && err.contains(bad),
+                "{err}"
+            );
+        }
+        let master = |block: &str| {
+            let text = MINIMAL.replace("backends:\n", &format!("backends:\n{block}"));
+            Config::parse(&text, Path::new("p.yaml")).map_err(|e| e.to_string())
+        };
+        let c = master("  master_user: { user: pm, password_file: m.pw }\n").unwrap();
+        let m = c.backends.master_user.as_ref().unwrap();
+        assert_eq!(
+            (m.form, m.separator.as_str(), m.always),
+            (MasterForm::Authzid, "*", false)
+        );
+        assert!(c.referenced_files().contains(&c.resolve(Path::new("m.pw"))));
+        let err = master("  master_user: { user: \"p m\", password_file: m.pw }\n").unwrap_err();
+        assert!(err.contains("backends.master_user.user"), "{err}");
+        let err = master("  master_user: { user: pm, password: x }\n").unwrap_err();
+        assert!(err.contains("password"), "{err}");
     }
 
     #[test]

@@ -10,8 +10,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::cache::CachedAuthenticator;
+use crate::auth::http::HttpAuth;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
+use crate::backend::MasterLogin;
 use crate::config::{AuthSource, Config};
 use crate::imap::Secret;
 use crate::metrics::Metrics;
@@ -27,6 +29,8 @@ pub struct Runtime {
     pub pool: Arc<Pool>,
     /// The health checks' probe account, when one is configured.
     pub probe: Option<ProbeAccount>,
+    /// The master user for backend logins, when one is configured.
+    pub master: Option<Arc<MasterLogin>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -58,6 +62,10 @@ impl Runtime {
                 )?;
                 Box::new(users)
             }
+            AuthSource::Http => {
+                let h = config.auth.http.as_ref().expect("validated");
+                Box::new(http_auth(&config, h)?)
+            }
         };
         let auth: Arc<dyn Authenticator> = if config.auth.cache_ttl.is_zero() {
             Arc::from(auth)
@@ -68,26 +76,28 @@ impl Runtime {
         // that is otherwise good.
         let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
         let probe = match &config.backends.health_check.login {
-            Some(login) => {
-                let path = config.resolve(&login.password_file);
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    format!(
-                        "key `backends.health_check.login.password_file`: cannot read {}: {e}",
-                        path.display()
-                    )
-                })?;
-                let password = text.lines().next().unwrap_or_default();
-                if password.is_empty() {
-                    return Err(format!(
-                        "key `backends.health_check.login.password_file`: {} holds no password",
-                        path.display()
-                    ));
-                }
-                Some(ProbeAccount {
-                    user: login.user.clone(),
-                    password: Arc::new(Secret::new(password.as_bytes().to_vec())),
-                })
-            }
+            Some(login) => Some(ProbeAccount {
+                user: login.user.clone(),
+                password: Arc::new(secret_file(
+                    &config,
+                    "backends.health_check.login.password_file",
+                    &login.password_file,
+                )?),
+            }),
+            None => None,
+        };
+        let master = match &config.backends.master_user {
+            Some(m) => Some(Arc::new(MasterLogin {
+                user: m.user.clone(),
+                password: secret_file(
+                    &config,
+                    "backends.master_user.password_file",
+                    &m.password_file,
+                )?,
+                form: m.form,
+                separator: m.separator.clone(),
+                always: m.always,
+            })),
             None => None,
         };
         let pool = Arc::new(Pool::new(
@@ -106,6 +116,7 @@ impl Runtime {
             auth,
             pool,
             probe,
+            master,
             metrics,
         })
     }
@@ -118,3 +129,55 @@ impl Runtime {
 
 /// The current snapshot, swapped whole.
 pub type Live = Arc<ArcSwap<Runtime>>;
+
+/// The `http` source, with its header files read and, for https, a TLS
+/// client that trusts the configured CAs or the system's.
+fn http_auth(config: &Config, h: &crate::config::HttpAuth) -> Result<HttpAuth, String> {
+    // Names were checked with the configuration; values must be one line
+    // of header text.
+    let value = |key: String, bytes: Vec<u8>| {
+        if bytes.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+            return Err(format!("key `{key}`: not one line of header text"));
+        }
+        Ok(Secret::new(bytes))
+    };
+    let mut headers = Vec::new();
+    for (name, text) in &h.headers {
+        let v = value(
+            format!("auth.http.headers.{name}"),
+            text.as_bytes().to_vec(),
+        )?;
+        headers.push((name.clone(), v));
+    }
+    for (name, file) in &h.header_files {
+        let key = format!("auth.http.header_files.{name}");
+        let path = config.resolve(file);
+        let text =
+            std::fs::read(&path).map_err(|e| format!("key `{key}`: {}: {e}", path.display()))?;
+        let line = text.strip_suffix(b"\n").unwrap_or(&text);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        headers.push((name.clone(), value(key, line.to_vec())?));
+    }
+    let tls = if h.url.starts_with("https://") {
+        let roots =
+            crate::tls::backend_roots(h.tls_ca_file.as_ref().map(|f| config.resolve(f)).as_deref())
+                .map_err(|e| format!("key `auth.http.tls_ca_file`: {e}"))?;
+        Some(crate::tls::backend_client_config(roots, None).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    HttpAuth::new(h, headers, tls)
+}
+
+/// The first line of a secret file named by the configuration key `key`;
+/// it must not be empty.
+fn secret_file(config: &Config, key: &str, file: &Path) -> Result<Secret, String> {
+    let path = config.resolve(file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("key `{key}`: cannot read {}: {e}", path.display()))?;
+    let line = text.lines().next().unwrap_or_default();
+    if line.is_empty() {
+        return Err(format!("key `{key}`: {} holds no password", path.display()));
+    }
+    Ok(Secret::new(line.as_bytes().to_vec()))
+}

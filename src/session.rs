@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::auth::{normalise_username, AuthError};
+use crate::auth::{normalise_username, AuthContext, AuthError};
 use crate::backend::{
     self, BackendError, BackendSession, BackendStream, ClientAddresses, LoginRequest,
 };
@@ -744,14 +744,19 @@ impl Session {
         }
         let password = creds.password;
         let asked = Instant::now();
-        let answer = rt.auth.authenticate(&user, password.clone()).await;
+        let ctx = AuthContext {
+            client: self.peer.ip(),
+            attempt: self.auth_failures + 1,
+            tls: stream.is_tls(),
+        };
+        let answer = rt.auth.authenticate(&user, password.clone(), &ctx).await;
         rt.metrics
             .auth_duration
             .with_label_values(&[
                 rt.auth.name(),
                 match &answer {
                     Ok(_) => "success",
-                    Err(AuthError::Rejected) => "failure",
+                    Err(AuthError::Rejected | AuthError::Refused { .. }) => "failure",
                     Err(AuthError::Unavailable(_)) => "unavailable",
                 },
             ])
@@ -764,6 +769,29 @@ impl Session {
                 return self
                     .auth_failed(stream, tag, received, AUTHENTICATION_FAILED)
                     .await;
+            }
+            Err(AuthError::Refused { text, wait }) => {
+                self.count_auth(mechanism, "failure");
+                tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), reason = text, "authentication refused");
+                let response = format!("NO [AUTHENTICATIONFAILED] {text}");
+                return match wait {
+                    // The source's delay, or ours if longer.
+                    Some(wait) => {
+                        let delay = wait.max(rt.config.auth.failure_delay);
+                        self.auth_failed_after(stream, tag, received + delay, &response)
+                            .await
+                    }
+                    // No retry: the answer, then the connection closes.
+                    None => {
+                        tokio::time::sleep_until(received + rt.config.auth.failure_delay).await;
+                        let out = format!(
+                            "{tag} {}\r\n* BYE Authentication refused\r\n",
+                            printable(&response, 200)
+                        );
+                        let _ = send(stream, out.as_bytes()).await;
+                        Err("auth_refused")
+                    }
+                };
             }
             Err(AuthError::Unavailable(cause)) => {
                 self.count_auth(mechanism, "unavailable");
@@ -819,7 +847,13 @@ impl Session {
             );
             let request = LoginRequest {
                 user: &identity.user,
-                password: &password,
+                password: identity.backend_password.as_ref().unwrap_or(&password),
+                // A password named for the backend wins; else the master
+                // user where configured for every login.
+                master: rt
+                    .master
+                    .as_deref()
+                    .filter(|m| m.always && identity.backend_password.is_none()),
                 client: Some(ClientAddresses {
                     peer: self.peer,
                     local: self.local,
@@ -897,9 +931,21 @@ impl Session {
         received: Instant,
         response: &str,
     ) -> Step<Option<LoggedIn>> {
+        let at = received + self.rt.config.auth.failure_delay;
+        self.auth_failed_after(stream, tag, at, response).await
+    }
+
+    /// Answers a failed login at `at`; too many failures end the session.
+    async fn auth_failed_after(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+        at: Instant,
+        response: &str,
+    ) -> Step<Option<LoggedIn>> {
         let m = &self.rt.metrics;
         m.auth_penalties.inc();
-        tokio::time::sleep_until(received + self.rt.config.auth.failure_delay).await;
+        tokio::time::sleep_until(at).await;
         self.auth_failures += 1;
         let mut out = format!("{tag} {}\r\n", printable(response, 200));
         if self.auth_failures >= self.rt.config.limits.max_auth_failures {

@@ -25,6 +25,22 @@ fn shipped_demo_config_checks_clean() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
 }
 
+/// Every complete example under config/ loads (files it names need not exist).
+#[test]
+fn every_example_config_parses() {
+    let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config"));
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".example.yaml") {
+            postern::config::Config::load(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "{seen} examples");
+}
+
 #[test]
 fn example_config_parses_with_every_key() {
     let path = std::path::Path::new(concat!(

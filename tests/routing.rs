@@ -149,6 +149,7 @@ fn users_land_on_the_backend_the_hash_or_directory_names() {
                     user: n.clone(),
                     backend: None,
                     pool: None,
+                    backend_password: None,
                 },
                 &[],
             )

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{AuthFuture, Authenticator, Identity};
+use super::{AuthContext, AuthFuture, Authenticator, Identity};
 use crate::imap::Secret;
 
 /// Most entries kept; past it, expired entries are dropped and, if that is
@@ -81,13 +81,18 @@ impl CachedAuthenticator {
 }
 
 impl Authenticator for CachedAuthenticator {
-    fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a> {
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: Secret,
+        ctx: &'a AuthContext,
+    ) -> AuthFuture<'a> {
         Box::pin(async move {
             let fingerprint = self.fingerprint(user, password.expose());
             if let Some(identity) = self.lookup(user, fingerprint) {
                 return Ok(identity);
             }
-            let identity = self.inner.authenticate(user, password).await?;
+            let identity = self.inner.authenticate(user, password, ctx).await?;
             self.remember(user, fingerprint, &identity);
             Ok(identity)
         })
@@ -109,7 +114,12 @@ mod tests {
     struct Counting(Arc<AtomicU32>);
 
     impl Authenticator for Counting {
-        fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a> {
+        fn authenticate<'a>(
+            &'a self,
+            user: &'a str,
+            password: Secret,
+            _ctx: &'a AuthContext,
+        ) -> AuthFuture<'a> {
             self.0.fetch_add(1, Ordering::Relaxed);
             Box::pin(async move {
                 if password.expose() == b"right" {
@@ -117,6 +127,7 @@ mod tests {
                         user: user.to_owned(),
                         backend: None,
                         pool: None,
+                        backend_password: None,
                     })
                 } else {
                     Err(AuthError::Rejected)
@@ -136,23 +147,38 @@ mod tests {
             Duration::from_secs(60),
         );
         let pw = |p: &str| Secret::new(p.as_bytes().to_vec());
-        assert!(cache.authenticate("alice", pw("right")).await.is_ok());
-        assert!(cache.authenticate("alice", pw("right")).await.is_ok());
+        assert!(cache
+            .authenticate("alice", pw("right"), &super::AuthContext::test())
+            .await
+            .is_ok());
+        assert!(cache
+            .authenticate("alice", pw("right"), &super::AuthContext::test())
+            .await
+            .is_ok());
         assert_eq!(
             calls.load(Ordering::Relaxed),
             1,
             "second login served from the cache"
         );
-        assert!(cache.authenticate("alice", pw("wrong")).await.is_err());
+        assert!(cache
+            .authenticate("alice", pw("wrong"), &super::AuthContext::test())
+            .await
+            .is_err());
         assert_eq!(
             calls.load(Ordering::Relaxed),
             2,
             "a different password asks the source"
         );
-        assert!(cache.authenticate("bob", pw("right")).await.is_ok());
+        assert!(cache
+            .authenticate("bob", pw("right"), &super::AuthContext::test())
+            .await
+            .is_ok());
         assert_eq!(calls.load(Ordering::Relaxed), 3);
         tokio::time::advance(Duration::from_secs(61)).await;
-        assert!(cache.authenticate("alice", pw("right")).await.is_ok());
+        assert!(cache
+            .authenticate("alice", pw("right"), &super::AuthContext::test())
+            .await
+            .is_ok());
         assert_eq!(
             calls.load(Ordering::Relaxed),
             4,

@@ -2,16 +2,20 @@
 //! source implements, the [`Identity`] it returns, and username
 //! normalisation. A wrong password stops here; the backend never sees it.
 //!
-//! Sources: [`static_users`] (a YAML users file or a Dovecot passwd-file).
+//! Sources: [`static_users`] (a YAML users file or a Dovecot passwd-file)
+//! and [`http`] (a service speaking nginx's `auth_http` protocol).
 //! Password checks run on the blocking thread pool, never on the async
 //! workers that carry other sessions.
 
 pub mod cache;
+pub mod http;
 pub mod password;
 pub mod static_users;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
+use std::time::Duration;
 
 use crate::config::Auth as AuthConfig;
 use crate::imap::Secret;
@@ -21,11 +25,38 @@ use crate::imap::Secret;
 pub struct Identity {
     /// The normalised username; also the name used at the backend.
     pub user: String,
-    /// A backend name from the directory; `None` lets the hash place the user.
+    /// A backend from the directory, by name or address; `None` lets the
+    /// hash place the user.
     pub backend: Option<String>,
     /// A pool name from the directory; `None` leaves the choice to the
     /// domain rules and the default pool.
     pub pool: Option<String>,
+    /// The password to use at the backend, when the source names one
+    /// other than the client's.
+    pub backend_password: Option<Secret>,
+}
+
+/// What a source may know about the login besides the credentials.
+#[derive(Debug, Clone)]
+pub struct AuthContext {
+    /// The client's address (from the PROXY header where trusted).
+    pub client: IpAddr,
+    /// This connection's login attempt, from 1.
+    pub attempt: u32,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+}
+
+#[cfg(test)]
+impl AuthContext {
+    /// A first attempt over TLS from loopback.
+    pub fn test() -> AuthContext {
+        AuthContext {
+            client: IpAddr::from([127, 0, 0, 1]),
+            attempt: 1,
+            tls: true,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +67,14 @@ pub enum AuthError {
     /// The source could not answer (down, timed out).
     #[error("authentication source unavailable: {0}")]
     Unavailable(String),
+    /// The source refused with its own words for the client. With `wait`,
+    /// the answer is delayed that long and the client may try again;
+    /// without, the connection closes after the answer.
+    #[error("refused by the source: {text}")]
+    Refused {
+        text: String,
+        wait: Option<Duration>,
+    },
 }
 
 pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthError>> + Send + 'a>>;
@@ -43,7 +82,12 @@ pub type AuthFuture<'a> = Pin<Box<dyn Future<Output = Result<Identity, AuthError
 /// A source of truth about users and their credentials.
 pub trait Authenticator: Send + Sync {
     /// Checks `password` for the already normalised `user`.
-    fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a>;
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: Secret,
+        ctx: &'a AuthContext,
+    ) -> AuthFuture<'a>;
 
     /// Name for logs and the `source` metric label.
     fn name(&self) -> &'static str;
@@ -99,6 +143,7 @@ mod tests {
         AuthConfig {
             source: AuthSource::Static,
             static_users: None,
+            http: None,
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
             default_domain: domain.map(str::to_owned),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::password::PasswordHash;
-use super::{normalise_username, AuthError, AuthFuture, Authenticator, Identity};
+use super::{normalise_username, AuthContext, AuthError, AuthFuture, Authenticator, Identity};
 use crate::config::{Auth as AuthConfig, UsersFormat};
 use crate::imap::Secret;
 
@@ -143,7 +143,12 @@ fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
 }
 
 impl Authenticator for StaticUsers {
-    fn authenticate<'a>(&'a self, user: &'a str, password: Secret) -> AuthFuture<'a> {
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: Secret,
+        _ctx: &'a AuthContext,
+    ) -> AuthFuture<'a> {
         Box::pin(async move {
             let entry = self.users.get(user);
             let Some(hash) = entry.map(|e| &e.hash).or(self.decoy.as_ref()) else {
@@ -157,6 +162,7 @@ impl Authenticator for StaticUsers {
                     user: user.to_owned(),
                     backend: entry.backend.clone(),
                     pool: entry.pool.clone(),
+                    backend_password: None,
                 }),
                 _ => Err(AuthError::Rejected),
             }
@@ -178,6 +184,7 @@ mod tests {
         AuthConfig {
             source: AuthSource::Static,
             static_users: None,
+            http: None,
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,
             default_domain: None,
@@ -220,7 +227,11 @@ mod tests {
         })
         .unwrap();
         let bob = users
-            .authenticate("bob", Secret::new(b"x".to_vec()))
+            .authenticate(
+                "bob",
+                Secret::new(b"x".to_vec()),
+                &super::AuthContext::test(),
+            )
             .await
             .unwrap();
         assert_eq!(bob.pool.as_deref(), Some("business"));
@@ -230,19 +241,31 @@ mod tests {
                 .contains("pool `business`")
         );
         let id = users
-            .authenticate("alice", Secret::new(b"pw".to_vec()))
+            .authenticate(
+                "alice",
+                Secret::new(b"pw".to_vec()),
+                &super::AuthContext::test(),
+            )
             .await
             .unwrap();
         assert_eq!(id.backend.as_deref(), Some("mail-b"));
         assert!(matches!(
             users
-                .authenticate("alice", Secret::new(b"nope".to_vec()))
+                .authenticate(
+                    "alice",
+                    Secret::new(b"nope".to_vec()),
+                    &super::AuthContext::test()
+                )
                 .await,
             Err(AuthError::Rejected)
         ));
         assert!(matches!(
             users
-                .authenticate("nobody", Secret::new(b"pw".to_vec()))
+                .authenticate(
+                    "nobody",
+                    Secret::new(b"pw".to_vec()),
+                    &super::AuthContext::test()
+                )
                 .await,
             Err(AuthError::Rejected)
         ));
@@ -255,11 +278,19 @@ mod tests {
             .unwrap();
         assert_eq!(users.len(), 2);
         assert!(users
-            .authenticate("bob", Secret::new(b"secret".to_vec()))
+            .authenticate(
+                "bob",
+                Secret::new(b"secret".to_vec()),
+                &super::AuthContext::test()
+            )
             .await
             .is_ok());
         assert!(users
-            .authenticate("alice", Secret::new(b"pw".to_vec()))
+            .authenticate(
+                "alice",
+                Secret::new(b"pw".to_vec()),
+                &super::AuthContext::test()
+            )
             .await
             .is_ok());
     }

@@ -35,6 +35,16 @@ impl Secret {
     }
 }
 
+/// Equal bytes, compared in constant time.
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
+impl Eq for Secret {}
+
 impl Drop for Secret {
     fn drop(&mut self) {
         self.0.zeroize();

@@ -689,10 +689,16 @@ impl Pool {
             pool: Arc::clone(&group.name),
         };
         if let Some(name) = &identity.backend {
+            // By name, or by address (`host:port`, or a name and any port)
+            // as an external directory may give it.
             let backend = self
                 .backends()
                 .into_iter()
-                .find(|b| &b.name == name)
+                .find(|b| &b.name == name || &b.address == name)
+                .or_else(|| {
+                    let (host, _) = name.rsplit_once(':')?;
+                    self.backends().into_iter().find(|b| b.name == host)
+                })
                 .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?;
             if !backend.available() || excluded(&backend) {
                 return Err(RouteError::Unavailable(name.clone()));
@@ -880,6 +886,7 @@ mod tests {
             user: name.into(),
             backend: None,
             pool: None,
+            backend_password: None,
         }
     }
 

@@ -37,6 +37,9 @@ pub struct Setup<'a> {
     pub imaps_options: &'a str,
     /// Extra keys for the `auth:` block.
     pub auth_options: &'a str,
+    /// Lines of the `auth:` block that choose the source, indented by two;
+    /// empty for the users file (`source: static`).
+    pub auth_source: &'a str,
     /// Extra keys for the `backends:` block.
     pub backend_options: &'a str,
     /// A whole `tls:` block; empty for a self-signed certificate in the test dir.
@@ -71,13 +74,14 @@ impl Postern {
             let config = format!(
                 "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
                  {tls}\n\
-                 auth:\n  source: static\n  static: {{ users_file: users.yaml }}\n  failure_delay: 200ms\n{auth}\n\
+                 auth:\n{source}  failure_delay: 200ms\n{auth}\n\
                  backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n{backend_options}\n  pool:\n{pool}\
                  metrics:\n  bind: \"127.0.0.1:{metrics}\"\n\
                  log:\n  level: debug\n{extra}\n",
                 imaps_opts = if setup.imaps_options.is_empty() { String::new() } else { format!(", {}", setup.imaps_options) },
                 starttls = if setup.starttls_options.is_empty() { String::new() } else { format!(", {}", setup.starttls_options) },
                 auth = indent(setup.auth_options),
+                source = if setup.auth_source.is_empty() { "  source: static\n  static: { users_file: users.yaml }\n".to_owned() } else { format!("{}\n", setup.auth_source.trim_end()) },
                 backend_options = indent(setup.backend_options),
                 extra = setup.extra,
                 tls = if setup.tls.is_empty() { "tls:\n  self_signed: { dir: tls, names: [localhost] }" } else { setup.tls },

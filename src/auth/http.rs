@@ -1,0 +1,415 @@
+//! The `http` source: an authentication service that speaks nginx's
+//! `auth_http` protocol, so a platform moving off nginx's mail proxy keeps
+//! the service it runs.
+//!
+//! One `GET` per login, on a fresh connection (as nginx does), with the
+//! credentials and the client in request headers:
+//! `Auth-Method: plain`, `Auth-User`, `Auth-Pass` (both escaped as nginx
+//! escapes them: `%XX` for space, `%`, control bytes and bytes above
+//! 0x7e), `Auth-Protocol: imap`, `Auth-Login-Attempt` (per connection,
+//! from 1), `Client-IP`, `Client-Host` (`[UNAVAILABLE]`: Postern does no
+//! reverse lookups) and `Auth-SSL: on` for TLS clients, plus the
+//! configured extra headers (a shared secret read from a file, say).
+//!
+//! The answer is in the response headers; the body is ignored. Any 2xx
+//! status is an answer; other statuses, timeouts and unreachable services
+//! make the login `NO [UNAVAILABLE]`.
+//! - `Auth-Status: OK` with `Auth-Server` and `Auth-Port`: the user is in.
+//!   The server must be a configured backend, matched by its address
+//!   (`Auth-Server:Auth-Port`) or by its name; `Auth-User` and `Auth-Pass`,
+//!   when present, replace the user name and password used at the backend.
+//! - Any other `Auth-Status` is a refusal, and its text is what the client
+//!   reads after `NO [AUTHENTICATIONFAILED]`. With `Auth-Wait: N` the answer
+//!   waits N seconds and the client may try again; without it the
+//!   connection is closed after the answer, as nginx does.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::Uri;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{AuthContext, AuthError, AuthFuture, Authenticator, Identity};
+use crate::config::HttpAuth as HttpAuthConfig;
+use crate::imap::Secret;
+
+/// Longest `Auth-Status` text passed on to a client.
+const MAX_STATUS_TEXT: usize = 200;
+/// Longest `Auth-Wait` honoured.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Most bytes of response head read; the body is never read.
+const MAX_RESPONSE_HEAD: usize = 16 * 1024;
+
+pub struct HttpAuth {
+    host: String,
+    port: u16,
+    /// Path and query of the request.
+    target: String,
+    /// `Host` header value.
+    authority: String,
+    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    timeout: Duration,
+    /// Extra request headers, name and value, checked to be header text.
+    headers: Vec<(String, Secret)>,
+}
+
+impl HttpAuth {
+    /// `headers` are the extra request headers with their values already
+    /// read (from files where configured).
+    pub fn new(
+        config: &HttpAuthConfig,
+        headers: Vec<(String, Secret)>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<HttpAuth, String> {
+        let uri: Uri = config
+            .url
+            .parse()
+            .map_err(|e| format!("key `auth.http.url`: {e}"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err("key `auth.http.url`: must start with http:// or https://".into()),
+        };
+        let host = uri
+            .host()
+            .ok_or("key `auth.http.url`: no host")?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let target = uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".into());
+        let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap();
+        let tls = if https {
+            let config =
+                tls.ok_or("key `auth.http.url`: https needs a TLS client configuration")?;
+            let name = ServerName::try_from(host.clone())
+                .map_err(|e| format!("key `auth.http.url`: {e}"))?;
+            Some((tokio_rustls::TlsConnector::from(config), name))
+        } else {
+            None
+        };
+        Ok(HttpAuth {
+            host,
+            port,
+            target,
+            authority,
+            tls,
+            timeout: config.timeout,
+            headers,
+        })
+    }
+
+    /// The request as nginx writes it: HTTP/1.0, one per connection, the
+    /// header names in nginx's case.
+    fn request(&self, user: &str, password: &Secret, ctx: &AuthContext) -> Secret {
+        let mut out = format!(
+            "GET {} HTTP/1.0\r\nHost: {}\r\nAuth-Method: plain\r\nAuth-User: {}\r\nAuth-Pass: ",
+            self.target,
+            self.authority,
+            escape(user.as_bytes())
+        );
+        out.push_str(&escape(password.expose()));
+        let _ = write!(
+            out,
+            "\r\nAuth-Protocol: imap\r\nAuth-Login-Attempt: {}\r\nClient-IP: {}\r\nClient-Host: [UNAVAILABLE]\r\n",
+            ctx.attempt,
+            ctx.client.to_canonical()
+        );
+        if ctx.tls {
+            out.push_str("Auth-SSL: on\r\n");
+        }
+        let mut bytes = out.into_bytes();
+        for (name, value) in &self.headers {
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.extend_from_slice(b": ");
+            bytes.extend_from_slice(value.expose());
+            bytes.extend_from_slice(b"\r\n");
+        }
+        bytes.extend_from_slice(b"\r\n");
+        Secret::new(bytes)
+    }
+
+    async fn ask(
+        &self,
+        user: &str,
+        password: &Secret,
+        ctx: &AuthContext,
+    ) -> Result<Answer, String> {
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
+        let _ = tcp.set_nodelay(true);
+        let request = self.request(user, password, ctx);
+        match &self.tls {
+            None => exchange(tcp, &request).await,
+            Some((connector, name)) => {
+                let tls = connector
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS to the auth service: {e}"))?;
+                exchange(tls, &request).await
+            }
+        }
+    }
+}
+
+/// What the service said, from the response headers.
+#[derive(Debug, Default, PartialEq)]
+struct Answer {
+    status: String,
+    server: Option<String>,
+    port: Option<String>,
+    user: Option<String>,
+    pass: Option<Vec<u8>>,
+    wait: Option<String>,
+}
+
+/// Sends the request and reads the response head (bounded); the body and
+/// the rest of the connection are dropped unread.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    request: &Secret,
+) -> Result<Answer, String> {
+    let io = |e: std::io::Error| format!("HTTP: {e}");
+    stream.write_all(request.expose()).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let mut head = Secret::new(Vec::with_capacity(1024));
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = stream.read(&mut chunk).await.map_err(io)?;
+        if n == 0 {
+            return Err("the auth service closed the connection before answering".into());
+        }
+        let mut grown = head.expose().to_vec();
+        grown.extend_from_slice(&chunk[..n]);
+        chunk.fill(0);
+        head = Secret::new(grown);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        match response.parse(head.expose()) {
+            Ok(httparse::Status::Complete(_)) => return answer(&response),
+            Ok(httparse::Status::Partial) if head.expose().len() < MAX_RESPONSE_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(format!("response head over {MAX_RESPONSE_HEAD} bytes"))
+            }
+            Err(e) => return Err(format!("invalid HTTP response: {e}")),
+        }
+    }
+}
+
+fn answer(response: &httparse::Response<'_, '_>) -> Result<Answer, String> {
+    let code = response.code.unwrap_or(0);
+    if !(200..300).contains(&code) {
+        return Err(format!("the auth service answered HTTP {code}"));
+    }
+    let raw = |name: &str| {
+        response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    };
+    let text = |name: &str| raw(name).map(|v| String::from_utf8_lossy(v).trim().to_owned());
+    Ok(Answer {
+        status: text("Auth-Status").ok_or("no Auth-Status header in the answer")?,
+        server: text("Auth-Server"),
+        port: text("Auth-Port"),
+        user: text("Auth-User"),
+        pass: raw("Auth-Pass").map(<[u8]>::to_vec),
+        wait: text("Auth-Wait"),
+    })
+}
+
+impl Authenticator for HttpAuth {
+    fn authenticate<'a>(
+        &'a self,
+        user: &'a str,
+        password: Secret,
+        ctx: &'a AuthContext,
+    ) -> AuthFuture<'a> {
+        Box::pin(async move {
+            let answer = tokio::time::timeout(self.timeout, self.ask(user, &password, ctx))
+                .await
+                .map_err(|_| {
+                    AuthError::Unavailable(format!("no answer within {:?}", self.timeout))
+                })?
+                .map_err(AuthError::Unavailable)?;
+            decide(user, answer)
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "http"
+    }
+}
+
+fn decide(user: &str, answer: Answer) -> Result<Identity, AuthError> {
+    if answer.status != "OK" {
+        let wait = match answer.wait.as_deref() {
+            None | Some("") => None,
+            Some(w) => Some(
+                w.parse::<u64>()
+                    .map(|s| Duration::from_secs(s).min(MAX_WAIT))
+                    .map_err(|_| {
+                        AuthError::Unavailable(format!(
+                            "Auth-Wait `{w}` is not a number of seconds"
+                        ))
+                    })?,
+            ),
+        };
+        return Err(AuthError::Refused {
+            text: printable(&answer.status),
+            wait,
+        });
+    }
+    let server = answer
+        .server
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| AuthError::Unavailable("Auth-Status OK without Auth-Server".into()))?;
+    let port: u16 = answer
+        .port
+        .as_deref()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| AuthError::Unavailable("Auth-Status OK without a valid Auth-Port".into()))?;
+    let address = match server.parse::<IpAddr>() {
+        Ok(IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        _ => format!("{server}:{port}"),
+    };
+    let backend_user = match answer.user {
+        Some(u) if !u.is_empty() => {
+            if u.chars().any(char::is_control) {
+                return Err(AuthError::Unavailable(
+                    "Auth-User with control characters".into(),
+                ));
+            }
+            u
+        }
+        _ => user.to_owned(),
+    };
+    Ok(Identity {
+        user: backend_user,
+        backend: Some(address),
+        pool: None,
+        backend_password: answer.pass.map(Secret::new),
+    })
+}
+
+/// nginx's escaping of `Auth-User` and `Auth-Pass` (`ngx_escape_uri` with
+/// its mail-auth table): `%XX` for space, `%`, control bytes, DEL and every
+/// byte above 0x7e; everything else as it is.
+pub fn escape(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b <= 0x20 || b == b'%' || b >= 0x7f {
+            let _ = write!(out, "%{b:02X}");
+        } else {
+            out.push(b as char);
+        }
+    }
+    out
+}
+
+/// The service's refusal text, as a client may read it: printable ASCII,
+/// bounded.
+fn printable(text: &str) -> String {
+    let clean: String = text
+        .chars()
+        .filter(|c| c.is_ascii_graphic() || *c == ' ')
+        .take(MAX_STATUS_TEXT)
+        .collect();
+    if clean.trim().is_empty() {
+        "Authentication failed.".into()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_matches_nginx() {
+        assert_eq!(escape(b"alice@example.com"), "alice@example.com");
+        assert_eq!(escape(b"p%ss w\xc3\xa9rd"), "p%25ss%20w%C3%A9rd");
+        assert_eq!(escape(b"a\r\nb\0\x7f"), "a%0D%0Ab%00%7F");
+        assert_eq!(escape(b"(*)\\\"'+:/?&="), "(*)\\\"'+:/?&=");
+    }
+
+    fn answer(status: &str) -> Answer {
+        Answer {
+            status: status.into(),
+            ..Answer::default()
+        }
+    }
+
+    #[test]
+    fn ok_names_the_backend_and_may_replace_user_and_password() {
+        let mut a = answer("OK");
+        a.server = Some("192.0.2.1".into());
+        a.port = Some("143".into());
+        let id = decide("alice", a).unwrap();
+        assert_eq!(id.user, "alice");
+        assert_eq!(id.backend.as_deref(), Some("192.0.2.1:143"));
+        assert!(id.backend_password.is_none());
+
+        let mut a = answer("OK");
+        a.server = Some("2001:db8::1".into());
+        a.port = Some("993".into());
+        a.user = Some("alice@internal".into());
+        a.pass = Some(b"master-made".to_vec());
+        let id = decide("alice", a).unwrap();
+        assert_eq!(id.user, "alice@internal");
+        assert_eq!(id.backend.as_deref(), Some("[2001:db8::1]:993"));
+        assert_eq!(id.backend_password.unwrap().expose(), b"master-made");
+
+        let mut a = answer("OK");
+        a.server = Some("mail-1".into());
+        assert!(
+            matches!(decide("alice", a), Err(AuthError::Unavailable(_))),
+            "no port"
+        );
+        assert!(matches!(
+            decide("alice", answer("OK")),
+            Err(AuthError::Unavailable(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_carry_the_text_and_the_wait() {
+        let mut a = answer("Invalid login or password");
+        a.wait = Some("3".into());
+        match decide("alice", a) {
+            Err(AuthError::Refused { text, wait }) => {
+                assert_eq!(text, "Invalid login or password");
+                assert_eq!(wait, Some(Duration::from_secs(3)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut a = answer("Go away\u{7}\u{1b}[31m");
+        a.wait = Some("999999".into());
+        match decide("alice", a) {
+            Err(AuthError::Refused { text, wait }) => {
+                assert_eq!(text, "Go away[31m");
+                assert_eq!(wait, Some(MAX_WAIT));
+            }
+            other => panic!("{other:?}"),
+        }
+        match decide("alice", answer("")) {
+            Err(AuthError::Refused { text, wait: None }) => {
+                assert_eq!(text, "Authentication failed.")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut a = answer("No");
+        a.wait = Some("soon".into());
+        assert!(matches!(decide("alice", a), Err(AuthError::Unavailable(_))));
+    }
+}

@@ -1,0 +1,331 @@
+//! The `http` auth source against a real HTTP service speaking nginx's
+//! `auth_http` protocol (tests/python/auth_http_server.py) and real Dovecot
+//! backends: the request headers as nginx sends them, escaping included;
+//! the service naming the backend by address; its refusal text, Auth-Wait
+//! and attempt counter on the wire; no Auth-Wait closing the connection;
+//! Auth-User/Auth-Pass replacing the backend credentials; and a hanging,
+//! failing or dead service giving `NO [UNAVAILABLE]` within the timeout,
+//! then recovering by itself.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::postern::{Postern, Setup, PASSWORD};
+
+/// The auth service, as a child process; killed when dropped.
+struct AuthService {
+    child: Option<Child>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl AuthService {
+    fn start(name: &str, config: &serde_json::Value) -> AuthService {
+        let dir = std::env::temp_dir().join(format!(
+            "postern-test-authhttp-{}-{name}",
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        fs::write(dir.join("secret"), "s3cret-key\n").unwrap();
+        let mut service = AuthService {
+            child: None,
+            dir,
+            port: 0,
+        };
+        service.spawn();
+        service
+    }
+
+    fn spawn(&mut self) {
+        let _ = fs::remove_file(self.dir.join("port"));
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/auth_http_server.py"
+        );
+        let child = Command::new("python3")
+            .arg(script)
+            .arg(self.dir.join("config.json"))
+            .arg(self.dir.join("port"))
+            .arg(self.dir.join("requests.log"))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("python3 runs");
+        self.child = Some(child);
+        let mut port = 0;
+        common::wait_until("the auth service's port", Duration::from_secs(10), || {
+            port = fs::read_to_string(self.dir.join("port"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .unwrap_or(0);
+            port != 0
+        });
+        self.port = port;
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every request's headers, in order.
+    fn requests(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.dir.join("requests.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["headers"].clone())
+            .collect()
+    }
+
+    fn auth_source(&self, timeout: &str) -> String {
+        format!(
+            "  source: http\n  http:\n    url: \"http://127.0.0.1:{}/auth?from=postern\"\n    timeout: {timeout}\n    headers: {{ X-Deployment: test }}\n    header_files: {{ X-Auth-Key: {} }}\n  cache_ttl: 0s\n",
+            self.port,
+            self.dir.join("secret").display()
+        )
+    }
+}
+
+impl Drop for AuthService {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn header<'a>(request: &'a serde_json::Value, name: &str) -> &'a str {
+    request[name]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {name} in {request}"))
+}
+
+/// `AUTHENTICATE PLAIN` with an initial response: any bytes in the password.
+fn authenticate_plain(c: &mut Client, user: &str, password: &[u8]) -> Vec<String> {
+    let mut message = vec![0];
+    message.extend_from_slice(user.as_bytes());
+    message.push(0);
+    message.extend_from_slice(password);
+    let ir = base64::engine::general_purpose::STANDARD.encode(message);
+    c.command("A1", &format!("AUTHENTICATE PLAIN {ir}"))
+}
+
+fn setup(name: &str) -> (DovecotBackend, AuthService, Postern) {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users(
+        &format!("authhttp-{name}"),
+        &[
+            ("alice", PASSWORD),
+            ("dave", "p%ss w\u{f6}rd"),
+            ("carol", "backend-only"),
+        ],
+    );
+    let (ip, port) = b
+        .addr()
+        .rsplit_once(':')
+        .map(|(i, p)| (i.to_owned(), p.parse::<u16>().unwrap()))
+        .unwrap();
+    let service = AuthService::start(
+        name,
+        &serde_json::json!({
+            "users": {
+                "alice": { "password": PASSWORD, "server": ip, "port": port },
+                "dave": { "password": "p%ss w\u{f6}rd", "server": ip, "port": port },
+                "carol": { "password": "client-pw", "server": ip, "port": port, "pass": "backend-only" },
+                "lost": { "password": PASSWORD, "server": "192.0.2.1", "port": 143 },
+            },
+            "nowait": ["nowait"],
+            "hang": ["hang"],
+            "error": ["boom"],
+            "wait": 1,
+        }),
+    );
+    let source = service.auth_source("1s");
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        auth_source: &source,
+        ..Setup::default()
+    });
+    (b, service, p)
+}
+
+#[test]
+fn the_service_gets_nginx_headers_and_names_the_backend() {
+    let (b, service, p) = setup("headers");
+    let mut c = Client::logged_in(p.imaps, "alice");
+    c.command("Z", "LOGOUT");
+    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
+        b.logins_of("alice") == 1
+    });
+    let requests = service.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let r = &requests[0];
+    assert_eq!(header(r, "Auth-Method"), "plain");
+    assert_eq!(header(r, "Auth-User"), "alice");
+    assert_eq!(header(r, "Auth-Pass"), PASSWORD);
+    assert_eq!(header(r, "Auth-Protocol"), "imap");
+    assert_eq!(header(r, "Auth-Login-Attempt"), "1");
+    assert_eq!(header(r, "Client-IP"), "127.0.0.1");
+    assert_eq!(header(r, "Client-Host"), "[UNAVAILABLE]");
+    assert_eq!(header(r, "Auth-SSL"), "on");
+    assert_eq!(header(r, "X-Auth-Key"), "s3cret-key");
+    assert_eq!(header(r, "X-Deployment"), "test");
+    assert!(header(r, "Host").starts_with("127.0.0.1:"));
+    assert_eq!(
+        p.metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"success\",source=\"http\"}"
+        ),
+        1.0
+    );
+    assert!(
+        !p.log().contains("s3cret-key"),
+        "the shared secret is not logged"
+    );
+}
+
+#[test]
+fn credentials_are_escaped_as_nginx_escapes_them() {
+    let (b, service, p) = setup("escape");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = authenticate_plain(&mut c, "dave", "p%ss w\u{f6}rd".as_bytes());
+    assert!(lines.last().unwrap().starts_with("A1 OK"), "{lines:?}");
+    let r = &service.requests()[0];
+    assert_eq!(header(r, "Auth-Pass"), "p%25ss%20w%C3%B6rd");
+    common::wait_until("the backend logs dave", Duration::from_secs(10), || {
+        b.logins_of("dave") == 1
+    });
+}
+
+#[test]
+fn refusals_carry_the_service_text_wait_and_attempt_number() {
+    let (b, service, p) = setup("refusal");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let started = Instant::now();
+    let lines = c.login("alice", "wrong");
+    assert_eq!(
+        lines,
+        vec!["L1 NO [AUTHENTICATIONFAILED] Invalid login or password"]
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Auth-Wait: 1 is honoured"
+    );
+    let lines = c.command("L2", &format!("LOGIN alice {PASSWORD}"));
+    assert!(lines.last().unwrap().starts_with("L2 OK"), "{lines:?}");
+    let attempts: Vec<String> = service
+        .requests()
+        .iter()
+        .map(|r| header(r, "Auth-Login-Attempt").to_owned())
+        .collect();
+    assert_eq!(attempts, ["1", "2"]);
+    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
+        b.logins_of("alice") == 1
+    });
+    assert!(!b.log().contains("wrong"));
+    assert_eq!(
+        p.metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\",source=\"http\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_refusal_without_auth_wait_closes_the_connection() {
+    let (_b, _service, p) = setup("nowait");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("nowait", "whatever");
+    assert_eq!(
+        lines,
+        vec!["L1 NO [AUTHENTICATIONFAILED] Invalid login or password"]
+    );
+    assert_eq!(c.line(), "* BYE Authentication refused");
+    assert!(c.closed());
+}
+
+#[test]
+fn auth_pass_replaces_the_password_used_at_the_backend() {
+    let (b, _service, p) = setup("authpass");
+    let mut c = Client::imaps(p.imaps).0;
+    let lines = c.login("carol", "client-pw");
+    assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
+    common::wait_until("the backend logs carol", Duration::from_secs(10), || {
+        b.logins_of("carol") == 1
+    });
+}
+
+#[test]
+fn a_server_that_is_not_a_backend_is_refused() {
+    let (_b, _service, p) = setup("lost");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("lost", PASSWORD);
+    assert!(
+        lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+    assert!(
+        p.log().contains("192.0.2.1:143"),
+        "the log names what the service said"
+    );
+}
+
+#[test]
+fn a_hanging_failing_or_dead_service_is_unavailable_then_recovers() {
+    let (_b, mut service, p) = setup("down");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let started = Instant::now();
+    let lines = c.login("hang", "x");
+    assert_eq!(
+        lines,
+        vec!["L1 NO [UNAVAILABLE] Authentication is unavailable, try again later"]
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        "answered within the 1s timeout: {waited:?}"
+    );
+    let lines = c.command("L2", "LOGIN boom x");
+    assert!(
+        lines.last().unwrap().starts_with("L2 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+
+    service.kill();
+    let started = Instant::now();
+    let lines = c.command("L3", &format!("LOGIN alice {PASSWORD}"));
+    assert!(
+        lines.last().unwrap().starts_with("L3 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(
+        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"unavailable\",source=\"http\"}"),
+        3.0
+    );
+    // Back on the same port: the next login goes through.
+    let port = service.port;
+    respawn_on(&mut service, port);
+    let lines = c.command("L4", &format!("LOGIN alice {PASSWORD}"));
+    assert!(lines.last().unwrap().starts_with("L4 OK"), "{lines:?}");
+}
+
+/// Starts the service again; it must get its old port back for Postern's
+/// configuration to reach it, so this retries until the port is free.
+fn respawn_on(service: &mut AuthService, port: u16) {
+    let config = service.dir.join("config.json");
+    let mut text: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&config).unwrap()).unwrap();
+    text["bind_port"] = port.into();
+    fs::write(&config, text.to_string()).unwrap();
+    service.spawn();
+    assert_eq!(service.port, port);
+}

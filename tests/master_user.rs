@@ -1,0 +1,77 @@
+//! Master-user logins at real Dovecot backends (`proxymaster`, set up by
+//! scripts/dovecot-backend with `auth_master_user_separator = *`): a user
+//! whose backend password differs from the one Postern checks still gets
+//! in, through SASL PLAIN with an authorization identity or through
+//! Dovecot's `user*master` LOGIN form, with the master password read from
+//! a file. A wrong master password fails at the backend with
+//! `NO [UNAVAILABLE]`, never as the user's fault.
+
+mod common;
+
+use std::time::Duration;
+
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::postern::{user, Postern, Setup, PASSWORD};
+
+const MASTER_PASSWORD: &str = "master-secret";
+
+fn behind_master(name: &str, form: &str, master_password: &str) -> (DovecotBackend, Postern) {
+    common::backend::ensure_installed();
+    // The backend knows alice by another password than Postern does.
+    let b = DovecotBackend::start_with_users(name, &[("alice", "only-the-backend-knows")]);
+    let dir =
+        std::env::temp_dir().join(format!("postern-test-master-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("master.password");
+    std::fs::write(&file, format!("{master_password}\n")).unwrap();
+    let options = format!(
+        "master_user:\n  user: proxymaster\n  password_file: {}\n  form: {form}\n  always: true\n",
+        file.display()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        backend_options: &options,
+        ..Setup::default()
+    });
+    (b, p)
+}
+
+#[test]
+fn master_login_with_an_authorization_identity() {
+    let (b, p) = behind_master("master-authzid", "authzid", MASTER_PASSWORD);
+    let mut c = Client::logged_in(p.imaps, "alice");
+    let lines = c.command("S", "SELECT INBOX");
+    assert!(lines.last().unwrap().starts_with("S OK"), "{lines:?}");
+    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
+        b.logins_of("alice") == 1
+    });
+    assert!(b.logins()[0].contains("method=PLAIN"), "{:?}", b.logins());
+}
+
+#[test]
+fn master_login_with_the_separator_form() {
+    let (b, p) = behind_master("master-separator", "separator", MASTER_PASSWORD);
+    let mut c = Client::logged_in(p.imaps, "alice");
+    c.command("Z", "LOGOUT");
+    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
+        b.logins_of("alice") == 1
+    });
+}
+
+#[test]
+fn a_wrong_master_password_is_the_backend_s_fault_not_the_user_s() {
+    let (b, p) = behind_master("master-wrong", "authzid", "not-the-master-password");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("alice", PASSWORD);
+    assert!(
+        lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+    assert_eq!(b.logins_of("alice"), 0);
+    assert!(
+        !p.log().contains("not-the-master-password"),
+        "no secret in the log"
+    );
+}
