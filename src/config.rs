@@ -218,6 +218,9 @@ pub struct Auth {
     /// The `http` source: a service speaking nginx's `auth_http` protocol.
     #[serde(default)]
     pub http: Option<HttpAuth>,
+    /// Growing delays per network and user, blocks per network.
+    #[serde(default)]
+    pub brute_force: BruteForce,
     /// How long a failed login waits, counted from when the credentials arrived.
     #[serde(default = "default_failure_delay", deserialize_with = "duration")]
     pub failure_delay: Duration,
@@ -238,6 +241,44 @@ pub struct Auth {
 pub enum AuthSource {
     Static,
     Http,
+}
+
+/// Brute-force defence: see `auth::guard`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BruteForce {
+    pub enabled: bool,
+    /// Failures are counted per IPv4 network of this prefix length…
+    pub ipv4_prefix: u8,
+    /// …and per IPv6 network of this one (a /64 is one customer).
+    pub ipv6_prefix: u8,
+    /// The longest an answer to a failed login waits.
+    #[serde(deserialize_with = "duration")]
+    pub max_delay: Duration,
+    /// Failures from one network, within `window`, that block it; 0: never.
+    pub block_after: u32,
+    #[serde(deserialize_with = "duration")]
+    pub block_for: Duration,
+    /// A record is forgotten this long after its last failure.
+    #[serde(deserialize_with = "duration")]
+    pub window: Duration,
+    /// Networks and users remembered at once, at most.
+    pub max_entries: usize,
+}
+
+impl Default for BruteForce {
+    fn default() -> Self {
+        BruteForce {
+            enabled: true,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            max_delay: Duration::from_secs(30),
+            block_after: 20,
+            block_for: Duration::from_secs(15 * 60),
+            window: Duration::from_secs(15 * 60),
+            max_entries: 100_000,
+        }
+    }
 }
 
 /// An authentication service speaking nginx's `auth_http` protocol.
@@ -543,6 +584,17 @@ pub struct Limits {
     /// at accept. Each session holds two file descriptors.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Connections open at once from one client network (see
+    /// `auth.brute_force.ipv4_prefix`/`ipv6_prefix`); 0: no limit.
+    #[serde(default)]
+    pub max_connections_per_network: u32,
+    /// Logged-in sessions at once per user; 0: no limit.
+    #[serde(default = "default_max_sessions_per_user")]
+    pub max_sessions_per_user: u32,
+}
+
+fn default_max_sessions_per_user() -> u32 {
+    50
 }
 
 impl Default for Limits {
@@ -557,6 +609,8 @@ impl Default for Limits {
             max_bad_commands: default_max_bad_commands(),
             max_auth_failures: default_max_auth_failures(),
             max_connections: default_max_connections(),
+            max_connections_per_network: 0,
+            max_sessions_per_user: default_max_sessions_per_user(),
         }
     }
 }
@@ -968,6 +1022,15 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        let bf = &self.auth.brute_force;
+        if bf.ipv4_prefix > 32 || bf.ipv6_prefix > 128 {
+            return Err(
+                "key `auth.brute_force.ipv4_prefix`/`ipv6_prefix`: at most 32 and 128".into(),
+            );
+        }
+        if bf.max_entries < 16 {
+            return Err("key `auth.brute_force.max_entries`: at least 16".into());
         }
         if let Some(m) = &self.backends.master_user {
             if m.user.is_empty() || m.user.chars().any(|c| c.is_control() || c == ' ') {

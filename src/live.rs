@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::auth::cache::CachedAuthenticator;
+use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
@@ -31,6 +32,10 @@ pub struct Runtime {
     pub probe: Option<ProbeAccount>,
     /// The master user for backend logins, when one is configured.
     pub master: Option<Arc<MasterLogin>>,
+    /// Failed-login records; kept across reloads.
+    pub guard: Arc<Guard>,
+    /// Live sessions per network and per user; kept across reloads.
+    pub slots: Arc<Slots>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -117,6 +122,8 @@ impl Runtime {
             pool,
             probe,
             master,
+            guard: previous.map(|r| Arc::clone(&r.guard)).unwrap_or_default(),
+            slots: previous.map(|r| Arc::clone(&r.slots)).unwrap_or_default(),
             metrics,
         })
     }

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub auth_duration: HistogramVec,
     pub auth_penalties: IntCounter,
     pub auth_blocks: IntCounterVec,
+    pub auth_throttled: IntCounterVec,
+    pub auth_blocked_networks: prometheus::IntCounter,
+    pub auth_refused_blocked: prometheus::IntCounter,
+    pub auth_tracked: IntGaugeVec,
+    pub session_limit: IntCounterVec,
     pub backend_draining: IntGaugeVec,
     pub connection_limit: prometheus::IntGauge,
     pub authentications: IntCounterVec,
@@ -70,6 +75,11 @@ impl Metrics {
                 .expect("valid metric");
             r.register(Box::new(h.clone())).expect("unique metric");
             h
+        }
+        fn single(r: &Registry, name: &str, help: &str) -> IntCounter {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            r.register(Box::new(c.clone())).expect("unique metric");
+            c
         }
         fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
             let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -143,15 +153,27 @@ impl Metrics {
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
-            auth_penalties: {
-                let c = IntCounter::new(
-                    "postern_auth_penalties_total",
-                    "Failed logins answered only after auth.failure_delay.",
-                )
-                .expect("valid metric");
-                registry.register(Box::new(c.clone())).expect("unique metric");
-                c
-            },
+            auth_penalties: single(&registry, "postern_auth_penalties_total", "Failed logins answered only after auth.failure_delay."),
+            auth_throttled: counter(
+                &registry,
+                "postern_auth_throttled_total",
+                "Failed logins answered later than auth.failure_delay because of earlier failures, by what had failed before (network or user).",
+                &["scope"],
+            ),
+            auth_blocked_networks: single(&registry, "postern_auth_network_blocks_total", "Client networks blocked after auth.brute_force.block_after failed logins."),
+            auth_refused_blocked: single(&registry, "postern_auth_refused_blocked_total", "Logins refused, without asking the auth source, because the client's network is blocked."),
+            auth_tracked: gauge(
+                &registry,
+                "postern_auth_tracked",
+                "Networks and users with failed logins on record.",
+                &["scope"],
+            ),
+            session_limit: counter(
+                &registry,
+                "postern_session_limit_total",
+                "Connections or logins refused by a per-network or per-user limit.",
+                &["scope"],
+            ),
             auth_blocks: counter(
                 &registry,
                 "postern_auth_blocks_total",

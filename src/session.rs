@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::auth::guard::{Full, Key, Slot};
 use crate::auth::{normalise_username, AuthContext, AuthError};
 use crate::backend::{
     self, BackendError, BackendSession, BackendStream, ClientAddresses, LoginRequest,
@@ -89,6 +90,8 @@ pub async fn run(
             auth_failures: 0,
             handed_over: (0, 0),
             lease: None,
+            network_slot: None,
+            user_slot: None,
             shutdown,
             registry,
         };
@@ -150,6 +153,9 @@ struct Session {
     handed_over: (u64, u64),
     /// The relayed session's place in the pool, from the backend login on.
     lease: Option<Lease>,
+    /// Places in the per-network and per-user session limits.
+    network_slot: Option<Slot>,
+    user_slot: Option<Slot>,
     shutdown: Arc<Shutdown>,
     registry: Arc<Registry>,
 }
@@ -173,6 +179,23 @@ impl Session {
         if let Some(pp) = self.listener.proxy_protocol.clone() {
             if let Err(reason) = self.proxy_header(&mut tcp, &pp).await {
                 return reason.into();
+            }
+        }
+        // Per-network connection limit, once the client's address is known.
+        let limit = limits.max_connections_per_network;
+        match rt.slots.take(self.network(), limit) {
+            Ok(slot) => self.network_slot = slot,
+            Err(Full) => {
+                rt.metrics
+                    .session_limit
+                    .with_label_values(&["network"])
+                    .inc();
+                tracing::info!(client = %self.peer, limit, "connection refused: too many from this network");
+                if self.listener.tls == ListenerTls::Starttls {
+                    let bye = b"* BYE [UNAVAILABLE] Too many connections from your network\r\n";
+                    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut tcp, bye)).await;
+                }
+                return "network_limit".into();
             }
         }
         // The handshake and pre-auth futures are large (TLS handshake, command
@@ -724,7 +747,7 @@ impl Session {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "login refused: invalid user name");
                 return self
-                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED)
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None)
                     .await;
             }
         };
@@ -738,6 +761,25 @@ impl Session {
                         tag,
                         received,
                         "NO [AUTHORIZATIONFAILED] Logging in as another user is not permitted",
+                        None,
+                    )
+                    .await;
+            }
+        }
+        // A blocked network's logins are refused without asking the source.
+        let bf = &auth.brute_force;
+        if bf.enabled {
+            if let Some(left) = rt.guard.blocked(&self.network(), received) {
+                rt.metrics.auth_refused_blocked.inc();
+                self.count_auth(mechanism, "blocked");
+                tracing::info!(client = %self.peer, user, remaining_s = left.as_secs(), "login refused: network blocked after failed logins");
+                let at = received + auth.failure_delay;
+                return self
+                    .auth_failed_after(
+                        stream,
+                        tag,
+                        at,
+                        "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
                     )
                     .await;
             }
@@ -767,23 +809,24 @@ impl Session {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), "authentication failed");
                 return self
-                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED)
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, Some(&user))
                     .await;
             }
             Err(AuthError::Refused { text, wait }) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), reason = text, "authentication refused");
                 let response = format!("NO [AUTHENTICATIONFAILED] {text}");
+                let penalty = self.penalty(Some(&user), received);
                 return match wait {
                     // The source's delay, or ours if longer.
                     Some(wait) => {
-                        let delay = wait.max(rt.config.auth.failure_delay);
+                        let delay = wait.max(penalty);
                         self.auth_failed_after(stream, tag, received + delay, &response)
                             .await
                     }
                     // No retry: the answer, then the connection closes.
                     None => {
-                        tokio::time::sleep_until(received + rt.config.auth.failure_delay).await;
+                        tokio::time::sleep_until(received + penalty).await;
                         let out = format!(
                             "{tag} {}\r\n* BYE Authentication refused\r\n",
                             printable(&response, 200)
@@ -807,6 +850,24 @@ impl Session {
             }
         };
         self.count_auth(mechanism, "success");
+        if bf.enabled {
+            rt.guard.succeeded(&user);
+            self.track_guard_size();
+        }
+        let limit = rt.config.limits.max_sessions_per_user;
+        match rt.slots.take(Key::User(identity.user.clone()), limit) {
+            Ok(slot) => self.user_slot = slot,
+            Err(Full) => {
+                rt.metrics.session_limit.with_label_values(&["user"]).inc();
+                tracing::info!(client = %self.peer, user = identity.user, limit, "login refused: too many sessions for this user");
+                reply(
+                    stream,
+                    format!("{tag} NO [LIMIT] Too many sessions for this user\r\n"),
+                )
+                .await?;
+                return Ok(None);
+            }
+        }
         self.user = Some(identity.user.clone());
         let config = &rt.config.backends;
         // Connecting is bounded by connect_timeout over every backend tried:
@@ -930,9 +991,58 @@ impl Session {
         tag: &str,
         received: Instant,
         response: &str,
+        user: Option<&str>,
     ) -> Step<Option<LoggedIn>> {
-        let at = received + self.rt.config.auth.failure_delay;
+        let at = received + self.penalty(user, received);
         self.auth_failed_after(stream, tag, at, response).await
+    }
+
+    /// The client's network, as brute-force records and limits count it.
+    fn network(&self) -> Key {
+        let bf = &self.rt.config.auth.brute_force;
+        Key::network(self.peer.ip(), bf.ipv4_prefix, bf.ipv6_prefix)
+    }
+
+    /// Records a failed login and returns how long after the credentials
+    /// arrived it is answered: `failure_delay`, or longer after earlier
+    /// failures from this network or for this user.
+    fn penalty(&self, user: Option<&str>, received: Instant) -> Duration {
+        let rt = &self.rt;
+        let auth = &rt.config.auth;
+        if !auth.brute_force.enabled {
+            return auth.failure_delay;
+        }
+        let p = rt.guard.failed(
+            &self.network(),
+            user,
+            auth.failure_delay,
+            &auth.brute_force,
+            received,
+        );
+        if p.delay > auth.failure_delay {
+            rt.metrics
+                .auth_throttled
+                .with_label_values(&[p.scope])
+                .inc();
+        }
+        if p.blocked {
+            rt.metrics.auth_blocked_networks.inc();
+            tracing::warn!(
+                client = %self.peer,
+                failures = auth.brute_force.block_after,
+                block_s = auth.brute_force.block_for.as_secs(),
+                "client network blocked after failed logins"
+            );
+        }
+        self.track_guard_size();
+        p.delay
+    }
+
+    fn track_guard_size(&self) {
+        let (networks, users) = self.rt.guard.tracked();
+        let m = &self.rt.metrics.auth_tracked;
+        m.with_label_values(&["network"]).set(networks as i64);
+        m.with_label_values(&["user"]).set(users as i64);
     }
 
     /// Answers a failed login at `at`; too many failures end the session.

@@ -8,6 +8,7 @@
 //! workers that carry other sessions.
 
 pub mod cache;
+pub mod guard;
 pub mod http;
 pub mod password;
 pub mod static_users;
@@ -144,6 +145,7 @@ mod tests {
             source: AuthSource::Static,
             static_users: None,
             http: None,
+            brute_force: Default::default(),
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
             default_domain: domain.map(str::to_owned),

@@ -1,0 +1,196 @@
+//! Brute-force defence and session limits on the wire, against real
+//! Dovecot: each failed login from a network waits longer (measured), the
+//! right password still gets in at once; a network is blocked after N
+//! failures (even the right password is refused, the auth source is not
+//! asked) while another network is not, and the block ends by itself;
+//! IPv6 clients (stated by a PROXY header) are grouped by /64; per-user
+//! session and per-network connection limits answer with a reason.
+
+mod common;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use common::backend::DovecotBackend;
+use common::client::{tcp_from, tls_over, Client};
+use common::postern::{user, Postern, Setup, PASSWORD};
+
+/// `auth_options` are keys of the `auth:` block, `extra` top-level YAML.
+fn start(
+    name: &str,
+    users: &[&str],
+    auth_options: &str,
+    extra: &str,
+    imaps_options: &str,
+) -> (DovecotBackend, Postern) {
+    common::backend::ensure_installed();
+    let accounts: Vec<(&str, &str)> = users.iter().map(|u| (*u, PASSWORD)).collect();
+    let b = DovecotBackend::start_with_users(name, &accounts);
+    let users: String = users.iter().map(|u| user(u)).collect();
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &users,
+        auth_options,
+        extra,
+        imaps_options,
+        ..Setup::default()
+    });
+    (b, p)
+}
+
+/// One login on a fresh IMAPS connection; the tagged answer and how long
+/// it took from sending the credentials.
+fn timed_login(port: u16, user: &str, password: &str) -> (String, Duration) {
+    let (mut c, _) = Client::imaps(port);
+    let started = Instant::now();
+    let answer = c.login(user, password).last().unwrap().clone();
+    (answer, started.elapsed())
+}
+
+#[test]
+fn each_failure_waits_longer_and_the_right_password_still_gets_in() {
+    // failure_delay 200ms (the test default), doubled per failure up to 1s.
+    let (_b, p) = start(
+        "bf-delay",
+        &["alice"],
+        "brute_force: { max_delay: 1s, block_after: 0 }",
+        "",
+        "",
+    );
+    let mut waited = Vec::new();
+    for _ in 0..4 {
+        let (answer, took) = timed_login(p.imaps, "alice", "wrong");
+        assert!(
+            answer.starts_with("L1 NO [AUTHENTICATIONFAILED]"),
+            "{answer}"
+        );
+        waited.push(took);
+    }
+    for (took, floor) in waited.iter().zip([200, 400, 800, 1000]) {
+        let floor = Duration::from_millis(floor);
+        assert!(
+            *took >= floor && *took < floor + Duration::from_millis(600),
+            "waits {waited:?}"
+        );
+    }
+    let (answer, took) = timed_login(p.imaps, "alice", PASSWORD);
+    assert!(answer.starts_with("L1 OK"), "{answer}");
+    assert!(
+        took < Duration::from_millis(600),
+        "no penalty on success: {took:?}"
+    );
+    // Success cleared alice's record; the network's stays.
+    assert!(p.metric("postern_auth_throttled_total{scope=\"network\"}") >= 3.0);
+    assert_eq!(p.metric("postern_auth_tracked{scope=\"user\"}"), 0.0);
+    assert_eq!(p.metric("postern_auth_tracked{scope=\"network\"}"), 1.0);
+}
+
+#[test]
+fn a_network_is_blocked_after_repeated_failures_then_released() {
+    let (b, p) = start(
+        "bf-block",
+        &["alice", "bob"],
+        "brute_force: { block_after: 3, block_for: 3s, max_delay: 200ms }",
+        "",
+        "",
+    );
+    for user in ["mallory", "trudy", "bob"] {
+        let (answer, _) = timed_login(p.imaps, user, "guess");
+        assert!(
+            answer.starts_with("L1 NO [AUTHENTICATIONFAILED]"),
+            "{answer}"
+        );
+    }
+    assert_eq!(p.metric("postern_auth_network_blocks_total"), 1.0);
+    // Blocked: even alice's right password is refused, and never checked.
+    let (answer, _) = timed_login(p.imaps, "alice", PASSWORD);
+    assert_eq!(
+        answer,
+        "L1 NO [UNAVAILABLE] Too many failed logins from your network, try again later"
+    );
+    assert_eq!(p.metric("postern_auth_refused_blocked_total"), 1.0);
+    assert!(!b.saw_user("alice"));
+    // Another network is not blocked.
+    let tls = tls_over(tcp_from("127.0.0.2", p.imaps), "localhost", &[b"imap"]).unwrap();
+    let mut other = Client::from_stream(tls);
+    other.line();
+    let lines = other.login("alice", PASSWORD);
+    assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
+    // The block ends by itself.
+    common::wait_until("the block to end", Duration::from_secs(10), || {
+        timed_login(p.imaps, "bob", PASSWORD).0.starts_with("L1 OK")
+    });
+}
+
+/// IPv6 clients, as a trusted load balancer states them, count per /64.
+#[test]
+fn ipv6_clients_are_grouped_by_their_64() {
+    let (_b, p) = start(
+        "bf-ipv6",
+        &["alice"],
+        "brute_force: { block_after: 2, block_for: 1m, max_delay: 200ms }",
+        "",
+        "proxy_protocol: { trusted_networks: [127.0.0.0/8] }",
+    );
+    let login_from = |ip: &str, password: &str| {
+        let mut tcp = common::client::tcp(p.imaps);
+        tcp.write_all(format!("PROXY TCP6 {ip} 2001:db8::993 40000 993\r\n").as_bytes())
+            .unwrap();
+        let tls = tls_over(tcp, "localhost", &[b"imap"]).unwrap();
+        let mut c = Client::from_stream(tls);
+        c.line();
+        c.login("alice", password).last().unwrap().clone()
+    };
+    assert!(login_from("2001:db8:1:2::1", "x").contains("AUTHENTICATIONFAILED"));
+    assert!(login_from("2001:db8:1:2:ffff::7", "y").contains("AUTHENTICATIONFAILED"));
+    // Same /64: blocked.
+    assert!(login_from("2001:db8:1:2::abcd", PASSWORD).starts_with("L1 NO [UNAVAILABLE]"));
+    // The next /64 is someone else.
+    assert!(login_from("2001:db8:1:3::1", PASSWORD).starts_with("L1 OK"));
+}
+
+#[test]
+fn per_user_sessions_are_limited() {
+    let (_b, p) = start(
+        "bf-user-limit",
+        &["alice"],
+        "",
+        "limits:\n  max_sessions_per_user: 2\n",
+        "",
+    );
+    let first = Client::logged_in(p.imaps, "alice");
+    let _second = Client::logged_in(p.imaps, "alice");
+    let (answer, _) = timed_login(p.imaps, "alice", PASSWORD);
+    assert_eq!(answer, "L1 NO [LIMIT] Too many sessions for this user");
+    assert_eq!(p.metric("postern_session_limit_total{scope=\"user\"}"), 1.0);
+    drop(first);
+    common::wait_until("a place frees up", Duration::from_secs(10), || {
+        timed_login(p.imaps, "alice", PASSWORD)
+            .0
+            .starts_with("L1 OK")
+    });
+}
+
+#[test]
+fn per_network_connections_are_limited() {
+    let (_b, p) = start(
+        "bf-net-limit",
+        &["alice"],
+        "",
+        "limits:\n  max_connections_per_network: 2\n",
+        "",
+    );
+    let (_one, _) = Client::plain(p.imap);
+    let (_two, _) = Client::plain(p.imap);
+    let (_three, greeting) = Client::plain(p.imap);
+    assert_eq!(
+        greeting,
+        "* BYE [UNAVAILABLE] Too many connections from your network"
+    );
+    let mut other = Client::from_stream(tcp_from("127.0.0.2", p.imap));
+    assert!(other.line().starts_with("* OK"));
+    assert_eq!(
+        p.metric("postern_session_limit_total{scope=\"network\"}"),
+        1.0
+    );
+}
