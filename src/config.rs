@@ -218,6 +218,9 @@ pub struct Auth {
     /// The `http` source: a service speaking nginx's `auth_http` protocol.
     #[serde(default)]
     pub http: Option<HttpAuth>,
+    /// The `ldap` source: a directory checked with simple binds.
+    #[serde(default)]
+    pub ldap: Option<LdapAuth>,
     /// Growing delays per network and user, blocks per network.
     #[serde(default)]
     pub brute_force: BruteForce,
@@ -241,6 +244,57 @@ pub struct Auth {
 pub enum AuthSource {
     Static,
     Http,
+    Ldap,
+}
+
+/// An LDAP directory: search-then-bind (`bind_dn`) or direct bind (`user_dn`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LdapAuth {
+    /// `ldap://host:port` or `ldaps://host:port`.
+    pub url: String,
+    /// StartTLS on an `ldap://` URL (required: no credentials in clear).
+    #[serde(default)]
+    pub starttls: bool,
+    /// CAs for the directory's certificate (default: the system's store).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// The service account that searches for users.
+    #[serde(default)]
+    pub bind_dn: Option<String>,
+    /// Its password, one line in a file.
+    #[serde(default)]
+    pub bind_password_file: Option<PathBuf>,
+    /// Where users are searched for (subtree).
+    #[serde(default)]
+    pub base_dn: Option<String>,
+    /// `%u` user, `%n` local part, `%d` domain; escaped by RFC 4515.
+    #[serde(default = "default_ldap_filter")]
+    pub filter: String,
+    /// Direct bind instead of a search: a DN template (`%u`, `%n`, `%d`,
+    /// escaped by RFC 4514).
+    #[serde(default)]
+    pub user_dn: Option<String>,
+    /// The attribute naming the user's backend (e.g. `mailHost`).
+    #[serde(default)]
+    pub backend_attribute: Option<String>,
+    #[serde(default = "default_ldap_pool_size")]
+    pub pool_size: usize,
+    /// For each step: connect, bind, search.
+    #[serde(default = "default_ldap_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+}
+
+fn default_ldap_filter() -> String {
+    "(&(objectClass=inetOrgPerson)(|(mail=%u)(uid=%u)))".into()
+}
+
+fn default_ldap_pool_size() -> usize {
+    8
+}
+
+fn default_ldap_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// Brute-force defence: see `auth::guard`.
@@ -873,6 +927,10 @@ impl Config {
         if let Some(m) = &self.backends.master_user {
             files.push(self.resolve(&m.password_file));
         }
+        if let Some(l) = &self.auth.ldap {
+            files.extend(l.bind_password_file.iter().map(|f| self.resolve(f)));
+            files.extend(l.tls_ca_file.iter().map(|f| self.resolve(f)));
+        }
         if let Some(h) = &self.auth.http {
             files.extend(h.header_files.values().map(|f| self.resolve(f)));
             files.extend(h.tls_ca_file.iter().map(|f| self.resolve(f)));
@@ -996,6 +1054,42 @@ impl Config {
                 return Err(
                     "key `auth.static`: `source: static` needs `static: { users_file: … }`".into(),
                 )
+            }
+            AuthSource::Ldap => {
+                let Some(l) = &self.auth.ldap else {
+                    return Err("key `auth.ldap`: `source: ldap` needs `ldap: { url: … }`".into());
+                };
+                let ldaps = l.url.starts_with("ldaps://");
+                if !(ldaps || l.url.starts_with("ldap://")) {
+                    return Err(format!(
+                        "key `auth.ldap.url`: `{}` must start with ldap:// or ldaps://",
+                        l.url
+                    ));
+                }
+                if ldaps && l.starttls {
+                    return Err("key `auth.ldap.starttls`: not with an ldaps:// URL".into());
+                }
+                match (&l.bind_dn, &l.user_dn) {
+                    (Some(_), None) => {
+                        if l.bind_password_file.is_none() || l.base_dn.is_none() {
+                            return Err("key `auth.ldap`: search-then-bind (`bind_dn`) needs `bind_password_file` and `base_dn`".into());
+                        }
+                        if !(l.filter.contains("%u") || l.filter.contains("%n")) {
+                            return Err("key `auth.ldap.filter`: must contain %u or %n".into());
+                        }
+                    }
+                    (None, Some(dn)) => {
+                        if !(dn.contains("%u") || dn.contains("%n")) {
+                            return Err("key `auth.ldap.user_dn`: must contain %u or %n".into());
+                        }
+                    }
+                    _ => {
+                        return Err("key `auth.ldap`: set `bind_dn` (search, then bind as the user) or `user_dn` (bind directly), one of them".into())
+                    }
+                }
+                if !(1..=256).contains(&l.pool_size) {
+                    return Err("key `auth.ldap.pool_size`: 1 to 256".into());
+                }
             }
             AuthSource::Http => {
                 let Some(h) = &self.auth.http else {
@@ -1292,6 +1386,46 @@ backends:
         assert!(err.contains("backends.master_user.user"), "{err}");
         let err = master("  master_user: { user: pm, password: x }\n").unwrap_err();
         assert!(err.contains("password"), "{err}");
+    }
+
+    #[test]
+    fn ldap_source_is_checked() {
+        let ldap = |block: &str| {
+            let text = MINIMAL.replace("  source: static\n", &format!("  source: ldap\n{block}"));
+            Config::parse(&text, Path::new("p.yaml"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        let search = "bind_dn: cn=p, bind_password_file: p.pw, base_dn: \"dc=x\"";
+        assert!(ldap(&format!("  ldap: {{ url: \"ldap://h:389\", {search} }}\n")).is_ok());
+        assert!(ldap("  ldap: { url: \"ldaps://h\", user_dn: \"uid=%n,dc=x\" }\n").is_ok());
+        for (block, key) in [
+            ("", "auth.ldap"),
+            (
+                "  ldap: { url: \"http://h\", user_dn: \"uid=%n\" }\n",
+                "auth.ldap.url",
+            ),
+            (
+                "  ldap: { url: \"ldaps://h\", starttls: true, user_dn: \"uid=%n\" }\n",
+                "auth.ldap.starttls",
+            ),
+            ("  ldap: { url: \"ldap://h\" }\n", "auth.ldap"),
+            (
+                "  ldap: { url: \"ldap://h\", user_dn: \"uid=x\" }\n",
+                "auth.ldap.user_dn",
+            ),
+            (
+                "  ldap: { url: \"ldap://h\", bind_dn: cn=p }\n",
+                "bind_password_file",
+            ),
+            (
+                "  ldap: { url: \"ldap://h\", user_dn: \"uid=%n\", bind_dn: cn=p }\n",
+                "one of them",
+            ),
+        ] {
+            let err = ldap(block).unwrap_err();
+            assert!(err.contains(key), "{block}: {err}");
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use crate::auth::cache::CachedAuthenticator;
 use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
+use crate::auth::ldap::LdapAuth;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::backend::MasterLogin;
@@ -70,6 +71,10 @@ impl Runtime {
             AuthSource::Http => {
                 let h = config.auth.http.as_ref().expect("validated");
                 Box::new(http_auth(&config, h)?)
+            }
+            AuthSource::Ldap => {
+                let l = config.auth.ldap.as_ref().expect("validated");
+                Box::new(ldap_auth(&config, l)?)
             }
         };
         let auth: Arc<dyn Authenticator> = if config.auth.cache_ttl.is_zero() {
@@ -166,10 +171,11 @@ fn http_auth(config: &Config, h: &crate::config::HttpAuth) -> Result<HttpAuth, S
         headers.push((name.clone(), value(key, line.to_vec())?));
     }
     let tls = if h.url.starts_with("https://") {
-        let roots =
-            crate::tls::backend_roots(h.tls_ca_file.as_ref().map(|f| config.resolve(f)).as_deref())
-                .map_err(|e| format!("key `auth.http.tls_ca_file`: {e}"))?;
-        Some(crate::tls::backend_client_config(roots, None).map_err(|e| e.to_string())?)
+        Some(client_tls(
+            config,
+            "auth.http.tls_ca_file",
+            h.tls_ca_file.as_deref(),
+        )?)
     } else {
         None
     };
@@ -187,4 +193,56 @@ fn secret_file(config: &Config, key: &str, file: &Path) -> Result<Secret, String
         return Err(format!("key `{key}`: {} holds no password", path.display()));
     }
     Ok(Secret::new(line.as_bytes().to_vec()))
+}
+
+/// The `ldap` source, with the service password read and, for ldaps or
+/// StartTLS, a TLS client that trusts the configured CAs or the system's.
+fn ldap_auth(config: &Config, l: &crate::config::LdapAuth) -> Result<LdapAuth, String> {
+    use crate::auth::ldap::Mode;
+    let mode = match (&l.bind_dn, &l.user_dn) {
+        (Some(bind_dn), _) => Mode::Search {
+            bind_dn: bind_dn.clone(),
+            bind_password: secret_file(
+                config,
+                "auth.ldap.bind_password_file",
+                l.bind_password_file.as_ref().expect("validated"),
+            )?,
+            base_dn: l.base_dn.clone().expect("validated"),
+            filter: l.filter.clone(),
+        },
+        (None, Some(user_dn)) => Mode::Direct {
+            user_dn: user_dn.clone(),
+        },
+        (None, None) => unreachable!("validated"),
+    };
+    let tls = if l.starttls || l.url.starts_with("ldaps://") {
+        Some(client_tls(
+            config,
+            "auth.ldap.tls_ca_file",
+            l.tls_ca_file.as_deref(),
+        )?)
+    } else {
+        None
+    };
+    Ok(LdapAuth::new(
+        l.url.clone(),
+        tls,
+        l.starttls,
+        mode,
+        l.backend_attribute.clone(),
+        l.pool_size,
+        l.timeout,
+    ))
+}
+
+/// A TLS client for an auth service: the CAs in `ca_file` (the key `key`)
+/// or the system's store.
+fn client_tls(
+    config: &Config,
+    key: &str,
+    ca_file: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    let roots = crate::tls::backend_roots(ca_file.map(|f| config.resolve(f)).as_deref())
+        .map_err(|e| format!("key `{key}`: {e}"))?;
+    crate::tls::backend_client_config(roots, None).map_err(|e| e.to_string())
 }

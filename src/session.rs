@@ -963,7 +963,7 @@ impl Session {
                                 user = identity.user,
                                 backend = %route.backend.name,
                                 error = %e,
-                                "backend refused a login that Postern accepted: the users file and the backend disagree"
+                                "backend refused a login that Postern accepted: the auth source and the backend disagree"
                             );
                             "Mail server refused the login, try again later"
                         }

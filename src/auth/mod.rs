@@ -10,6 +10,7 @@
 pub mod cache;
 pub mod guard;
 pub mod http;
+pub mod ldap;
 pub mod password;
 pub mod static_users;
 
@@ -145,6 +146,7 @@ mod tests {
             source: AuthSource::Static,
             static_users: None,
             http: None,
+            ldap: None,
             brute_force: Default::default(),
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,

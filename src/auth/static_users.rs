@@ -185,6 +185,7 @@ mod tests {
             source: AuthSource::Static,
             static_users: None,
             http: None,
+            ldap: None,
             brute_force: Default::default(),
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,

@@ -696,6 +696,14 @@ impl Pool {
                 .into_iter()
                 .find(|b| &b.name == name || &b.address == name)
                 .or_else(|| {
+                    // A bare host, as a directory's mailHost gives it.
+                    self.backends().into_iter().find(|b| {
+                        b.address
+                            .rsplit_once(':')
+                            .is_some_and(|(h, _)| h.trim_matches(['[', ']']) == name)
+                    })
+                })
+                .or_else(|| {
                     let (host, _) = name.rsplit_once(':')?;
                     self.backends().into_iter().find(|b| b.name == host)
                 })

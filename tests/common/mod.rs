@@ -3,6 +3,8 @@
 
 pub mod backend;
 pub mod client;
+pub mod ldap;
+pub mod pki;
 pub mod postern;
 
 use std::collections::BTreeSet;

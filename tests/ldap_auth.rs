@@ -1,0 +1,199 @@
+//! The `ldap` auth source against a real OpenLDAP slapd (started and
+//! seeded by the test) and real Dovecot backends: search-then-bind and
+//! direct bind, `mailHost` choosing the backend, wrong and empty
+//! passwords, filter injection attempts, StartTLS with the right and a
+//! wrong CA, and the directory killed and restarted mid-test.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::ldap::{person, Slapd, SERVICE_DN, SERVICE_PASSWORD};
+use common::pki::{make_pki, PkiDir};
+use common::postern::{Postern, Setup, PASSWORD};
+
+struct World {
+    a: DovecotBackend,
+    b: DovecotBackend,
+    slapd: Slapd,
+    p: Postern,
+    _pki: Option<PkiDir>,
+}
+
+/// Two backends; slapd with alice (mailHost: backend b) and bob (no
+/// mailHost); Postern asking slapd. `mode` is the `ldap:` keys that choose
+/// search-then-bind or direct bind; `tls` runs slapd with a test CA and
+/// Postern with StartTLS, trusting `trust` ("same" or "other" CA).
+fn world(name: &str, mode: &str, tls: Option<&str>) -> World {
+    common::backend::ensure_installed();
+    let users = [
+        ("alice", PASSWORD),
+        ("bob", PASSWORD),
+        ("alice@example.com", PASSWORD),
+        ("bob@example.com", PASSWORD),
+    ];
+    let a = DovecotBackend::start_with_users(&format!("{name}-a"), &users);
+    let b = DovecotBackend::start_with_users(&format!("{name}-b"), &users);
+    let people = person("alice", "alice@example.com", PASSWORD, Some(&b.name))
+        + &person("bob", "bob@example.com", PASSWORD, None);
+    let pki = tls.map(|_| PkiDir::new(name));
+    let slapd_tls = pki.as_ref().map(|dir| make_pki(dir, "ldap"));
+    let trusted = match (tls, pki.as_ref()) {
+        (Some("other"), Some(dir)) => Some(make_pki(dir, "other").0),
+        (Some(_), _) => slapd_tls.as_ref().map(|t| t.0.clone()),
+        _ => None,
+    };
+    let slapd = Slapd::start(name, &people, slapd_tls);
+    let secret = slapd.dir.join("service.password");
+    std::fs::write(&secret, format!("{SERVICE_PASSWORD}\n")).unwrap();
+    let tls_lines = trusted
+        .map(|ca| format!("    starttls: true\n    tls_ca_file: {}\n", ca.display()))
+        .unwrap_or_default();
+    let mode = mode
+        .replace("SECRET", &secret.display().to_string())
+        .replace("SERVICE", SERVICE_DN);
+    let source = format!(
+        "  source: ldap\n  ldap:\n    url: \"{}\"\n{mode}    backend_attribute: mailHost\n    timeout: 1s\n{tls_lines}  cache_ttl: 0s\n  brute_force: {{ max_delay: 300ms }}\n",
+        slapd.url()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&a, &b],
+        auth_source: &source,
+        ..Setup::default()
+    });
+    World {
+        a,
+        b,
+        slapd,
+        p,
+        _pki: pki,
+    }
+}
+
+const SEARCH: &str = "    bind_dn: \"SERVICE\"\n    bind_password_file: SECRET\n    base_dn: \"ou=people,dc=example,dc=com\"\n    filter: \"(&(objectClass=inetOrgPerson)(|(mail=%u)(uid=%u)))\"\n";
+const DIRECT: &str = "    user_dn: \"uid=%n,ou=people,dc=example,dc=com\"\n";
+
+fn login(p: &Postern, user: &str, password: &str) -> String {
+    let (mut c, _) = Client::imaps(p.imaps);
+    c.login(user, password).last().unwrap().clone()
+}
+
+fn wait_login(b: &DovecotBackend, user: &str) {
+    common::wait_until(
+        &format!("{} logs {user}", b.name),
+        Duration::from_secs(10),
+        || b.logins_of(user) == 1,
+    );
+}
+
+#[test]
+fn search_then_bind_and_mail_host_routes() {
+    let w = world("ldap-search", SEARCH, None);
+    assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 OK"));
+    wait_login(&w.b, "alice");
+    assert_eq!(w.a.logins_of("alice"), 0, "mailHost names backend b");
+    assert_eq!(
+        w.p.metric("postern_routes_total{reason=\"directory\"}"),
+        1.0
+    );
+    // Found by mail too; bob has no mailHost and is placed by hash.
+    assert!(login(&w.p, "bob@example.com", PASSWORD).starts_with("L1 OK"));
+    assert_eq!(w.p.metric("postern_routes_total{reason=\"hash\"}"), 1.0);
+    assert_eq!(
+        w.p.metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"success\",source=\"ldap\"}"
+        ),
+        2.0
+    );
+    assert!(login(&w.p, "alice", "wrong").starts_with("L1 NO [AUTHENTICATIONFAILED]"));
+    assert!(login(&w.p, "nobody", PASSWORD).starts_with("L1 NO [AUTHENTICATIONFAILED]"));
+    assert!(!w.a.log().contains("wrong") && !w.b.log().contains("wrong"));
+}
+
+#[test]
+fn direct_bind_reads_mail_host_as_the_user() {
+    let w = world("ldap-direct", DIRECT, None);
+    assert!(login(&w.p, "alice@example.com", PASSWORD).starts_with("L1 OK"));
+    wait_login(&w.b, "alice@example.com");
+    assert!(login(&w.p, "alice", "wrong").starts_with("L1 NO [AUTHENTICATIONFAILED]"));
+}
+
+/// Filter metacharacters are escaped (RFC 4515): they match nothing and
+/// never widen the search; an empty password is never an anonymous bind.
+#[test]
+fn injection_and_empty_passwords_are_refused() {
+    let w = world("ldap-inject", SEARCH, None);
+    let plain = |user: &str, password: &str| {
+        let (mut c, _) = Client::imaps(w.p.imaps);
+        let ir = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        c.command("A1", &format!("AUTHENTICATE PLAIN {ir}"))
+            .last()
+            .unwrap()
+            .clone()
+    };
+    for user in [
+        "*",
+        "*)(uid=*",
+        "alice)(|(uid=*",
+        "alice*",
+        "ali\\2ace",
+        "(uid=alice)",
+        "%u",
+        "alice\"@",
+    ] {
+        let answer = plain(user, PASSWORD);
+        assert!(
+            answer.starts_with("A1 NO [AUTHENTICATIONFAILED]"),
+            "{user}: {answer}"
+        );
+    }
+    assert!(
+        !w.p.log().contains("more than one entry"),
+        "no filter matched many"
+    );
+    // Empty: to LDAP an anonymous bind, which would succeed.
+    assert!(plain("alice", "").starts_with("A1 NO"));
+    assert!(plain("alice", "\u{e9}").starts_with("A1 NO [AUTHENTICATIONFAILED]"));
+    assert_eq!(w.a.logins().len() + w.b.logins().len(), 0);
+    assert!(
+        plain("alice", PASSWORD).starts_with("A1 OK"),
+        "and the real one works"
+    );
+}
+
+#[test]
+fn starttls_to_the_directory_with_the_right_ca_only() {
+    let w = world("ldap-tls", SEARCH, Some("same"));
+    assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 OK"));
+    wait_login(&w.b, "alice");
+
+    let w = world("ldap-tls-wrong", SEARCH, Some("other"));
+    assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 NO [UNAVAILABLE]"));
+    assert!(w.p.log().contains("LDAP"), "the cause is logged");
+    assert_eq!(w.b.logins_of("alice"), 0);
+}
+
+#[test]
+fn a_dead_directory_is_unavailable_within_the_timeout_then_recovers() {
+    let mut w = world("ldap-down", SEARCH, None);
+    assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 OK"));
+    w.slapd.kill();
+    let started = Instant::now();
+    let answer = login(&w.p, "alice", PASSWORD);
+    assert_eq!(
+        answer,
+        "L1 NO [UNAVAILABLE] Authentication is unavailable, try again later"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    w.slapd.restart();
+    common::wait_until("logins work again", Duration::from_secs(15), || {
+        login(&w.p, "alice", PASSWORD).starts_with("L1 OK")
+    });
+}
