@@ -221,6 +221,13 @@ pub struct Auth {
     /// The `ldap` source: a directory checked with simple binds.
     #[serde(default)]
     pub ldap: Option<LdapAuth>,
+    /// How long a refused user-and-password pair is answered from memory;
+    /// `0s` turns it off.
+    #[serde(default = "default_negative_cache_ttl", deserialize_with = "duration")]
+    pub negative_cache_ttl: Duration,
+    /// Fail fast while a remote source (ldap, http) keeps failing.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreaker,
     /// Growing delays per network and user, blocks per network.
     #[serde(default)]
     pub brute_force: BruteForce,
@@ -295,6 +302,30 @@ fn default_ldap_pool_size() -> usize {
 
 fn default_ldap_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_negative_cache_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// See `auth::breaker`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreaker {
+    /// "Unavailable" answers in a row that open the circuit; 0: never.
+    pub failures: u32,
+    /// How long logins are answered "unavailable" at once.
+    #[serde(deserialize_with = "duration")]
+    pub open_for: Duration,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            failures: 5,
+            open_for: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Brute-force defence: see `auth::guard`.

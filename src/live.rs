@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::auth::breaker::Breaker;
 use crate::auth::cache::CachedAuthenticator;
 use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
@@ -77,11 +78,33 @@ impl Runtime {
                 Box::new(ldap_auth(&config, l)?)
             }
         };
-        let auth: Arc<dyn Authenticator> = if config.auth.cache_ttl.is_zero() {
-            Arc::from(auth)
-        } else {
-            Arc::new(CachedAuthenticator::new(auth, config.auth.cache_ttl))
-        };
+        // Remote sources fail fast while they keep failing.
+        let cb = &config.auth.circuit_breaker;
+        let auth: Box<dyn Authenticator> =
+            if config.auth.source != AuthSource::Static && cb.failures > 0 {
+                Box::new(Breaker::new(
+                    auth,
+                    cb.failures,
+                    cb.open_for,
+                    metrics.auth_circuit_open.clone(),
+                    metrics.auth_circuit_rejected.clone(),
+                ))
+            } else {
+                auth
+            };
+        // Outermost, so cached successes keep working while a source is down.
+        let a = &config.auth;
+        let auth: Arc<dyn Authenticator> =
+            if a.cache_ttl.is_zero() && a.negative_cache_ttl.is_zero() {
+                Arc::from(auth)
+            } else {
+                Arc::new(CachedAuthenticator::new(
+                    auth,
+                    a.cache_ttl,
+                    a.negative_cache_ttl,
+                    Some(metrics.auth_cache_hits.clone()),
+                ))
+            };
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.
         let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;

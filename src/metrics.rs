@@ -36,6 +36,9 @@ pub struct Metrics {
     pub auth_refused_blocked: prometheus::IntCounter,
     pub auth_tracked: IntGaugeVec,
     pub session_limit: IntCounterVec,
+    pub auth_cache_hits: IntCounterVec,
+    pub auth_circuit_open: prometheus::IntGauge,
+    pub auth_circuit_rejected: IntCounter,
     pub backend_draining: IntGaugeVec,
     pub connection_limit: prometheus::IntGauge,
     pub authentications: IntCounterVec,
@@ -173,6 +176,26 @@ impl Metrics {
                 "postern_session_limit_total",
                 "Connections or logins refused by a per-network or per-user limit.",
                 &["scope"],
+            ),
+            auth_cache_hits: counter(
+                &registry,
+                "postern_auth_cache_hits_total",
+                "Logins answered from the auth cache, by kind (positive: a remembered success; negative: a remembered refusal).",
+                &["kind"],
+            ),
+            auth_circuit_open: {
+                let g = prometheus::IntGauge::new(
+                    "postern_auth_circuit_open",
+                    "1 while the remote auth source's circuit breaker is open (logins answered unavailable at once).",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            auth_circuit_rejected: single(
+                &registry,
+                "postern_auth_circuit_rejected_total",
+                "Logins answered unavailable at once because the circuit breaker was open.",
             ),
             auth_blocks: counter(
                 &registry,

@@ -205,6 +205,43 @@ fn credentials_are_escaped_as_nginx_escapes_them() {
     });
 }
 
+/// Nothing a client sends can add a header: user names with control
+/// characters or invalid UTF-8 are refused before any request, and
+/// passwords reach the service %XX-escaped.
+#[test]
+fn nothing_a_client_sends_becomes_a_header() {
+    let (_b, service, p) = setup("inject");
+    let plain = |user: &[u8], password: &[u8]| {
+        let (mut c, _) = Client::imaps(p.imaps);
+        let mut message = vec![0];
+        message.extend_from_slice(user);
+        message.push(0);
+        message.extend_from_slice(password);
+        let ir = base64::engine::general_purpose::STANDARD.encode(message);
+        c.command("A1", &format!("AUTHENTICATE PLAIN {ir}"))
+            .last()
+            .unwrap()
+            .clone()
+    };
+    for user in [&b"a\r\nX-Injected: 1"[..], b"a\nb", b"\xff\xfe", b"a\x7fb"] {
+        assert!(plain(user, b"pw").starts_with("A1 NO [AUTHENTICATIONFAILED]"));
+    }
+    assert!(
+        service.requests().is_empty(),
+        "refused before asking the service"
+    );
+    let answer = plain(b"eve \"*)(%", b"x\r\nX-Injected: 1\r\n\r\nGET / HTTP/1.0");
+    assert!(answer.starts_with("A1 NO"), "{answer}");
+    let r = &service.requests()[0];
+    assert_eq!(header(r, "Auth-User"), "eve%20\"*)(%25");
+    assert_eq!(
+        header(r, "Auth-Pass"),
+        "x%0D%0AX-Injected:%201%0D%0A%0D%0AGET%20/%20HTTP/1.0"
+    );
+    assert!(r.get("X-Injected").is_none(), "{r}");
+    assert_eq!(service.requests().len(), 1);
+}
+
 #[test]
 fn refusals_carry_the_service_text_wait_and_attempt_number() {
     let (b, service, p) = setup("refusal");
@@ -316,6 +353,63 @@ fn a_hanging_failing_or_dead_service_is_unavailable_then_recovers() {
     respawn_on(&mut service, port);
     let lines = c.command("L4", &format!("LOGIN alice {PASSWORD}"));
     assert!(lines.last().unwrap().starts_with("L4 OK"), "{lines:?}");
+}
+
+/// A service that keeps timing out opens the circuit: logins are answered
+/// at once, without a request, until `open_for` has passed.
+#[test]
+fn a_failing_service_opens_the_circuit_then_is_retried() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("authhttp-breaker", &[("alice", PASSWORD)]);
+    let (ip, port) = b
+        .addr()
+        .rsplit_once(':')
+        .map(|(i, p)| (i.to_owned(), p.to_owned()))
+        .unwrap();
+    let service = AuthService::start(
+        "breaker",
+        &serde_json::json!({
+            "users": { "alice": { "password": PASSWORD, "server": ip, "port": port.parse::<u16>().unwrap() } },
+            "hang": ["hang"],
+        }),
+    );
+    let source =
+        service.auth_source("500ms") + "  circuit_breaker: { failures: 2, open_for: 2s }\n";
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        auth_source: &source,
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    for tag in ["H1", "H2"] {
+        let lines = c.command(tag, "LOGIN hang x");
+        assert!(lines
+            .last()
+            .unwrap()
+            .starts_with(&format!("{tag} NO [UNAVAILABLE]")));
+    }
+    assert_eq!(p.metric("postern_auth_circuit_open"), 1.0);
+    let asked = service.requests().len();
+    let started = Instant::now();
+    let lines = c.command("A1", &format!("LOGIN alice {PASSWORD}"));
+    assert!(
+        lines.last().unwrap().starts_with("A1 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "answered at once"
+    );
+    assert_eq!(service.requests().len(), asked, "the service was not asked");
+    assert_eq!(p.metric("postern_auth_circuit_rejected_total"), 1.0);
+    common::wait_until("the circuit closes", Duration::from_secs(10), || {
+        let (mut c, _) = Client::imaps(p.imaps);
+        c.login("alice", PASSWORD)
+            .last()
+            .unwrap()
+            .starts_with("L1 OK")
+    });
+    assert_eq!(p.metric("postern_auth_circuit_open"), 0.0);
 }
 
 /// Starts the service again; it must get its old port back for Postern's

@@ -111,6 +111,12 @@ fn search_then_bind_and_mail_host_routes() {
     assert!(login(&w.p, "alice", "wrong").starts_with("L1 NO [AUTHENTICATIONFAILED]"));
     assert!(login(&w.p, "nobody", PASSWORD).starts_with("L1 NO [AUTHENTICATIONFAILED]"));
     assert!(!w.a.log().contains("wrong") && !w.b.log().contains("wrong"));
+    // The same wrong password again is answered from the negative cache.
+    assert!(login(&w.p, "alice", "wrong").starts_with("L1 NO [AUTHENTICATIONFAILED]"));
+    assert_eq!(
+        w.p.metric("postern_auth_cache_hits_total{kind=\"negative\"}"),
+        1.0
+    );
 }
 
 #[test]

@@ -1,13 +1,17 @@
-//! A short-lived cache of successful logins in front of any
-//! [`Authenticator`]: a phone that reconnects every few minutes pays for its
-//! deliberately slow password hash once per TTL, not once per login.
+//! A short-lived cache of login results in front of any [`Authenticator`]:
+//! a phone that reconnects every few minutes pays for its deliberately
+//! slow password hash (or an LDAP round trip) once per TTL, not once per
+//! login, and a client repeating a wrong password does not reach the
+//! source again within the negative TTL.
 //!
-//! Only successes are kept, as a keyed 128-bit fingerprint of user and
-//! password (SipHash with a key drawn at start, never stored), never the
-//! password. A password that does not match the fingerprint goes to the
-//! source as usual, so a cached user with a wrong password is still refused
-//! by the source. The cache lives in the runtime snapshot: a reload (a new
-//! users file) starts an empty one.
+//! Entries are keyed 128-bit fingerprints of user and password (SipHash
+//! with a key drawn at start, never stored), never the password. A success
+//! is remembered per user for `ttl`: another password goes to the source
+//! as usual. A plain refusal ("invalid credentials", not a source's own
+//! refusal text) is remembered per user and password for `negative_ttl`,
+//! so a new or corrected password is always checked. While a remote
+//! source is down, cached successes keep working. The cache lives in the
+//! runtime snapshot: a reload (a new users file) starts an empty one.
 
 use std::collections::HashMap;
 use std::hash::Hasher;
@@ -16,7 +20,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{AuthContext, AuthFuture, Authenticator, Identity};
+use prometheus::IntCounterVec;
+
+use super::{AuthContext, AuthError, AuthFuture, Authenticator, Identity};
 use crate::imap::Secret;
 
 /// Most entries kept; past it, expired entries are dropped and, if that is
@@ -26,8 +32,13 @@ const MAX_ENTRIES: usize = 200_000;
 pub struct CachedAuthenticator {
     inner: Box<dyn Authenticator>,
     ttl: Duration,
+    negative_ttl: Duration,
     key: (u64, u64),
     entries: Mutex<HashMap<String, Entry>>,
+    /// Refused user-and-password fingerprints, until when.
+    refused: Mutex<HashMap<u128, Instant>>,
+    /// Hits, by `kind` (`positive`, `negative`).
+    hits: Option<IntCounterVec>,
 }
 
 struct Entry {
@@ -37,13 +48,48 @@ struct Entry {
 }
 
 impl CachedAuthenticator {
-    pub fn new(inner: Box<dyn Authenticator>, ttl: Duration) -> Self {
+    /// `ttl` for successes and `negative_ttl` for refusals; zero turns
+    /// that side off.
+    pub fn new(
+        inner: Box<dyn Authenticator>,
+        ttl: Duration,
+        negative_ttl: Duration,
+        hits: Option<IntCounterVec>,
+    ) -> Self {
         CachedAuthenticator {
             inner,
             ttl,
+            negative_ttl,
             key: (rand::random(), rand::random()),
             entries: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            hits,
         }
+    }
+
+    fn hit(&self, kind: &str) {
+        if let Some(h) = &self.hits {
+            h.with_label_values(&[kind]).inc();
+        }
+    }
+
+    fn was_refused(&self, fingerprint: u128) -> bool {
+        let refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        refused
+            .get(&fingerprint)
+            .is_some_and(|&until| until > Instant::now())
+    }
+
+    fn remember_refusal(&self, fingerprint: u128) {
+        let now = Instant::now();
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.len() >= MAX_ENTRIES {
+            refused.retain(|_, until| *until > now);
+            if refused.len() >= MAX_ENTRIES {
+                return;
+            }
+        }
+        refused.insert(fingerprint, now + self.negative_ttl);
     }
 
     fn fingerprint(&self, user: &str, password: &[u8]) -> u128 {
@@ -89,12 +135,31 @@ impl Authenticator for CachedAuthenticator {
     ) -> AuthFuture<'a> {
         Box::pin(async move {
             let fingerprint = self.fingerprint(user, password.expose());
-            if let Some(identity) = self.lookup(user, fingerprint) {
-                return Ok(identity);
+            if !self.ttl.is_zero() {
+                if let Some(identity) = self.lookup(user, fingerprint) {
+                    self.hit("positive");
+                    return Ok(identity);
+                }
             }
-            let identity = self.inner.authenticate(user, password, ctx).await?;
-            self.remember(user, fingerprint, &identity);
-            Ok(identity)
+            if !self.negative_ttl.is_zero() && self.was_refused(fingerprint) {
+                self.hit("negative");
+                return Err(AuthError::Rejected);
+            }
+            match self.inner.authenticate(user, password, ctx).await {
+                Ok(identity) => {
+                    if !self.ttl.is_zero() {
+                        self.remember(user, fingerprint, &identity);
+                    }
+                    Ok(identity)
+                }
+                Err(AuthError::Rejected) => {
+                    if !self.negative_ttl.is_zero() {
+                        self.remember_refusal(fingerprint);
+                    }
+                    Err(AuthError::Rejected)
+                }
+                Err(other) => Err(other),
+            }
         })
     }
 
@@ -145,6 +210,8 @@ mod tests {
         let cache = CachedAuthenticator::new(
             Box::new(Counting(Arc::clone(&calls))),
             Duration::from_secs(60),
+            Duration::ZERO,
+            None,
         );
         let pw = |p: &str| Secret::new(p.as_bytes().to_vec());
         assert!(cache
@@ -184,5 +251,42 @@ mod tests {
             4,
             "expired entries ask the source again"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_password_is_remembered_briefly_and_only_that_one() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let cache = CachedAuthenticator::new(
+            Box::new(Counting(Arc::clone(&calls))),
+            Duration::ZERO,
+            Duration::from_secs(30),
+            None,
+        );
+        let ctx = super::AuthContext::test();
+        let pw = |p: &str| Secret::new(p.as_bytes().to_vec());
+        for _ in 0..3 {
+            assert!(matches!(
+                cache.authenticate("alice", pw("wrong"), &ctx).await,
+                Err(AuthError::Rejected)
+            ));
+        }
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            1,
+            "repeats answered from the cache"
+        );
+        assert!(cache.authenticate("alice", pw("right"), &ctx).await.is_ok());
+        assert!(cache.authenticate("alice", pw("right"), &ctx).await.is_ok());
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            3,
+            "successes not cached with ttl 0"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(cache
+            .authenticate("alice", pw("wrong"), &ctx)
+            .await
+            .is_err());
+        assert_eq!(calls.load(Ordering::Relaxed), 4, "expired");
     }
 }

@@ -7,6 +7,7 @@
 //! Password checks run on the blocking thread pool, never on the async
 //! workers that carry other sessions.
 
+pub mod breaker;
 pub mod cache;
 pub mod guard;
 pub mod http;
@@ -147,6 +148,8 @@ mod tests {
             static_users: None,
             http: None,
             ldap: None,
+            negative_cache_ttl: Duration::ZERO,
+            circuit_breaker: Default::default(),
             brute_force: Default::default(),
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,

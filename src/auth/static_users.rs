@@ -186,6 +186,8 @@ mod tests {
             static_users: None,
             http: None,
             ldap: None,
+            negative_cache_ttl: Duration::ZERO,
+            circuit_breaker: Default::default(),
             brute_force: Default::default(),
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,
