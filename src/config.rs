@@ -218,6 +218,9 @@ pub struct Auth {
     /// The `http` source: a service speaking nginx's `auth_http` protocol.
     #[serde(default)]
     pub http: Option<HttpAuth>,
+    /// OAuth 2.0 bearer tokens (XOAUTH2, OAUTHBEARER), besides passwords.
+    #[serde(default)]
+    pub oauth: Option<OAuthConfig>,
     /// The `ldap` source: a directory checked with simple binds.
     #[serde(default)]
     pub ldap: Option<LdapAuth>,
@@ -302,6 +305,33 @@ fn default_ldap_pool_size() -> usize {
 
 fn default_ldap_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+/// JWT access tokens checked against a JWKS file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthConfig {
+    /// The issuer's public keys (a JWKS document), reloaded with the
+    /// configuration when the file changes.
+    pub jwks_file: PathBuf,
+    /// `iss` must be this.
+    pub issuer: String,
+    /// `aud` must contain this.
+    pub audience: String,
+    /// The claim that names the user (e.g. `email`, `preferred_username`).
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// Clock skew allowed for `exp` and `nbf`.
+    #[serde(default = "default_oauth_leeway", deserialize_with = "duration")]
+    pub leeway: Duration,
+}
+
+fn default_user_claim() -> String {
+    "email".into()
+}
+
+fn default_oauth_leeway() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_negative_cache_ttl() -> Duration {
@@ -958,6 +988,9 @@ impl Config {
         if let Some(m) = &self.backends.master_user {
             files.push(self.resolve(&m.password_file));
         }
+        if let Some(o) = &self.auth.oauth {
+            files.push(self.resolve(&o.jwks_file));
+        }
         if let Some(l) = &self.auth.ldap {
             files.extend(l.bind_password_file.iter().map(|f| self.resolve(f)));
             files.extend(l.tls_ca_file.iter().map(|f| self.resolve(f)));
@@ -1147,6 +1180,9 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if self.auth.oauth.is_some() && self.backends.master_user.is_none() {
+            return Err("key `auth.oauth`: token logins bring no password for the backend; configure `backends.master_user`".into());
         }
         let bf = &self.auth.brute_force;
         if bf.ipv4_prefix > 32 || bf.ipv6_prefix > 128 {
@@ -1417,6 +1453,17 @@ backends:
         assert!(err.contains("backends.master_user.user"), "{err}");
         let err = master("  master_user: { user: pm, password: x }\n").unwrap_err();
         assert!(err.contains("password"), "{err}");
+        let oauth = MINIMAL.replace(
+            "  source: static\n",
+            "  source: static\n  oauth: { jwks_file: j.json, issuer: i, audience: a }\n",
+        );
+        let err = Config::parse(&oauth, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("auth.oauth") && err.contains("master_user"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::auth::cache::CachedAuthenticator;
 use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
 use crate::auth::ldap::LdapAuth;
+use crate::auth::oauth::OAuth;
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::backend::MasterLogin;
@@ -34,6 +35,8 @@ pub struct Runtime {
     pub probe: Option<ProbeAccount>,
     /// The master user for backend logins, when one is configured.
     pub master: Option<Arc<MasterLogin>>,
+    /// Bearer-token checks, when `auth.oauth` is configured.
+    pub oauth: Option<Arc<OAuth>>,
     /// Failed-login records; kept across reloads.
     pub guard: Arc<Guard>,
     /// Live sessions per network and per user; kept across reloads.
@@ -119,6 +122,16 @@ impl Runtime {
             }),
             None => None,
         };
+        let oauth = match &config.auth.oauth {
+            Some(o) => Some(Arc::new(OAuth::load(
+                &config.resolve(&o.jwks_file),
+                o.issuer.clone(),
+                o.audience.clone(),
+                o.user_claim.clone(),
+                o.leeway,
+            )?)),
+            None => None,
+        };
         let master = match &config.backends.master_user {
             Some(m) => Some(Arc::new(MasterLogin {
                 user: m.user.clone(),
@@ -150,6 +163,7 @@ impl Runtime {
             pool,
             probe,
             master,
+            oauth,
             guard: previous.map(|r| Arc::clone(&r.guard)).unwrap_or_default(),
             slots: previous.map(|r| Arc::clone(&r.slots)).unwrap_or_default(),
             metrics,

@@ -12,13 +12,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::auth::guard::{Full, Key, Slot};
-use crate::auth::{normalise_username, AuthContext, AuthError};
+use crate::auth::{normalise_username, AuthContext, AuthError, Identity};
 use crate::backend::{
     self, BackendError, BackendSession, BackendStream, ClientAddresses, LoginRequest,
 };
@@ -445,17 +446,33 @@ impl Session {
         stream.is_tls() || self.listener.allow_plaintext_auth
     }
 
-    fn capabilities(&self, stream: &ClientStream) -> &'static str {
-        match (stream.is_tls(), self.listener.allow_plaintext_auth) {
+    fn capabilities(&self, stream: &ClientStream) -> String {
+        let base = match (stream.is_tls(), self.listener.allow_plaintext_auth) {
             (true, _) => "IMAP4rev1 SASL-IR ID LITERAL+ AUTH=PLAIN AUTH=LOGIN",
-            (false, false) => "IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED",
+            (false, false) => return "IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS LOGINDISABLED".into(),
             (false, true) => "IMAP4rev1 SASL-IR ID LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN",
+        };
+        if self.rt.oauth.is_some() {
+            format!("{base} AUTH=OAUTHBEARER AUTH=XOAUTH2")
+        } else {
+            base.into()
+        }
+    }
+
+    /// The longest pre-auth line: room for a bearer token in base64 when
+    /// tokens are accepted.
+    fn max_line(&self) -> usize {
+        let configured = self.rt.config.limits.max_line;
+        if self.rt.oauth.is_some() {
+            configured.max(sasl::MAX_TOKEN_MESSAGE * 4 / 3 + 64)
+        } else {
+            configured
         }
     }
 
     async fn preauth(&mut self, stream: &mut ClientStream) -> Step<LoggedIn> {
         let limits = self.rt.config.limits.clone();
-        let mut reader = CommandReader::new(limits.max_line, limits.max_literal);
+        let mut reader = CommandReader::new(self.max_line(), limits.max_literal);
         let greeting = format!(
             "* OK [CAPABILITY {}] Postern ready.\r\n",
             self.capabilities(stream)
@@ -531,6 +548,19 @@ impl Session {
                 } => {
                     if !self.auth_allowed(stream) {
                         self.privacy_required(stream, &tag).await?;
+                        continue;
+                    }
+                    if self.rt.oauth.is_some()
+                        && matches!(mechanism.as_str(), "XOAUTH2" | "OAUTHBEARER")
+                    {
+                        let xoauth2 = mechanism == "XOAUTH2";
+                        if let Some(mut l) = self
+                            .token_login(stream, &mut reader, &tag, xoauth2, initial_response)
+                            .await?
+                        {
+                            l.client_pending = reader.take_buffered();
+                            return Ok(l);
+                        }
                         continue;
                     }
                     let Some((mech, creds)) = self
@@ -697,6 +727,112 @@ impl Session {
         }
     }
 
+    /// An OAUTHBEARER or XOAUTH2 exchange: the token is checked against
+    /// the JWKS; a refusal is sent as the mechanism's JSON error challenge,
+    /// the client's dummy answer read, then the tagged NO (RFC 7628 3.2.3).
+    async fn token_login(
+        &mut self,
+        stream: &mut ClientStream,
+        reader: &mut CommandReader,
+        tag: &str,
+        xoauth2: bool,
+        initial: Option<Secret>,
+    ) -> Step<Option<LoggedIn>> {
+        let mechanism = if xoauth2 { "XOAUTH2" } else { "OAUTHBEARER" };
+        let message = match initial {
+            Some(ir) => ir,
+            None => match self.continuation(stream, reader, tag, "").await? {
+                Some(line) => line,
+                None => return Ok(None),
+            },
+        };
+        let received = Instant::now();
+        let decoded = sasl::decode_response_up_to(message.expose(), sasl::MAX_TOKEN_MESSAGE)
+            .and_then(|m| {
+                if xoauth2 {
+                    sasl::decode_xoauth2(&m)
+                } else {
+                    sasl::decode_oauthbearer(&m)
+                }
+            });
+        let bearer = match decoded {
+            Ok(b) => b,
+            Err(e) => {
+                self.count_auth(mechanism, "invalid");
+                return self.bad(stream, tag, &e.to_string()).await.map(|_| None);
+            }
+        };
+        let rt = Arc::clone(&self.rt);
+        let auth = &rt.config.auth;
+        let named = bearer
+            .authzid
+            .as_deref()
+            .and_then(|a| normalise_username(a, auth).ok());
+        if auth.brute_force.enabled && rt.guard.blocked(&self.network(), received).is_some() {
+            rt.metrics.auth_refused_blocked.inc();
+            self.count_auth(mechanism, "blocked");
+            return self
+                .auth_failed_after(
+                    stream,
+                    tag,
+                    received + auth.failure_delay,
+                    "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
+                )
+                .await;
+        }
+        let oauth = rt.oauth.clone().expect("checked by the caller");
+        let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
+        let verdict = oauth
+            .validate(token)
+            .and_then(|claim| {
+                normalise_username(claim.as_bytes(), auth)
+                    .map_err(|e| format!("the token's user claim: {e}"))
+            })
+            .and_then(|user| match &named {
+                Some(n) if *n != user => Err(format!("the client named {n}, the token {user}")),
+                _ => Ok(user),
+            });
+        match verdict {
+            Ok(user) => {
+                self.count_auth(mechanism, "success");
+                if auth.brute_force.enabled {
+                    rt.guard.succeeded(&user);
+                    self.track_guard_size();
+                }
+                let identity = Identity {
+                    user,
+                    backend: None,
+                    pool: None,
+                    backend_password: None,
+                };
+                self.enter(stream, tag, identity, None, received).await
+            }
+            Err(why) => {
+                self.count_auth(mechanism, "failure");
+                tracing::info!(client = %self.peer, user = named.as_deref().unwrap_or("-"), mechanism, reason = why, "token refused");
+                let error = if xoauth2 {
+                    r#"{"status":"401","schemes":"bearer"}"#
+                } else {
+                    r#"{"status":"invalid_token"}"#
+                };
+                let challenge = base64::engine::general_purpose::STANDARD.encode(error);
+                reply(stream, format!("+ {challenge}\r\n")).await?;
+                // The client's answer (a dummy `\x01`, or `*`) only ends the exchange.
+                if let Err(e) = reader.read_line(stream, self.max_line()).await {
+                    return Err(self.framing_failed(stream, e).await);
+                }
+                self.auth_failed(
+                    stream,
+                    tag,
+                    received,
+                    AUTHENTICATION_FAILED,
+                    named.as_deref(),
+                )
+                .await
+            }
+        }
+    }
+
     /// Sends `+ prompt` and reads the client's answer line. `Ok(None)`
     /// when the client cancelled with `*` (answered with a tagged BAD).
     async fn continuation(
@@ -707,10 +843,7 @@ impl Session {
         prompt: &str,
     ) -> Step<Option<Secret>> {
         reply(stream, format!("+ {prompt}\r\n")).await?;
-        let line = match reader
-            .read_line(stream, self.rt.config.limits.max_line)
-            .await
-        {
+        let line = match reader.read_line(stream, self.max_line()).await {
             Ok(line) => Secret::new(line),
             Err(e) => return Err(self.framing_failed(stream, e).await),
         };
@@ -722,10 +855,15 @@ impl Session {
     }
 
     fn count_auth(&self, mechanism: &str, result: &str) {
+        // Tokens are checked against the JWKS, not the password source.
+        let source = match mechanism {
+            "XOAUTH2" | "OAUTHBEARER" => "jwt",
+            _ => self.rt.auth.name(),
+        };
         self.rt
             .metrics
             .authentications
-            .with_label_values(&[mechanism, self.rt.auth.name(), result])
+            .with_label_values(&[mechanism, source, result])
             .inc();
     }
 
@@ -854,6 +992,22 @@ impl Session {
             rt.guard.succeeded(&user);
             self.track_guard_size();
         }
+        self.enter(stream, tag, identity, Some(password), received)
+            .await
+    }
+
+    /// After a successful authentication: the per-user limit, routing, and
+    /// the backend login, with `password` or, where there is none (a token
+    /// login) or the configuration says so, as the master user.
+    async fn enter(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+        identity: Identity,
+        password: Option<Secret>,
+        received: Instant,
+    ) -> Step<Option<LoggedIn>> {
+        let rt = Arc::clone(&self.rt);
         let limit = rt.config.limits.max_sessions_per_user;
         match rt.slots.take(Key::User(identity.user.clone()), limit) {
             Ok(slot) => self.user_slot = slot,
@@ -906,15 +1060,17 @@ impl Session {
                 reason = route.reason.as_str(),
                 "routed"
             );
+            let no_password = Secret::default();
+            let given = identity.backend_password.as_ref().or(password.as_ref());
             let request = LoginRequest {
                 user: &identity.user,
-                password: identity.backend_password.as_ref().unwrap_or(&password),
+                password: given.unwrap_or(&no_password),
                 // A password named for the backend wins; else the master
-                // user where configured for every login.
-                master: rt
-                    .master
-                    .as_deref()
-                    .filter(|m| m.always && identity.backend_password.is_none()),
+                // user, for every login if so configured, and for logins
+                // that brought no password (tokens).
+                master: rt.master.as_deref().filter(|m| {
+                    identity.backend_password.is_none() && (m.always || password.is_none())
+                }),
                 client: Some(ClientAddresses {
                     peer: self.peer,
                     local: self.local,

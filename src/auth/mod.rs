@@ -12,6 +12,7 @@ pub mod cache;
 pub mod guard;
 pub mod http;
 pub mod ldap;
+pub mod oauth;
 pub mod password;
 pub mod static_users;
 
@@ -148,6 +149,7 @@ mod tests {
             static_users: None,
             http: None,
             ldap: None,
+            oauth: None,
             negative_cache_ttl: Duration::ZERO,
             circuit_breaker: Default::default(),
             brute_force: Default::default(),

@@ -186,6 +186,7 @@ mod tests {
             static_users: None,
             http: None,
             ldap: None,
+            oauth: None,
             negative_cache_ttl: Duration::ZERO,
             circuit_breaker: Default::default(),
             brute_force: Default::default(),

@@ -1,0 +1,275 @@
+//! OAuth 2.0 bearer tokens through Postern to a real Dovecot: JWTs signed
+//! by a test key (ES256), checked against a JWKS file; XOAUTH2 and
+//! OAUTHBEARER (RFC 7628), with and without an initial response, a token of
+//! several KiB, the JSON error challenge on failure, and tokens refused for
+//! expiry, issuer, audience, signature, algorithm and a mismatched user.
+//! Token users reach Dovecot through its master user.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use common::backend::DovecotBackend;
+use common::client::Client;
+use common::postern::{Postern, Setup, PASSWORD};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use rcgen::KeyPair;
+
+const ISSUER: &str = "https://id.example.com";
+const AUDIENCE: &str = "imap.example.com";
+
+struct World {
+    b: DovecotBackend,
+    p: Postern,
+    key: KeyPair,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn world(name: &str) -> World {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users(
+        &format!("oauth-{name}"),
+        &[
+            ("alice@example.com", "only-dovecot-knows"),
+            ("bob@example.com", PASSWORD),
+        ],
+    );
+    let dir =
+        std::env::temp_dir().join(format!("postern-test-oauth-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let point = key.public_key_raw();
+    assert_eq!(point.len(), 65, "uncompressed P-256 point");
+    let jwks = serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..]),
+    }]});
+    std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+    std::fs::write(dir.join("master.password"), "master-secret\n").unwrap();
+    let auth = format!(
+        "oauth: {{ jwks_file: {}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email }}\nbrute_force: {{ max_delay: 300ms }}",
+        dir.join("jwks.json").display()
+    );
+    let backend = format!(
+        "master_user: {{ user: proxymaster, password_file: {} }}",
+        dir.join("master.password").display()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        auth_options: &auth,
+        backend_options: &backend,
+        ..Setup::default()
+    });
+    World { b, p, key, dir }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn token_with(key: &KeyPair, header: Header, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &EncodingKey::from_ec_der(&key.serialize_der()),
+    )
+    .unwrap()
+}
+
+fn es256() -> Header {
+    let mut h = Header::new(Algorithm::ES256);
+    h.kid = Some("k1".into());
+    h
+}
+
+fn claims(email: &str) -> serde_json::Value {
+    serde_json::json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 300, "email": email })
+}
+
+fn xoauth2(user: &str, token: &str) -> String {
+    STANDARD.encode(format!("user={user}\x01auth=Bearer {token}\x01\x01"))
+}
+
+fn oauthbearer(user: &str, token: &str) -> String {
+    STANDARD.encode(format!(
+        "n,a={user},\x01host=localhost\x01port=993\x01auth=Bearer {token}\x01\x01"
+    ))
+}
+
+#[test]
+fn xoauth2_logs_in_through_the_master_user() {
+    let w = world("xoauth2");
+    let (mut c, greeting) = Client::imaps(w.p.imaps);
+    assert!(
+        greeting.contains("AUTH=XOAUTH2") && greeting.contains("AUTH=OAUTHBEARER"),
+        "{greeting}"
+    );
+    let token = token_with(&w.key, es256(), claims("Alice@Example.com"));
+    let lines = c.command(
+        "A1",
+        &format!(
+            "AUTHENTICATE XOAUTH2 {}",
+            xoauth2("alice@example.com", &token)
+        ),
+    );
+    assert!(lines.last().unwrap().starts_with("A1 OK"), "{lines:?}");
+    common::wait_until("Dovecot logs alice", Duration::from_secs(10), || {
+        w.b.logins_of("alice@example.com") == 1
+    });
+    assert_eq!(
+        w.p.metric("postern_authentications_total{mechanism=\"XOAUTH2\",result=\"success\",source=\"jwt\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn oauthbearer_with_a_continuation_and_a_token_of_several_kib() {
+    let w = world("bearer");
+    let mut big = claims("alice@example.com");
+    big["groups"] = serde_json::json!(vec!["x".repeat(60); 100]);
+    let token = token_with(&w.key, es256(), big);
+    assert!(token.len() > 6000, "{}", token.len());
+    let (mut c, _) = Client::imaps(w.p.imaps);
+    c.send(b"A1 AUTHENTICATE OAUTHBEARER\r\n");
+    assert_eq!(c.line(), "+ ");
+    c.send(format!("{}\r\n", oauthbearer("alice@example.com", &token)).as_bytes());
+    let lines = c.until_tagged("A1");
+    assert!(lines.last().unwrap().starts_with("A1 OK"), "{lines:?}");
+}
+
+/// RFC 7628 3.2.2: a refusal is a JSON error challenge, the client sends a
+/// dummy `\x01`, then the tagged NO.
+#[test]
+fn refused_tokens_get_the_error_challenge_then_no() {
+    let w = world("refused");
+    let other = KeyPair::generate().unwrap();
+    let mut expired = claims("alice@example.com");
+    expired["exp"] = (now() - 600).into();
+    let mut wrong_aud = claims("alice@example.com");
+    wrong_aud["aud"] = "someone-else".into();
+    let mut wrong_iss = claims("alice@example.com");
+    wrong_iss["iss"] = "https://evil.example".into();
+    let hs256 = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims("alice@example.com"),
+        &EncodingKey::from_secret(b"guessable"),
+    )
+    .unwrap();
+    let unsigned = format!(
+        "{}.{}.",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"none","kid":"k1"}"#),
+        URL_SAFE_NO_PAD.encode(claims("alice@example.com").to_string())
+    );
+    let cases = [
+        ("expired", token_with(&w.key, es256(), expired)),
+        ("audience", token_with(&w.key, es256(), wrong_aud)),
+        ("issuer", token_with(&w.key, es256(), wrong_iss)),
+        (
+            "signature",
+            token_with(&other, es256(), claims("alice@example.com")),
+        ),
+        ("hs256", hs256),
+        ("none", unsigned),
+        ("garbage", "not.a.jwt".into()),
+    ];
+    for (what, token) in &cases {
+        let (mut c, _) = Client::imaps(w.p.imaps);
+        c.send(
+            format!(
+                "A1 AUTHENTICATE OAUTHBEARER {}\r\n",
+                oauthbearer("alice@example.com", token)
+            )
+            .as_bytes(),
+        );
+        let challenge = c.line();
+        let json = STANDARD
+            .decode(
+                challenge
+                    .strip_prefix("+ ")
+                    .unwrap_or_else(|| panic!("{what}: {challenge}")),
+            )
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(json["status"], "invalid_token", "{what}");
+        c.send(b"AQ==\r\n");
+        let lines = c.until_tagged("A1");
+        assert_eq!(
+            lines.last().unwrap(),
+            "A1 NO [AUTHENTICATIONFAILED] Authentication failed.",
+            "{what}"
+        );
+    }
+    // XOAUTH2's challenge has its own shape.
+    let (mut c, _) = Client::imaps(w.p.imaps);
+    let bad = token_with(&other, es256(), claims("alice@example.com"));
+    c.send(
+        format!(
+            "A1 AUTHENTICATE XOAUTH2 {}\r\n",
+            xoauth2("alice@example.com", &bad)
+        )
+        .as_bytes(),
+    );
+    let json = STANDARD
+        .decode(c.line().strip_prefix("+ ").unwrap())
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+    assert_eq!(json["status"], "401");
+    answer_the_challenge_and_get_no(&mut c);
+    assert_eq!(w.b.logins().len(), 0, "no refused token reached Dovecot");
+    assert_eq!(
+        w.p.metric("postern_authentications_total{mechanism=\"OAUTHBEARER\",result=\"failure\",source=\"jwt\"}"),
+        cases.len() as f64
+    );
+}
+
+#[test]
+fn a_token_for_one_user_does_not_log_in_another() {
+    let w = world("mismatch");
+    let token = token_with(&w.key, es256(), claims("alice@example.com"));
+    let (mut c, _) = Client::imaps(w.p.imaps);
+    c.send(
+        format!(
+            "A1 AUTHENTICATE XOAUTH2 {}\r\n",
+            xoauth2("bob@example.com", &token)
+        )
+        .as_bytes(),
+    );
+    assert!(c.line().starts_with("+ "));
+    answer_the_challenge_and_get_no(&mut c);
+    assert!(
+        w.p.log().contains("the client named bob@example.com"),
+        "the reason is logged"
+    );
+    assert!(!w.p.log().contains(&token), "the token is not");
+    // Password logins go on as before, for users the users file knows.
+    let lines = c.login("bob@example.com", PASSWORD);
+    assert!(
+        lines.last().unwrap().starts_with("L1 NO"),
+        "bob is not in the users file: {lines:?}"
+    );
+}
+
+/// After an error challenge: the client's empty answer, then the NO.
+fn answer_the_challenge_and_get_no(c: &mut Client) {
+    c.send(b"\r\n");
+    let lines = c.until_tagged("A1");
+    assert!(
+        lines
+            .last()
+            .unwrap()
+            .starts_with("A1 NO [AUTHENTICATIONFAILED]"),
+        "{lines:?}"
+    );
+}
