@@ -29,6 +29,7 @@ pub mod auth;
 pub mod backend;
 pub mod buffer;
 pub mod config;
+pub mod http_client;
 pub mod imap;
 pub mod latch;
 pub mod live;

@@ -28,30 +28,18 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::Uri;
-use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use super::{AuthContext, AuthError, AuthFuture, Authenticator, Identity};
 use crate::config::HttpAuth as HttpAuthConfig;
+use crate::http_client::{Endpoint, Response};
 use crate::imap::Secret;
 
 /// Longest `Auth-Status` text passed on to a client.
 const MAX_STATUS_TEXT: usize = 200;
 /// Longest `Auth-Wait` honoured.
 const MAX_WAIT: Duration = Duration::from_secs(60);
-/// Most bytes of response head read; the body is never read.
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 pub struct HttpAuth {
-    host: String,
-    port: u16,
-    /// Path and query of the request.
-    target: String,
-    /// `Host` header value.
-    authority: String,
-    tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
+    endpoint: Endpoint,
     timeout: Duration,
     /// Extra request headers, name and value, checked to be header text.
     headers: Vec<(String, Secret)>,
@@ -65,42 +53,8 @@ impl HttpAuth {
         headers: Vec<(String, Secret)>,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> Result<HttpAuth, String> {
-        let uri: Uri = config
-            .url
-            .parse()
-            .map_err(|e| format!("key `auth.http.url`: {e}"))?;
-        let https = match uri.scheme_str() {
-            Some("http") => false,
-            Some("https") => true,
-            _ => return Err("key `auth.http.url`: must start with http:// or https://".into()),
-        };
-        let host = uri
-            .host()
-            .ok_or("key `auth.http.url`: no host")?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let target = uri
-            .path_and_query()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_else(|| "/".into());
-        let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap();
-        let tls = if https {
-            let config =
-                tls.ok_or("key `auth.http.url`: https needs a TLS client configuration")?;
-            let name = ServerName::try_from(host.clone())
-                .map_err(|e| format!("key `auth.http.url`: {e}"))?;
-            Some((tokio_rustls::TlsConnector::from(config), name))
-        } else {
-            None
-        };
         Ok(HttpAuth {
-            host,
-            port,
-            target,
-            authority,
-            tls,
+            endpoint: Endpoint::parse(&config.url, "auth.http.url", tls)?,
             timeout: config.timeout,
             headers,
         })
@@ -111,8 +65,8 @@ impl HttpAuth {
     fn request(&self, user: &str, password: &Secret, ctx: &AuthContext) -> Secret {
         let mut out = format!(
             "GET {} HTTP/1.0\r\nHost: {}\r\nAuth-Method: plain\r\nAuth-User: {}\r\nAuth-Pass: ",
-            self.target,
-            self.authority,
+            self.endpoint.target,
+            self.endpoint.authority,
             escape(user.as_bytes())
         );
         out.push_str(&escape(password.expose()));
@@ -142,21 +96,9 @@ impl HttpAuth {
         password: &Secret,
         ctx: &AuthContext,
     ) -> Result<Answer, String> {
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
-        let _ = tcp.set_nodelay(true);
         let request = self.request(user, password, ctx);
-        match &self.tls {
-            None => exchange(tcp, &request).await,
-            Some((connector, name)) => {
-                let tls = connector
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|e| format!("TLS to the auth service: {e}"))?;
-                exchange(tls, &request).await
-            }
-        }
+        let response = self.endpoint.exchange(&request, 0).await?;
+        answer(&response)
     }
 }
 
@@ -171,58 +113,21 @@ struct Answer {
     wait: Option<String>,
 }
 
-/// Sends the request and reads the response head (bounded); the body and
-/// the rest of the connection are dropped unread.
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
-    mut stream: S,
-    request: &Secret,
-) -> Result<Answer, String> {
-    let io = |e: std::io::Error| format!("HTTP: {e}");
-    stream.write_all(request.expose()).await.map_err(io)?;
-    stream.flush().await.map_err(io)?;
-    let mut head = Secret::new(Vec::with_capacity(1024));
-    let mut chunk = [0u8; 2048];
-    loop {
-        let n = stream.read(&mut chunk).await.map_err(io)?;
-        if n == 0 {
-            return Err("the auth service closed the connection before answering".into());
-        }
-        let mut grown = head.expose().to_vec();
-        grown.extend_from_slice(&chunk[..n]);
-        chunk.fill(0);
-        head = Secret::new(grown);
-        let mut headers = [httparse::EMPTY_HEADER; 64];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(head.expose()) {
-            Ok(httparse::Status::Complete(_)) => return answer(&response),
-            Ok(httparse::Status::Partial) if head.expose().len() < MAX_RESPONSE_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
-                return Err(format!("response head over {MAX_RESPONSE_HEAD} bytes"))
-            }
-            Err(e) => return Err(format!("invalid HTTP response: {e}")),
-        }
+fn answer(response: &Response) -> Result<Answer, String> {
+    if !(200..300).contains(&response.code) {
+        return Err(format!("the auth service answered HTTP {}", response.code));
     }
-}
-
-fn answer(response: &httparse::Response<'_, '_>) -> Result<Answer, String> {
-    let code = response.code.unwrap_or(0);
-    if !(200..300).contains(&code) {
-        return Err(format!("the auth service answered HTTP {code}"));
-    }
-    let raw = |name: &str| {
+    let text = |name: &str| {
         response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value)
+            .header(name)
+            .map(|v| String::from_utf8_lossy(v).trim().to_owned())
     };
-    let text = |name: &str| raw(name).map(|v| String::from_utf8_lossy(v).trim().to_owned());
     Ok(Answer {
         status: text("Auth-Status").ok_or("no Auth-Status header in the answer")?,
         server: text("Auth-Server"),
         port: text("Auth-Port"),
         user: text("Auth-User"),
-        pass: raw("Auth-Pass").map(<[u8]>::to_vec),
+        pass: response.header("Auth-Pass").map(<[u8]>::to_vec),
         wait: text("Auth-Wait"),
     })
 }
