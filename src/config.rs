@@ -312,8 +312,19 @@ fn default_ldap_timeout() -> Duration {
 #[serde(deny_unknown_fields)]
 pub struct OAuthConfig {
     /// The issuer's public keys (a JWKS document), reloaded with the
-    /// configuration when the file changes.
-    pub jwks_file: PathBuf,
+    /// configuration when the file changes…
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// …or fetched from the provider's `jwks_uri`, again every
+    /// `jwks_refresh` (and at most every 10 s on a token with an unknown
+    /// `kid`), the last good set kept while a fetch fails.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
+    pub jwks_refresh: Duration,
+    /// CAs for an https `jwks_url` (default: the system's store).
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
     /// `iss` must be this.
     pub issuer: String,
     /// `aud` must contain this.
@@ -324,6 +335,10 @@ pub struct OAuthConfig {
     /// Clock skew allowed for `exp` and `nbf`.
     #[serde(default = "default_oauth_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(600)
 }
 
 fn default_user_claim() -> String {
@@ -989,7 +1004,8 @@ impl Config {
             files.push(self.resolve(&m.password_file));
         }
         if let Some(o) = &self.auth.oauth {
-            files.push(self.resolve(&o.jwks_file));
+            files.extend(o.jwks_file.iter().map(|f| self.resolve(f)));
+            files.extend(o.tls_ca_file.iter().map(|f| self.resolve(f)));
         }
         if let Some(l) = &self.auth.ldap {
             files.extend(l.bind_password_file.iter().map(|f| self.resolve(f)));
@@ -1180,6 +1196,21 @@ impl Config {
                 }
             }
             _ => {}
+        }
+        if let Some(o) = &self.auth.oauth {
+            if o.jwks_file.is_some() == o.jwks_url.is_some() {
+                return Err("key `auth.oauth`: set `jwks_file` or `jwks_url`, one of them".into());
+            }
+            if let Some(url) = &o.jwks_url {
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return Err(format!(
+                        "key `auth.oauth.jwks_url`: `{url}` must start with https:// or http://"
+                    ));
+                }
+            }
+            if o.jwks_refresh < Duration::from_secs(10) {
+                return Err("key `auth.oauth.jwks_refresh`: at least 10s".into());
+            }
         }
         if self.auth.oauth.is_some() && self.backends.master_user.is_none() {
             return Err("key `auth.oauth`: token logins bring no password for the backend; configure `backends.master_user`".into());

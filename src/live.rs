@@ -14,7 +14,7 @@ use crate::auth::cache::CachedAuthenticator;
 use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
 use crate::auth::ldap::LdapAuth;
-use crate::auth::oauth::OAuth;
+use crate::auth::oauth::{Claims, OAuth};
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::backend::MasterLogin;
@@ -123,13 +123,31 @@ impl Runtime {
             None => None,
         };
         let oauth = match &config.auth.oauth {
-            Some(o) => Some(Arc::new(OAuth::load(
-                &config.resolve(&o.jwks_file),
-                o.issuer.clone(),
-                o.audience.clone(),
-                o.user_claim.clone(),
-                o.leeway,
-            )?)),
+            Some(o) => {
+                let claims = Claims {
+                    issuer: o.issuer.clone(),
+                    audience: o.audience.clone(),
+                    user_claim: o.user_claim.clone(),
+                    leeway: o.leeway,
+                };
+                Some(Arc::new(match (&o.jwks_file, &o.jwks_url) {
+                    (Some(file), _) => OAuth::from_file(&config.resolve(file), claims)?,
+                    (None, Some(url)) => {
+                        let tls = if url.starts_with("https://") {
+                            Some(client_tls(
+                                &config,
+                                "auth.oauth.tls_ca_file",
+                                o.tls_ca_file.as_deref(),
+                            )?)
+                        } else {
+                            None
+                        };
+                        let previous = previous.and_then(|r| r.oauth.as_deref());
+                        OAuth::from_url(url, tls, o.jwks_refresh, claims, previous)?
+                    }
+                    (None, None) => unreachable!("validated"),
+                }))
+            }
             None => None,
         };
         let master = match &config.backends.master_user {

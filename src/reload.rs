@@ -109,6 +109,20 @@ impl Reloader {
             &self.metrics,
             &self.probes,
         );
+        // The provider's keys before the runtime goes live (bounded), then
+        // refreshed until the next reload.
+        if let Some(oauth) = rt.oauth.as_ref().filter(|o| o.fetches()) {
+            match oauth.refresh().await {
+                Ok(n) => tracing::info!(keys = n, "JWKS fetched"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "JWKS fetch failed; token logins wait for the next try")
+                }
+            }
+            tokio::spawn(crate::auth::oauth::keep_fresh(
+                Arc::clone(oauth),
+                Arc::clone(&self.probes),
+            ));
+        }
         discovery::start(
             Arc::clone(&rt.pool),
             &rt.config.backends.discovery,

@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::auth::guard::{Full, Key, Slot};
+use crate::auth::oauth::TokenError;
 use crate::auth::{normalise_username, AuthContext, AuthError, Identity};
 use crate::backend::{
     self, BackendError, BackendSession, BackendStream, ClientAddresses, LoginRequest,
@@ -782,8 +783,29 @@ impl Session {
         }
         let oauth = rt.oauth.clone().expect("checked by the caller");
         let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
-        let verdict = oauth
-            .validate(token)
+        let mut checked = oauth.validate(token);
+        if matches!(checked, Err(TokenError::UnknownKey(_) | TokenError::NoKeys))
+            && oauth.refresh_for_unknown_key().await
+        {
+            checked = oauth.validate(token);
+        }
+        if checked == Err(TokenError::NoKeys) {
+            self.count_auth(mechanism, "unavailable");
+            tracing::warn!(client = %self.peer, "token login: no JWKS keys yet");
+            reply(
+                stream,
+                format!(
+                    "{tag} NO [UNAVAILABLE] Authentication is unavailable, try again later\r\n"
+                ),
+            )
+            .await?;
+            return Ok(None);
+        }
+        let verdict = checked
+            .map_err(|e| match e {
+                TokenError::Invalid(why) | TokenError::UnknownKey(why) => why,
+                TokenError::NoKeys => unreachable!("answered above"),
+            })
             .and_then(|claim| {
                 normalise_username(claim.as_bytes(), auth)
                     .map_err(|e| format!("the token's user claim: {e}"))

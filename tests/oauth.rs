@@ -33,7 +33,23 @@ impl Drop for World {
     }
 }
 
+/// A JWKS document with `key` as `kid`.
+fn jwks(key: &KeyPair, kid: &str) -> serde_json::Value {
+    let point = key.public_key_raw();
+    assert_eq!(point.len(), 65, "uncompressed P-256 point");
+    serde_json::json!({ "keys": [{
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..]),
+    }]})
+}
+
 fn world(name: &str) -> World {
+    world_with(name, None)
+}
+
+/// With `jwks_url`, the keys come from that URL instead of a file.
+fn world_with(name: &str, jwks_url: Option<&str>) -> World {
     common::backend::ensure_installed();
     let b = DovecotBackend::start_with_users(
         &format!("oauth-{name}"),
@@ -46,18 +62,14 @@ fn world(name: &str) -> World {
         std::env::temp_dir().join(format!("postern-test-oauth-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = KeyPair::generate().unwrap();
-    let point = key.public_key_raw();
-    assert_eq!(point.len(), 65, "uncompressed P-256 point");
-    let jwks = serde_json::json!({ "keys": [{
-        "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
-        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-        "y": URL_SAFE_NO_PAD.encode(&point[33..]),
-    }]});
-    std::fs::write(dir.join("jwks.json"), jwks.to_string()).unwrap();
+    std::fs::write(dir.join("jwks.json"), jwks(&key, "k1").to_string()).unwrap();
     std::fs::write(dir.join("master.password"), "master-secret\n").unwrap();
+    let keys = match jwks_url {
+        Some(url) => format!("jwks_url: \"{url}\""),
+        None => format!("jwks_file: {}", dir.join("jwks.json").display()),
+    };
     let auth = format!(
-        "oauth: {{ jwks_file: {}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email }}\nbrute_force: {{ max_delay: 300ms }}",
-        dir.join("jwks.json").display()
+        "oauth: {{ {keys}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email }}\nbrute_force: {{ max_delay: 300ms, block_after: 0 }}"
     );
     let backend = format!(
         "master_user: {{ user: proxymaster, password_file: {} }}",
@@ -272,4 +284,75 @@ fn answer_the_challenge_and_get_no(c: &mut Client) {
             .starts_with("A1 NO [AUTHENTICATIONFAILED]"),
         "{lines:?}"
     );
+}
+
+/// The provider's keys from its `jwks_uri` (a real HTTP server), and a
+/// key rotation picked up when a token names a new `kid`.
+#[test]
+fn keys_from_a_jwks_url_and_a_rotation() {
+    let served = std::env::temp_dir().join(format!("postern-test-jwks-{}", std::process::id()));
+    std::fs::create_dir_all(&served).unwrap();
+    let first = KeyPair::generate().unwrap();
+    std::fs::write(served.join("jwks.json"), jwks(&first, "k1").to_string()).unwrap();
+    let port = common::free_port();
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+            "--directory",
+        ])
+        .arg(&served)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 runs");
+    common::wait_until("the JWKS server", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let w = world_with(
+        "jwks-url",
+        Some(&format!("http://127.0.0.1:{port}/jwks.json")),
+    );
+    let login = |key: &KeyPair, kid: &str| {
+        let mut header = es256();
+        header.kid = Some(kid.into());
+        let token = token_with(key, header, claims("alice@example.com"));
+        let (mut c, _) = Client::imaps(w.p.imaps);
+        c.send(
+            format!(
+                "A1 AUTHENTICATE XOAUTH2 {}\r\n",
+                xoauth2("alice@example.com", &token)
+            )
+            .as_bytes(),
+        );
+        let first = c.line();
+        if first.starts_with("+ ") {
+            c.send(b"\r\n");
+            return c.until_tagged("A1").last().unwrap().clone();
+        }
+        first
+    };
+    assert!(
+        login(&first, "k1").starts_with("A1 OK"),
+        "keys fetched at start"
+    );
+    // The provider rotates to k2; a token naming k2 makes Postern fetch
+    // again (at most every 10 s).
+    let second = KeyPair::generate().unwrap();
+    std::fs::write(served.join("jwks.json"), jwks(&second, "k2").to_string()).unwrap();
+    common::wait_until(
+        "the rotated key is fetched",
+        Duration::from_secs(30),
+        || login(&second, "k2").starts_with("A1 OK"),
+    );
+    assert!(
+        login(&first, "k1").starts_with("A1 NO"),
+        "the old key is gone"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&served);
 }

@@ -1,101 +1,200 @@
 //! OAuth 2.0 bearer tokens (`AUTHENTICATE XOAUTH2` and `OAUTHBEARER`,
 //! RFC 7628): JWT access tokens checked locally against the keys of a JWKS
-//! file: the signature with the key named by `kid` (or the only key) and
+//! (a file, or the provider's `jwks_uri` fetched at start, every
+//! `jwks_refresh`, and on a token with an unknown `kid` at most every 10 s,
+//! the last good set kept while fetching fails): the signature with the
+//! key named by `kid` (or the only key) and
 //! that key's own algorithm, never one the token picks (no `none`, no
 //! HMAC), then `iss`, `aud`, `exp` (and `nbf`) with a small leeway, and the
 //! claim that names the user. The backend login for a token user is a
 //! master-user login: there is no password to pass on.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use tokio::time::Instant;
 
-/// A checked token's user, or why it is refused (for the log only; the
-/// client reads a fixed error).
-pub type TokenResult = Result<String, String>;
+use crate::http_client::Endpoint;
+use crate::imap::Secret;
+use crate::latch::Latch;
 
-struct Key {
+/// Largest JWKS document read.
+const MAX_JWKS: usize = 1024 * 1024;
+/// Fetches for unknown `kid`s are at least this far apart.
+const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+/// Why a token was not accepted.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenError {
+    /// The token is not good: refused.
+    Invalid(String),
+    /// No key named by its `kid` (a rotation not fetched yet?).
+    UnknownKey(String),
+    /// No keys at all yet: the provider could not be reached.
+    NoKeys,
+}
+
+pub struct Key {
     kid: Option<String>,
     algorithm: Algorithm,
     key: DecodingKey,
 }
 
+struct Fetch {
+    endpoint: Endpoint,
+    url: String,
+    refresh: Duration,
+    timeout: Duration,
+    last: Mutex<Option<Instant>>,
+}
+
 pub struct OAuth {
-    keys: Vec<Key>,
+    keys: ArcSwap<Vec<Key>>,
+    fetch: Option<Fetch>,
     issuer: String,
     audience: String,
     user_claim: String,
     leeway: Duration,
 }
 
+/// What the token checks are against, besides the keys.
+pub struct Claims {
+    pub issuer: String,
+    pub audience: String,
+    pub user_claim: String,
+    pub leeway: Duration,
+}
+
 impl OAuth {
-    /// Loads the JWKS at `jwks_file`; every key must be usable.
-    pub fn load(
-        jwks_file: &Path,
-        issuer: String,
-        audience: String,
-        user_claim: String,
-        leeway: Duration,
-    ) -> Result<OAuth, String> {
+    /// Keys from a JWKS file; every key must be usable.
+    pub fn from_file(jwks_file: &Path, claims: Claims) -> Result<OAuth, String> {
         let text = std::fs::read_to_string(jwks_file)
             .map_err(|e| format!("key `auth.oauth.jwks_file`: {}: {e}", jwks_file.display()))?;
-        let set: JwkSet = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "key `auth.oauth.jwks_file`: {} is not a JWKS: {e}",
-                jwks_file.display()
-            )
-        })?;
-        let mut keys = Vec::new();
-        for jwk in &set.keys {
-            let algorithm = algorithm_of(jwk).ok_or_else(|| {
-                format!(
-                    "key `auth.oauth.jwks_file`: key {:?} has no usable public-key algorithm",
-                    jwk.common.key_id
-                )
-            })?;
-            let key = DecodingKey::from_jwk(jwk).map_err(|e| {
-                format!(
-                    "key `auth.oauth.jwks_file`: key {:?}: {e}",
-                    jwk.common.key_id
-                )
-            })?;
-            keys.push(Key {
-                kid: jwk.common.key_id.clone(),
-                algorithm,
-                key,
-            });
+        let keys = parse_jwks(&text)
+            .map_err(|e| format!("key `auth.oauth.jwks_file`: {}: {e}", jwks_file.display()))?;
+        Ok(OAuth::with(keys, None, claims))
+    }
+
+    /// Keys fetched from `url`; until the first fetch, the previous
+    /// runtime's keys for the same URL, if any.
+    pub fn from_url(
+        url: &str,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        refresh: Duration,
+        claims: Claims,
+        previous: Option<&OAuth>,
+    ) -> Result<OAuth, String> {
+        let endpoint = Endpoint::parse(url, "auth.oauth.jwks_url", tls)?;
+        let keys = previous
+            .filter(|p| p.fetch.as_ref().is_some_and(|f| f.url == url))
+            .map(|p| p.keys.load_full())
+            .unwrap_or_default();
+        let fetch = Fetch {
+            endpoint,
+            url: url.to_owned(),
+            refresh,
+            timeout: Duration::from_secs(5),
+            last: Mutex::new(None),
+        };
+        let mut oauth = OAuth::with(Vec::new(), Some(fetch), claims);
+        oauth.keys = ArcSwap::new(keys);
+        Ok(oauth)
+    }
+
+    fn with(keys: Vec<Key>, fetch: Option<Fetch>, claims: Claims) -> OAuth {
+        OAuth {
+            keys: ArcSwap::from_pointee(keys),
+            fetch,
+            issuer: claims.issuer,
+            audience: claims.audience,
+            user_claim: claims.user_claim,
+            leeway: claims.leeway,
         }
-        if keys.is_empty() {
-            return Err(format!(
-                "key `auth.oauth.jwks_file`: {} holds no keys",
-                jwks_file.display()
-            ));
+    }
+
+    /// Whether the keys come from a URL.
+    pub fn fetches(&self) -> bool {
+        self.fetch.is_some()
+    }
+
+    /// Fetches the JWKS now; on failure the keys held stay.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let Some(fetch) = &self.fetch else {
+            return Ok(self.keys.load().len());
+        };
+        *fetch.last.lock().unwrap() = Some(Instant::now());
+        let request = format!(
+            "GET {} HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: postern/{}\r\n\r\n",
+            fetch.endpoint.target,
+            fetch.endpoint.authority,
+            env!("CARGO_PKG_VERSION")
+        );
+        let response = tokio::time::timeout(
+            fetch.timeout,
+            fetch
+                .endpoint
+                .exchange(&Secret::new(request.into_bytes()), MAX_JWKS),
+        )
+        .await
+        .map_err(|_| format!("no answer from {} within {:?}", fetch.url, fetch.timeout))??;
+        if response.code != 200 {
+            return Err(format!("{} answered HTTP {}", fetch.url, response.code));
         }
-        Ok(OAuth {
-            keys,
-            issuer,
-            audience,
-            user_claim,
-            leeway,
-        })
+        let text = std::str::from_utf8(response.body.expose())
+            .map_err(|_| format!("{}: the JWKS is not UTF-8", fetch.url))?;
+        let keys = parse_jwks(text).map_err(|e| format!("{}: {e}", fetch.url))?;
+        let n = keys.len();
+        self.keys.store(Arc::new(keys));
+        Ok(n)
+    }
+
+    /// Fetches again for a token whose `kid` is unknown, unless the last
+    /// fetch was under 10 s ago. Whether a fetch happened and succeeded.
+    pub async fn refresh_for_unknown_key(&self) -> bool {
+        let Some(fetch) = &self.fetch else {
+            return false;
+        };
+        let recent = fetch
+            .last
+            .lock()
+            .unwrap()
+            .is_some_and(|t| t.elapsed() < MIN_REFETCH);
+        if recent {
+            return false;
+        }
+        match self.refresh().await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "JWKS fetch failed");
+                false
+            }
+        }
     }
 
     /// Checks `token` and returns the user its claim names.
-    pub fn validate(&self, token: &str) -> TokenResult {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| format!("not a JWT: {e}"))?;
+    pub fn validate(&self, token: &str) -> Result<String, TokenError> {
+        let invalid = TokenError::Invalid;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| invalid(format!("not a JWT: {e}")))?;
+        let keys = self.keys.load();
+        if keys.is_empty() {
+            return Err(TokenError::NoKeys);
+        }
         let key = match &header.kid {
-            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
-            None if self.keys.len() == 1 => self.keys.first(),
+            Some(kid) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            None if keys.len() == 1 => keys.first(),
             None => None,
         }
-        .ok_or_else(|| format!("no key for kid {:?}", header.kid))?;
+        .ok_or_else(|| TokenError::UnknownKey(format!("no key for kid {:?}", header.kid)))?;
         if header.alg != key.algorithm {
-            return Err(format!(
+            return Err(invalid(format!(
                 "alg {:?} is not the key's {:?}",
                 header.alg, key.algorithm
-            ));
+            )));
         }
         let mut validation = Validation::new(key.algorithm);
         validation.set_issuer(&[&self.issuer]);
@@ -104,14 +203,57 @@ impl OAuth {
         validation.leeway = self.leeway.as_secs();
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
-            .map_err(|e| format!("token refused: {e}"))?;
+            .map_err(|e| invalid(format!("token refused: {e}")))?;
         data.claims
             .get(&self.user_claim)
             .and_then(|v| v.as_str())
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
-            .ok_or_else(|| format!("no `{}` claim", self.user_claim))
+            .ok_or_else(|| invalid(format!("no `{}` claim", self.user_claim)))
     }
+}
+
+/// Refetches the JWKS every `jwks_refresh` until `stop` is set.
+pub async fn keep_fresh(oauth: Arc<OAuth>, stop: Arc<Latch>) {
+    let Some(fetch) = &oauth.fetch else {
+        return;
+    };
+    let every = fetch.refresh;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.wait() => return,
+        }
+        match oauth.refresh().await {
+            Ok(n) => tracing::debug!(keys = n, "JWKS refreshed"),
+            Err(e) => tracing::warn!(error = %e, "JWKS refresh failed; keeping the keys held"),
+        }
+    }
+}
+
+/// The usable keys of a JWKS document; every key must be usable.
+fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        let algorithm = algorithm_of(jwk).ok_or_else(|| {
+            format!(
+                "key {:?} has no usable public-key algorithm",
+                jwk.common.key_id
+            )
+        })?;
+        let key =
+            DecodingKey::from_jwk(jwk).map_err(|e| format!("key {:?}: {e}", jwk.common.key_id))?;
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            algorithm,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err("no keys".into());
+    }
+    Ok(keys)
 }
 
 /// The key's own algorithm: as stated, else implied by its type.
