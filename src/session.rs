@@ -792,14 +792,7 @@ impl Session {
         if checked == Err(TokenError::NoKeys) {
             self.count_auth(mechanism, "unavailable");
             tracing::warn!(client = %self.peer, "token login: no JWKS keys yet");
-            reply(
-                stream,
-                format!(
-                    "{tag} NO [UNAVAILABLE] Authentication is unavailable, try again later\r\n"
-                ),
-            )
-            .await?;
-            return Ok(None);
+            return self.auth_unavailable(stream, tag).await;
         }
         let verdict = checked
             .map_err(|e| match e {
@@ -999,14 +992,7 @@ impl Session {
             Err(AuthError::Unavailable(cause)) => {
                 self.count_auth(mechanism, "unavailable");
                 tracing::warn!(client = %self.peer, user, source = self.rt.auth.name(), cause, "authentication source unavailable");
-                reply(
-                    stream,
-                    format!(
-                        "{tag} NO [UNAVAILABLE] Authentication is unavailable, try again later\r\n"
-                    ),
-                )
-                .await?;
-                return Ok(None);
+                return self.auth_unavailable(stream, tag).await;
             }
         };
         self.count_auth(mechanism, "success");
@@ -1159,6 +1145,17 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// The answer when the credentials could not be checked.
+    async fn auth_unavailable(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+    ) -> Step<Option<LoggedIn>> {
+        let text = "NO [UNAVAILABLE] Authentication is unavailable, try again later";
+        reply(stream, format!("{tag} {text}\r\n")).await?;
+        Ok(None)
     }
 
     /// Answers a failed login once the failure delay (counted from when the
