@@ -322,7 +322,12 @@ pub struct OAuthConfig {
     pub jwks_url: Option<String>,
     #[serde(default = "default_jwks_refresh", deserialize_with = "duration")]
     pub jwks_refresh: Duration,
-    /// CAs for an https `jwks_url` (default: the system's store).
+    /// …or every token asked about at the provider's RFC 7662
+    /// introspection endpoint (opaque tokens too, revocation seen at once).
+    #[serde(default)]
+    pub introspection: Option<Introspection>,
+    /// CAs for an https `jwks_url` or introspection URL (default: the
+    /// system's store).
     #[serde(default)]
     pub tls_ca_file: Option<PathBuf>,
     /// `iss` must be this.
@@ -335,6 +340,26 @@ pub struct OAuthConfig {
     /// Clock skew allowed for `exp` and `nbf`.
     #[serde(default = "default_oauth_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
+}
+
+/// An RFC 7662 token introspection endpoint and Postern's client
+/// credentials for it (HTTP Basic).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Introspection {
+    pub url: String,
+    pub client_id: String,
+    /// One line; a Kubernetes Secret, never the YAML itself.
+    pub client_secret_file: PathBuf,
+    #[serde(
+        default = "default_introspection_timeout",
+        deserialize_with = "duration"
+    )]
+    pub timeout: Duration,
+}
+
+fn default_introspection_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_jwks_refresh() -> Duration {
@@ -1005,6 +1030,11 @@ impl Config {
         }
         if let Some(o) = &self.auth.oauth {
             files.extend(o.jwks_file.iter().map(|f| self.resolve(f)));
+            files.extend(
+                o.introspection
+                    .iter()
+                    .map(|i| self.resolve(&i.client_secret_file)),
+            );
             files.extend(o.tls_ca_file.iter().map(|f| self.resolve(f)));
         }
         if let Some(l) = &self.auth.ldap {
@@ -1198,8 +1228,21 @@ impl Config {
             _ => {}
         }
         if let Some(o) = &self.auth.oauth {
-            if o.jwks_file.is_some() == o.jwks_url.is_some() {
-                return Err("key `auth.oauth`: set `jwks_file` or `jwks_url`, one of them".into());
+            let sources = [
+                o.jwks_file.is_some(),
+                o.jwks_url.is_some(),
+                o.introspection.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(
+                    "key `auth.oauth`: set one of `jwks_file`, `jwks_url` and `introspection`"
+                        .into(),
+                );
+            }
+            if let Some(i) = &o.introspection {
+                if !(i.url.starts_with("https://") || i.url.starts_with("http://")) {
+                    return Err(format!("key `auth.oauth.introspection.url`: `{}` must start with https:// or http://", i.url));
+                }
             }
             if let Some(url) = &o.jwks_url {
                 if !(url.starts_with("https://") || url.starts_with("http://")) {
@@ -1495,6 +1538,14 @@ backends:
             err.contains("auth.oauth") && err.contains("master_user"),
             "{err}"
         );
+        let both = oauth.replace(
+            "jwks_file: j.json,",
+            "jwks_file: j.json, jwks_url: \"https://id/jwks\",",
+        );
+        let err = Config::parse(&both, Path::new("p.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("one of"), "{err}");
     }
 
     #[test]

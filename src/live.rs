@@ -14,11 +14,12 @@ use crate::auth::cache::CachedAuthenticator;
 use crate::auth::guard::{Guard, Slots};
 use crate::auth::http::HttpAuth;
 use crate::auth::ldap::LdapAuth;
-use crate::auth::oauth::{Claims, OAuth};
+use crate::auth::oauth::{Claims, Introspect, OAuth};
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::backend::MasterLogin;
 use crate::config::{AuthSource, Config};
+use crate::http_client::Endpoint;
 use crate::imap::Secret;
 use crate::metrics::Metrics;
 use crate::route::health::ProbeAccount;
@@ -130,20 +131,42 @@ impl Runtime {
                     user_claim: o.user_claim.clone(),
                     leeway: o.leeway,
                 };
+                let tls = |url: &str| -> Result<_, String> {
+                    if url.starts_with("https://") {
+                        Ok(Some(client_tls(
+                            &config,
+                            "auth.oauth.tls_ca_file",
+                            o.tls_ca_file.as_deref(),
+                        )?))
+                    } else {
+                        Ok(None)
+                    }
+                };
                 Some(Arc::new(match (&o.jwks_file, &o.jwks_url) {
+                    _ if o.introspection.is_some() => {
+                        let i = o.introspection.as_ref().expect("checked");
+                        OAuth::from_introspection(
+                            Introspect {
+                                endpoint: Endpoint::parse(
+                                    &i.url,
+                                    "auth.oauth.introspection.url",
+                                    tls(&i.url)?,
+                                )?,
+                                client_id: i.client_id.clone(),
+                                client_secret: secret_file(
+                                    &config,
+                                    "auth.oauth.introspection.client_secret_file",
+                                    &i.client_secret_file,
+                                )?,
+                                timeout: i.timeout,
+                            },
+                            claims,
+                        )
+                    }
                     (Some(file), _) => OAuth::from_file(&config.resolve(file), claims)?,
                     (None, Some(url)) => {
-                        let tls = if url.starts_with("https://") {
-                            Some(client_tls(
-                                &config,
-                                "auth.oauth.tls_ca_file",
-                                o.tls_ca_file.as_deref(),
-                            )?)
-                        } else {
-                            None
-                        };
                         let previous = previous.and_then(|r| r.oauth.as_deref());
-                        OAuth::from_url(url, tls, o.jwks_refresh, claims, previous)?
+                        OAuth::from_url(url, tls(url)?, o.jwks_refresh, claims, previous)?
                     }
                     (None, None) => unreachable!("validated"),
                 }))

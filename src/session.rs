@@ -783,15 +783,10 @@ impl Session {
         }
         let oauth = rt.oauth.clone().expect("checked by the caller");
         let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
-        let mut checked = oauth.validate(token);
-        if matches!(checked, Err(TokenError::UnknownKey(_) | TokenError::NoKeys))
-            && oauth.refresh_for_unknown_key().await
-        {
-            checked = oauth.validate(token);
-        }
+        let checked = oauth.check(token).await;
         if checked == Err(TokenError::NoKeys) {
             self.count_auth(mechanism, "unavailable");
-            tracing::warn!(client = %self.peer, "token login: no JWKS keys yet");
+            tracing::warn!(client = %self.peer, "token login: the provider's keys or introspection are unavailable");
             return self.auth_unavailable(stream, tag).await;
         }
         let verdict = checked

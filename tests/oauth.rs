@@ -48,8 +48,9 @@ fn world(name: &str) -> World {
     world_with(name, None)
 }
 
-/// With `jwks_url`, the keys come from that URL instead of a file.
-fn world_with(name: &str, jwks_url: Option<&str>) -> World {
+/// With `keys`, the `oauth:` keys that say where tokens are checked
+/// (`jwks_url: …`, `introspection: {…}`) instead of the JWKS file.
+fn world_with(name: &str, keys: Option<&str>) -> World {
     common::backend::ensure_installed();
     let b = DovecotBackend::start_with_users(
         &format!("oauth-{name}"),
@@ -64,8 +65,8 @@ fn world_with(name: &str, jwks_url: Option<&str>) -> World {
     let key = KeyPair::generate().unwrap();
     std::fs::write(dir.join("jwks.json"), jwks(&key, "k1").to_string()).unwrap();
     std::fs::write(dir.join("master.password"), "master-secret\n").unwrap();
-    let keys = match jwks_url {
-        Some(url) => format!("jwks_url: \"{url}\""),
+    let keys = match keys {
+        Some(keys) => keys.to_owned(),
         None => format!("jwks_file: {}", dir.join("jwks.json").display()),
     };
     let auth = format!(
@@ -314,26 +315,16 @@ fn keys_from_a_jwks_url_and_a_rotation() {
     });
     let w = world_with(
         "jwks-url",
-        Some(&format!("http://127.0.0.1:{port}/jwks.json")),
+        Some(&format!("jwks_url: \"http://127.0.0.1:{port}/jwks.json\"")),
     );
     let login = |key: &KeyPair, kid: &str| {
         let mut header = es256();
         header.kid = Some(kid.into());
         let token = token_with(key, header, claims("alice@example.com"));
-        let (mut c, _) = Client::imaps(w.p.imaps);
-        c.send(
-            format!(
-                "A1 AUTHENTICATE XOAUTH2 {}\r\n",
-                xoauth2("alice@example.com", &token)
-            )
-            .as_bytes(),
-        );
-        let first = c.line();
-        if first.starts_with("+ ") {
-            c.send(b"\r\n");
-            return c.until_tagged("A1").last().unwrap().clone();
-        }
-        first
+        token_login(
+            w.p.imaps,
+            &format!("XOAUTH2 {}", xoauth2("alice@example.com", &token)),
+        )
     };
     assert!(
         login(&first, "k1").starts_with("A1 OK"),
@@ -355,4 +346,105 @@ fn keys_from_a_jwks_url_and_a_rotation() {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&served);
+}
+
+/// Opaque tokens checked at an RFC 7662 introspection endpoint (a real
+/// HTTP server) with HTTP Basic client credentials: active tokens for our
+/// issuer and audience get in; inactive, foreign or expired ones do not;
+/// a dead endpoint is "unavailable".
+#[test]
+fn opaque_tokens_by_introspection() {
+    let dir = std::env::temp_dir().join(format!("postern-test-introspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = serde_json::json!({ "active": true, "email": "alice@example.com", "iss": ISSUER,
+        "aud": [AUDIENCE, "webmail"], "exp": now() + 300 });
+    let config = serde_json::json!({
+        "client": "postern:intro-secret",
+        "tokens": {
+            "opaque-good": good,
+            "opaque-revoked": { "active": false, "email": "alice@example.com" },
+            "opaque-elsewhere": { "active": true, "email": "alice@example.com", "aud": "webmail" },
+            "opaque-expired": { "active": true, "email": "alice@example.com", "exp": now() - 600 },
+            "opaque-foreign": { "active": true, "email": "alice@example.com", "iss": "https://evil.example" },
+        },
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("secret"), "intro-secret\n").unwrap();
+    let mut server = std::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/python/introspection_server.py"
+        ))
+        .arg(dir.join("config.json"))
+        .arg(dir.join("port"))
+        .arg(dir.join("requests.log"))
+        .spawn()
+        .expect("python3 runs");
+    let mut port = String::new();
+    common::wait_until(
+        "the introspection endpoint",
+        Duration::from_secs(10),
+        || {
+            port = std::fs::read_to_string(dir.join("port")).unwrap_or_default();
+            !port.is_empty()
+        },
+    );
+    let keys = format!(
+        "introspection: {{ url: \"http://127.0.0.1:{port}/introspect\", client_id: postern, client_secret_file: {} }}",
+        dir.join("secret").display()
+    );
+    let w = world_with("introspect", Some(&keys));
+    let login = |token: &str| {
+        token_login(
+            w.p.imaps,
+            &format!("OAUTHBEARER {}", oauthbearer("alice@example.com", token)),
+        )
+    };
+    assert!(login("opaque-good").starts_with("A1 OK"));
+    common::wait_until("Dovecot logs alice", Duration::from_secs(10), || {
+        w.b.logins_of("alice@example.com") == 1
+    });
+    for token in [
+        "opaque-revoked",
+        "opaque-elsewhere",
+        "opaque-expired",
+        "opaque-foreign",
+        "unknown",
+    ] {
+        assert_eq!(
+            login(token),
+            "A1 NO [AUTHENTICATIONFAILED] Authentication failed.",
+            "{token}"
+        );
+    }
+    let log = std::fs::read_to_string(dir.join("requests.log")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["authorization"],
+        format!("Basic {}", STANDARD.encode("postern:intro-secret"))
+    );
+    assert_eq!(first["form"]["token"][0], "opaque-good");
+    assert_eq!(first["form"]["token_type_hint"][0], "access_token");
+    assert_eq!(first["content_type"], "application/x-www-form-urlencoded");
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        login("opaque-good").starts_with("A1 NO [UNAVAILABLE]"),
+        "endpoint down"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `AUTHENTICATE <mechanism and initial response>` on a new connection;
+/// an error challenge is answered with the dummy response. The tagged
+/// answer, or the first line if the exchange ended at once.
+fn token_login(port: u16, authenticate: &str) -> String {
+    let (mut c, _) = Client::imaps(port);
+    c.send(format!("A1 AUTHENTICATE {authenticate}\r\n").as_bytes());
+    let first = c.line();
+    if first.starts_with("+ ") {
+        c.send(b"AQ==\r\n");
+        return c.until_tagged("A1").last().unwrap().clone();
+    }
+    first
 }

@@ -52,9 +52,21 @@ struct Fetch {
     last: Mutex<Option<Instant>>,
 }
 
+/// An RFC 7662 introspection endpoint and Postern's credentials for it.
+pub struct Introspect {
+    pub endpoint: Endpoint,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub timeout: Duration,
+}
+
+/// Largest introspection answer read.
+const MAX_INTROSPECTION: usize = 64 * 1024;
+
 pub struct OAuth {
     keys: ArcSwap<Vec<Key>>,
     fetch: Option<Fetch>,
+    introspect: Option<Introspect>,
     issuer: String,
     audience: String,
     user_claim: String,
@@ -105,10 +117,18 @@ impl OAuth {
         Ok(oauth)
     }
 
+    /// Every token asked about at an introspection endpoint.
+    pub fn from_introspection(introspect: Introspect, claims: Claims) -> OAuth {
+        let mut oauth = OAuth::with(Vec::new(), None, claims);
+        oauth.introspect = Some(introspect);
+        oauth
+    }
+
     fn with(keys: Vec<Key>, fetch: Option<Fetch>, claims: Claims) -> OAuth {
         OAuth {
             keys: ArcSwap::from_pointee(keys),
             fetch,
+            introspect: None,
             issuer: claims.issuer,
             audience: claims.audience,
             user_claim: claims.user_claim,
@@ -175,7 +195,101 @@ impl OAuth {
         }
     }
 
-    /// Checks `token` and returns the user its claim names.
+    /// Checks `token` by introspection or against the keys (fetching them
+    /// again for an unknown `kid`), and returns the user its claim names.
+    pub async fn check(&self, token: &str) -> Result<String, TokenError> {
+        if let Some(i) = &self.introspect {
+            return self.introspect(i, token).await;
+        }
+        let checked = self.validate(token);
+        if matches!(checked, Err(TokenError::UnknownKey(_) | TokenError::NoKeys))
+            && self.refresh_for_unknown_key().await
+        {
+            return self.validate(token);
+        }
+        checked
+    }
+
+    /// RFC 7662: POST the token with HTTP Basic client credentials; the
+    /// answer must say `active`, and its `iss`, `aud` and `exp`, where
+    /// given, must fit.
+    async fn introspect(&self, i: &Introspect, token: &str) -> Result<String, TokenError> {
+        use base64::Engine;
+        let unavailable = |e: String| {
+            tracing::warn!(error = %e, "token introspection failed");
+            TokenError::NoKeys
+        };
+        let body = format!("token={}&token_type_hint=access_token", form_escape(token));
+        let mut credentials = i.client_id.as_bytes().to_vec();
+        credentials.push(b':');
+        credentials.extend_from_slice(i.client_secret.expose());
+        let basic = Secret::new(credentials);
+        let request = format!(
+            "POST {} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {}\r\nAccept: application/json\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            i.endpoint.target,
+            i.endpoint.authority,
+            base64::engine::general_purpose::STANDARD.encode(basic.expose()),
+            body.len()
+        );
+        let response = tokio::time::timeout(
+            i.timeout,
+            i.endpoint
+                .exchange(&Secret::new(request.into_bytes()), MAX_INTROSPECTION),
+        )
+        .await
+        .map_err(|_| unavailable(format!("no answer within {:?}", i.timeout)))?
+        .map_err(unavailable)?;
+        if response.code != 200 {
+            return Err(unavailable(format!(
+                "introspection answered HTTP {}",
+                response.code
+            )));
+        }
+        let answer: serde_json::Value = serde_json::from_slice(response.body.expose())
+            .map_err(|e| unavailable(format!("introspection answer is not JSON: {e}")))?;
+        self.judge_introspection(&answer)
+    }
+
+    fn judge_introspection(&self, answer: &serde_json::Value) -> Result<String, TokenError> {
+        let invalid = |why: &str| Err(TokenError::Invalid(why.into()));
+        if answer["active"] != serde_json::Value::Bool(true) {
+            return invalid("the provider says the token is not active");
+        }
+        if let Some(iss) = answer.get("iss") {
+            if iss.as_str() != Some(self.issuer.as_str()) {
+                return invalid("another issuer");
+            }
+        }
+        if let Some(aud) = answer.get("aud") {
+            let ours = match aud {
+                serde_json::Value::String(a) => *a == self.audience,
+                serde_json::Value::Array(all) => {
+                    all.iter().any(|a| a.as_str() == Some(&self.audience))
+                }
+                _ => false,
+            };
+            if !ours {
+                return invalid("another audience");
+            }
+        }
+        if let Some(exp) = answer.get("exp").and_then(|e| e.as_u64()) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if exp + self.leeway.as_secs() < now {
+                return invalid("expired");
+            }
+        }
+        answer
+            .get(&self.user_claim)
+            .and_then(|v| v.as_str())
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| TokenError::Invalid(format!("no `{}` in the answer", self.user_claim)))
+    }
+
+    /// Checks `token` against the keys and returns the user its claim names.
     pub fn validate(&self, token: &str) -> Result<String, TokenError> {
         let invalid = TokenError::Invalid;
         let header =
@@ -211,6 +325,19 @@ impl OAuth {
             .map(str::to_owned)
             .ok_or_else(|| invalid(format!("no `{}` claim", self.user_claim)))
     }
+}
+
+/// `application/x-www-form-urlencoded` escaping of a token.
+fn form_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Refetches the JWKS every `jwks_refresh` until `stop` is set.
