@@ -1,7 +1,7 @@
 //! The `ldap` auth source against a real OpenLDAP slapd (started and
 //! seeded by the test) and real Dovecot backends: search-then-bind and
 //! direct bind, `mailHost` choosing the backend, wrong and empty
-//! passwords, filter injection attempts, StartTLS with the right and a
+//! passwords, filter injection attempts, StartTLS and LDAPS with the right and a
 //! wrong CA, and the directory killed and restarted mid-test.
 
 mod common;
@@ -26,7 +26,8 @@ struct World {
 /// Two backends; slapd with alice (mailHost: backend b) and bob (no
 /// mailHost); Postern asking slapd. `mode` is the `ldap:` keys that choose
 /// search-then-bind or direct bind; `tls` runs slapd with a test CA and
-/// Postern with StartTLS, trusting `trust` ("same" or "other" CA).
+/// Postern with StartTLS (`"same"` CA, or `"other"`: a CA that did not sign
+/// it) or LDAPS (`"ldaps"`).
 fn world(name: &str, mode: &str, tls: Option<&str>) -> World {
     common::backend::ensure_installed();
     let users = [
@@ -49,15 +50,21 @@ fn world(name: &str, mode: &str, tls: Option<&str>) -> World {
     let slapd = Slapd::start(name, &people, slapd_tls);
     let secret = slapd.dir.join("service.password");
     std::fs::write(&secret, format!("{SERVICE_PASSWORD}\n")).unwrap();
-    let tls_lines = trusted
-        .map(|ca| format!("    starttls: true\n    tls_ca_file: {}\n", ca.display()))
-        .unwrap_or_default();
+    // StartTLS on the plain port, or LDAPS on its own port.
+    let url = match (tls, slapd.ldaps_port) {
+        (Some("ldaps"), Some(port)) => format!("ldaps://127.0.0.1:{port}"),
+        _ => slapd.url(),
+    };
+    let tls_lines = match (trusted, tls) {
+        (Some(ca), Some("ldaps")) => format!("    tls_ca_file: {}\n", ca.display()),
+        (Some(ca), _) => format!("    starttls: true\n    tls_ca_file: {}\n", ca.display()),
+        _ => String::new(),
+    };
     let mode = mode
         .replace("SECRET", &secret.display().to_string())
         .replace("SERVICE", SERVICE_DN);
     let source = format!(
-        "  source: ldap\n  ldap:\n    url: \"{}\"\n{mode}    backend_attribute: mailHost\n    timeout: 1s\n{tls_lines}  cache_ttl: 0s\n  brute_force: {{ max_delay: 300ms }}\n",
-        slapd.url()
+        "  source: ldap\n  ldap:\n    url: \"{url}\"\n{mode}    backend_attribute: mailHost\n    timeout: 1s\n{tls_lines}  cache_ttl: 0s\n  brute_force: {{ max_delay: 300ms }}\n"
     );
     let p = Postern::start(Setup {
         backends: &[&a, &b],
@@ -171,8 +178,12 @@ fn injection_and_empty_passwords_are_refused() {
 }
 
 #[test]
-fn starttls_to_the_directory_with_the_right_ca_only() {
+fn starttls_and_ldaps_to_the_directory_with_the_right_ca_only() {
     let w = world("ldap-tls", SEARCH, Some("same"));
+    assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 OK"));
+    wait_login(&w.b, "alice");
+
+    let w = world("ldap-ldaps", SEARCH, Some("ldaps"));
     assert!(login(&w.p, "alice", PASSWORD).starts_with("L1 OK"));
     wait_login(&w.b, "alice");
 

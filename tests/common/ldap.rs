@@ -20,6 +20,8 @@ pub const SERVICE_PASSWORD: &str = "service-secret";
 pub struct Slapd {
     pub dir: PathBuf,
     pub port: u16,
+    /// LDAPS, when started with TLS.
+    pub ldaps_port: Option<u16>,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
@@ -94,17 +96,27 @@ impl Slapd {
             "slapadd: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let mut slapd = Slapd { dir, port: 0, tls };
+        let ldaps_port = tls.as_ref().map(|_| free_port());
+        let mut slapd = Slapd {
+            dir,
+            port: 0,
+            ldaps_port,
+            tls,
+        };
         slapd.run(free_port());
         slapd
     }
 
     fn run(&mut self, port: u16) {
+        let mut urls = format!("ldap://127.0.0.1:{port}/");
+        if let Some(ldaps) = self.ldaps_port {
+            urls.push_str(&format!(" ldaps://127.0.0.1:{ldaps}/"));
+        }
         let out = Command::new("/usr/sbin/slapd")
             .arg("-f")
             .arg(self.dir.join("slapd.conf"))
             .arg("-h")
-            .arg(format!("ldap://127.0.0.1:{port}/"))
+            .arg(urls)
             .output()
             .unwrap();
         assert!(
