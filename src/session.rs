@@ -781,6 +781,7 @@ impl Session {
                 )
                 .await;
         }
+        self.wait_out_penalty(named.as_deref(), received).await;
         let oauth = rt.oauth.clone().expect("checked by the caller");
         let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
         let checked = oauth.check(token).await;
@@ -932,6 +933,7 @@ impl Session {
                     .await;
             }
         }
+        self.wait_out_penalty(Some(&user), received).await;
         let password = creds.password;
         let asked = Instant::now();
         let ctx = AuthContext {
@@ -1012,8 +1014,12 @@ impl Session {
     ) -> Step<Option<LoggedIn>> {
         let rt = Arc::clone(&self.rt);
         let limit = rt.config.limits.max_sessions_per_user;
-        match rt.slots.take(Key::User(identity.user.clone()), limit) {
-            Ok(slot) => self.user_slot = slot,
+        // Dropping the previous attempt's place first: a retry on this
+        // connection must not count against itself.
+        self.user_slot = None;
+        // Held from here, kept only if the backend login succeeds.
+        let user_slot = match rt.slots.take(Key::User(identity.user.clone()), limit) {
+            Ok(slot) => slot,
             Err(Full) => {
                 rt.metrics.session_limit.with_label_values(&["user"]).inc();
                 tracing::info!(client = %self.peer, user = identity.user, limit, "login refused: too many sessions for this user");
@@ -1024,7 +1030,7 @@ impl Session {
                 .await?;
                 return Ok(None);
             }
-        }
+        };
         self.user = Some(identity.user.clone());
         let config = &rt.config.backends;
         // Connecting is bounded by connect_timeout over every backend tried:
@@ -1099,6 +1105,7 @@ impl Session {
                 Ok(session) => {
                     self.backend = Some(route.backend.name.clone());
                     self.lease = Some(rt.pool.lease(&identity.user, &route.backend));
+                    self.user_slot = user_slot;
                     return Ok(Some(LoggedIn {
                         tag: tag.to_owned(),
                         backend: session,
@@ -1206,6 +1213,22 @@ impl Session {
         }
         self.track_guard_size();
         p.delay
+    }
+
+    /// With failures on record for this network or user, waits what the
+    /// next failure would cost before the source is asked.
+    async fn wait_out_penalty(&self, user: Option<&str>, received: Instant) {
+        let auth = &self.rt.config.auth;
+        if auth.brute_force.enabled {
+            let pending = self.rt.guard.pending(
+                &self.network(),
+                user,
+                auth.failure_delay,
+                &auth.brute_force,
+                received,
+            );
+            tokio::time::sleep_until(received + pending).await;
+        }
     }
 
     fn track_guard_size(&self) {

@@ -173,6 +173,35 @@ impl Guard {
         }
     }
 
+    /// How long a login from `network` for `user` waits before the source
+    /// is asked: what its failure would cost, if either has failures on
+    /// record; nothing otherwise. So a guesser cannot learn the answer
+    /// sooner by dropping the connection.
+    pub fn pending(
+        &self,
+        network: &Key,
+        user: Option<&str>,
+        base: Duration,
+        policy: &BruteForce,
+        now: Instant,
+    ) -> Duration {
+        let user_key = user.map(|u| Key::User(u.to_owned()));
+        let mut worst = 0;
+        for key in std::iter::once(network).chain(user_key.as_ref()) {
+            let shard = self.shard(key).lock().unwrap();
+            if let Some(e) = shard.get(key) {
+                if now.saturating_duration_since(e.last) <= policy.window {
+                    worst = worst.max(e.failures);
+                }
+            }
+        }
+        if worst == 0 {
+            Duration::ZERO
+        } else {
+            delay(base, worst + 1, policy.max_delay)
+        }
+    }
+
     /// A successful login: the user's record goes.
     pub fn succeeded(&self, user: &str) {
         let key = Key::User(user.to_owned());
@@ -325,6 +354,7 @@ mod tests {
         let net = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
         let now = Instant::now();
         let base = Duration::from_secs(2);
+        assert_eq!(g.pending(&net, None, base, &p, now), Duration::ZERO);
         let delays: Vec<u64> = (0..5)
             .map(|i| {
                 let penalty = g.failed(&net, Some(&format!("user{i}")), base, &p, now);
@@ -333,6 +363,21 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, [2, 4, 8, 16, 30]);
+        assert_eq!(
+            g.pending(&net, None, base, &p, now),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            g.pending(
+                &net,
+                None,
+                base,
+                &p,
+                now + p.window + Duration::from_secs(1)
+            ),
+            Duration::ZERO,
+            "expired records cost nothing"
+        );
         assert_eq!(g.blocked(&net, now), Some(Duration::from_secs(600)));
         assert_eq!(g.blocked(&net, now + Duration::from_secs(601)), None);
         let other = Key::network("192.0.2.8".parse().unwrap(), 32, 64);
