@@ -317,6 +317,14 @@ async fn login(
             (req.user.as_bytes(), m.user.as_bytes(), &m.password)
         }
         Some(m) => {
+            // The backend splits at the separator: a name holding it would
+            // log in as someone else.
+            if req.user.contains(m.separator.as_str()) {
+                return Err(BackendError::Protocol(format!(
+                    "user name contains the master separator `{}`",
+                    m.separator
+                )));
+            }
             separated = format!("{}{}{}", req.user, m.separator, m.user);
             (b"", separated.as_bytes(), &m.password)
         }

@@ -244,9 +244,28 @@ pub struct Auth {
     #[serde(default)]
     pub default_domain: Option<String>,
     /// How long a successful login is remembered, so a slow password hash
-    /// is paid once per TTL; `0s` turns the cache off.
-    #[serde(default = "default_cache_ttl", deserialize_with = "duration")]
-    pub cache_ttl: Duration,
+    /// is paid once per TTL; `0s` turns the cache off. Unset: see
+    /// [`Auth::cache_ttl`].
+    #[serde(default, rename = "cache_ttl", deserialize_with = "some_duration")]
+    pub cache_ttl_set: Option<Duration>,
+}
+
+impl Auth {
+    /// The success cache's TTL: as set, else 5 minutes for the users file,
+    /// 1 minute for a directory (a disabled account stops soon), and off
+    /// for an auth_http service, which decides each login itself (by
+    /// address, attempt, TLS) as nginx asks it every time.
+    pub fn cache_ttl(&self) -> Duration {
+        self.cache_ttl_set.unwrap_or(match self.source {
+            AuthSource::Static => default_cache_ttl(),
+            AuthSource::Ldap => Duration::from_secs(60),
+            AuthSource::Http => Duration::ZERO,
+        })
+    }
+}
+
+fn some_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -1179,6 +1198,12 @@ impl Config {
                 if ldaps && l.starttls {
                     return Err("key `auth.ldap.starttls`: not with an ldaps:// URL".into());
                 }
+                if !ldaps && !l.starttls && !loopback_url(&l.url) {
+                    return Err(format!(
+                        "key `auth.ldap.starttls`: passwords would cross the network in clear to `{}`; use ldaps:// or starttls: true (plain ldap:// is for loopback only)",
+                        l.url
+                    ));
+                }
                 match (&l.bind_dn, &l.user_dn) {
                     (Some(_), None) => {
                         if l.bind_password_file.is_none() || l.base_dn.is_none() {
@@ -1240,15 +1265,16 @@ impl Config {
                 );
             }
             if let Some(i) = &o.introspection {
-                if !(i.url.starts_with("https://") || i.url.starts_with("http://")) {
-                    return Err(format!("key `auth.oauth.introspection.url`: `{}` must start with https:// or http://", i.url));
+                if !(i.url.starts_with("https://")
+                    || i.url.starts_with("http://") && loopback_url(&i.url))
+                {
+                    return Err(format!("key `auth.oauth.introspection.url`: `{}` must be https:// (plain http:// is for loopback only: it carries the client secret)", i.url));
                 }
             }
             if let Some(url) = &o.jwks_url {
-                if !(url.starts_with("https://") || url.starts_with("http://")) {
-                    return Err(format!(
-                        "key `auth.oauth.jwks_url`: `{url}` must start with https:// or http://"
-                    ));
+                if !(url.starts_with("https://") || url.starts_with("http://") && loopback_url(url))
+                {
+                    return Err(format!("key `auth.oauth.jwks_url`: `{url}` must be https:// (plain http:// is for loopback only: the keys decide who logs in)"));
                 }
             }
             if o.jwks_refresh < Duration::from_secs(10) {
@@ -1435,6 +1461,19 @@ fn check_name(key: &str, name: &str) -> Result<(), String> {
 }
 
 /// Checks `host:port` or `[v6]:port` without resolving it.
+/// Whether a URL's host is a loopback address or `localhost`, where a
+/// plaintext connection never leaves the machine.
+fn loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<hyper::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 pub fn check_host_port(address: &str) -> Result<(), String> {
     if address.parse::<SocketAddr>().is_ok() {
         return Ok(());
@@ -1557,7 +1596,19 @@ backends:
                 .map_err(|e| e.to_string())
         };
         let search = "bind_dn: cn=p, bind_password_file: p.pw, base_dn: \"dc=x\"";
-        assert!(ldap(&format!("  ldap: {{ url: \"ldap://h:389\", {search} }}\n")).is_ok());
+        assert!(ldap(&format!(
+            "  ldap: {{ url: \"ldap://127.0.0.1:389\", {search} }}\n"
+        ))
+        .is_ok());
+        assert!(ldap(&format!(
+            "  ldap: {{ url: \"ldap://h:389\", starttls: true, {search} }}\n"
+        ))
+        .is_ok());
+        let err = ldap(&format!("  ldap: {{ url: \"ldap://h:389\", {search} }}\n")).unwrap_err();
+        assert!(
+            err.contains("auth.ldap.starttls") && err.contains("clear"),
+            "{err}"
+        );
         assert!(ldap("  ldap: { url: \"ldaps://h\", user_dn: \"uid=%n,dc=x\" }\n").is_ok());
         for (block, key) in [
             ("", "auth.ldap"),
@@ -1569,17 +1620,17 @@ backends:
                 "  ldap: { url: \"ldaps://h\", starttls: true, user_dn: \"uid=%n\" }\n",
                 "auth.ldap.starttls",
             ),
-            ("  ldap: { url: \"ldap://h\" }\n", "auth.ldap"),
+            ("  ldap: { url: \"ldap://localhost\" }\n", "auth.ldap"),
             (
-                "  ldap: { url: \"ldap://h\", user_dn: \"uid=x\" }\n",
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=x\" }\n",
                 "auth.ldap.user_dn",
             ),
             (
-                "  ldap: { url: \"ldap://h\", bind_dn: cn=p }\n",
+                "  ldap: { url: \"ldap://localhost\", bind_dn: cn=p }\n",
                 "bind_password_file",
             ),
             (
-                "  ldap: { url: \"ldap://h\", user_dn: \"uid=%n\", bind_dn: cn=p }\n",
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%n\", bind_dn: cn=p }\n",
                 "one of them",
             ),
         ] {

@@ -32,7 +32,8 @@ pub struct Endpoint {
 /// it may carry credentials).
 pub struct Response {
     pub code: u16,
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Values as secrets: an auth service may send a password (Auth-Pass).
+    pub headers: Vec<(String, Secret)>,
     pub body: Secret,
 }
 
@@ -41,7 +42,7 @@ impl Response {
         self.headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_slice())
+            .map(|(_, v)| v.expose())
     }
 }
 
@@ -70,7 +71,12 @@ impl Endpoint {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".into());
-        let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap();
+        // Host and port only: credentials in the URL are neither sent as
+        // the Host header nor shown in errors.
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().rsplit('@').next().unwrap_or_default().to_owned())
+            .unwrap_or_default();
         let tls = if https {
             let config = tls.ok_or(format!(
                 "key `{key}`: https needs a TLS client configuration"
@@ -136,7 +142,7 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
                 let headers = response
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_owned(), h.value.to_vec()))
+                    .map(|h| (h.name.to_owned(), Secret::new(h.value.to_vec())))
                     .collect::<Vec<_>>();
                 break (response.code.unwrap_or(0), headers, len);
             }
@@ -155,7 +161,13 @@ async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
         let length = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case("Content-Length"))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok());
+            .and_then(|(_, v)| {
+                std::str::from_utf8(v.expose())
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            });
         if length.is_some_and(|l| l > max_body) {
             return Err(format!("response body over {max_body} bytes"));
         }

@@ -99,12 +99,12 @@ impl Runtime {
         // Outermost, so cached successes keep working while a source is down.
         let a = &config.auth;
         let auth: Arc<dyn Authenticator> =
-            if a.cache_ttl.is_zero() && a.negative_cache_ttl.is_zero() {
+            if a.cache_ttl().is_zero() && a.negative_cache_ttl.is_zero() {
                 Arc::from(auth)
             } else {
                 Arc::new(CachedAuthenticator::new(
                     auth,
-                    a.cache_ttl,
+                    a.cache_ttl(),
                     a.negative_cache_ttl,
                     Some(metrics.auth_cache_hits.clone()),
                 ))

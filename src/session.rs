@@ -765,10 +765,21 @@ impl Session {
         };
         let rt = Arc::clone(&self.rt);
         let auth = &rt.config.auth;
-        let named = bearer
+        let named = match bearer
             .authzid
             .as_deref()
-            .and_then(|a| normalise_username(a, auth).ok());
+            .map(|a| normalise_username(a, auth))
+        {
+            None => None,
+            Some(Ok(user)) => Some(user),
+            Some(Err(e)) => {
+                self.count_auth(mechanism, "invalid");
+                tracing::info!(client = %self.peer, mechanism, error = %e, "token login refused: invalid user name");
+                return self
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None)
+                    .await;
+            }
+        };
         if auth.brute_force.enabled && rt.guard.blocked(&self.network(), received).is_some() {
             rt.metrics.auth_refused_blocked.inc();
             self.count_auth(mechanism, "blocked");
@@ -949,7 +960,7 @@ impl Session {
                 match &answer {
                     Ok(_) => "success",
                     Err(AuthError::Rejected | AuthError::Refused { .. }) => "failure",
-                    Err(AuthError::Unavailable(_)) => "unavailable",
+                    Err(AuthError::Unavailable(_) | AuthError::Busy(_)) => "unavailable",
                 },
             ])
             .observe(asked.elapsed().as_secs_f64());
@@ -986,7 +997,7 @@ impl Session {
                     }
                 };
             }
-            Err(AuthError::Unavailable(cause)) => {
+            Err(AuthError::Unavailable(cause) | AuthError::Busy(cause)) => {
                 self.count_auth(mechanism, "unavailable");
                 tracing::warn!(client = %self.peer, user, source = self.rt.auth.name(), cause, "authentication source unavailable");
                 return self.auth_unavailable(stream, tag).await;

@@ -60,6 +60,38 @@ fn master_login_with_the_separator_form() {
     });
 }
 
+/// With the separator form, a user name holding the separator would make
+/// the backend log in as someone else: refused before the backend.
+#[test]
+fn a_user_name_with_the_separator_never_reaches_the_backend() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("master-sep-name", &[("alice", "x")]);
+    let dir = std::env::temp_dir().join(format!(
+        "postern-test-master-{}-sepname",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("m"), "master-secret\n").unwrap();
+    let options = format!(
+        "master_user:\n  user: proxymaster\n  password_file: {}\n  form: separator\n  always: true\n",
+        dir.join("m").display()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("mallory*alice"),
+        backend_options: &options,
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("mallory*alice", PASSWORD);
+    assert!(
+        lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
+        "{lines:?}"
+    );
+    assert!(b.logins().is_empty(), "{:?}", b.logins());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn a_wrong_master_password_is_the_backend_s_fault_not_the_user_s() {
     let (b, p) = behind_master("master-wrong", "authzid", "not-the-master-password");

@@ -63,7 +63,19 @@ fn world_with(name: &str, keys: Option<&str>) -> World {
         std::env::temp_dir().join(format!("postern-test-oauth-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = KeyPair::generate().unwrap();
-    std::fs::write(dir.join("jwks.json"), jwks(&key, "k1").to_string()).unwrap();
+    // Beside the signing key, keys Postern must skip, not choke on: one
+    // for encryption and one on a curve it does not take.
+    let mut set = jwks(&key, "k1");
+    let extra = set["keys"].as_array_mut().unwrap();
+    extra.push(
+        serde_json::json!({ "kty": "RSA", "use": "enc", "alg": "RSA-OAEP", "kid": "enc1",
+        "n": URL_SAFE_NO_PAD.encode([0xc5u8; 256]), "e": "AQAB" }),
+    );
+    extra.push(
+        serde_json::json!({ "kty": "EC", "crv": "P-521", "kid": "big",
+        "x": URL_SAFE_NO_PAD.encode([1u8; 66]), "y": URL_SAFE_NO_PAD.encode([2u8; 66]) }),
+    );
+    std::fs::write(dir.join("jwks.json"), set.to_string()).unwrap();
     std::fs::write(dir.join("master.password"), "master-secret\n").unwrap();
     let keys = match keys {
         Some(keys) => keys.to_owned(),
@@ -172,6 +184,8 @@ fn refused_tokens_get_the_error_challenge_then_no() {
     expired["exp"] = (now() - 600).into();
     let mut wrong_aud = claims("alice@example.com");
     wrong_aud["aud"] = "someone-else".into();
+    let mut unverified = claims("alice@example.com");
+    unverified["email_verified"] = false.into();
     let mut wrong_iss = claims("alice@example.com");
     wrong_iss["iss"] = "https://evil.example".into();
     let hs256 = jsonwebtoken::encode(
@@ -189,6 +203,7 @@ fn refused_tokens_get_the_error_challenge_then_no() {
         ("expired", token_with(&w.key, es256(), expired)),
         ("audience", token_with(&w.key, es256(), wrong_aud)),
         ("issuer", token_with(&w.key, es256(), wrong_iss)),
+        ("unverified email", token_with(&w.key, es256(), unverified)),
         (
             "signature",
             token_with(&other, es256(), claims("alice@example.com")),
@@ -365,7 +380,8 @@ fn opaque_tokens_by_introspection() {
             "opaque-revoked": { "active": false, "email": "alice@example.com" },
             "opaque-elsewhere": { "active": true, "email": "alice@example.com", "aud": "webmail" },
             "opaque-expired": { "active": true, "email": "alice@example.com", "exp": now() - 600 },
-            "opaque-foreign": { "active": true, "email": "alice@example.com", "iss": "https://evil.example" },
+            "opaque-foreign": { "active": true, "email": "alice@example.com", "iss": "https://evil.example", "aud": AUDIENCE },
+            "opaque-anyone": { "active": true, "email": "alice@example.com" },
         },
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -409,6 +425,7 @@ fn opaque_tokens_by_introspection() {
         "opaque-elsewhere",
         "opaque-expired",
         "opaque-foreign",
+        "opaque-anyone",
         "unknown",
     ] {
         assert_eq!(

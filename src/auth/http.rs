@@ -109,7 +109,7 @@ struct Answer {
     server: Option<String>,
     port: Option<String>,
     user: Option<String>,
-    pass: Option<Vec<u8>>,
+    pass: Option<Secret>,
     wait: Option<String>,
 }
 
@@ -127,7 +127,9 @@ fn answer(response: &Response) -> Result<Answer, String> {
         server: text("Auth-Server"),
         port: text("Auth-Port"),
         user: text("Auth-User"),
-        pass: response.header("Auth-Pass").map(<[u8]>::to_vec),
+        pass: response
+            .header("Auth-Pass")
+            .map(|p| Secret::new(p.to_vec())),
         wait: text("Auth-Wait"),
     })
 }
@@ -202,7 +204,7 @@ fn decide(user: &str, answer: Answer) -> Result<Identity, AuthError> {
         user: backend_user,
         backend: Some(address),
         pool: None,
-        backend_password: answer.pass.map(Secret::new),
+        backend_password: answer.pass,
     })
 }
 
@@ -269,7 +271,7 @@ mod tests {
         a.server = Some("2001:db8::1".into());
         a.port = Some("993".into());
         a.user = Some("alice@internal".into());
-        a.pass = Some(b"master-made".to_vec());
+        a.pass = Some(Secret::new(b"master-made".to_vec()));
         let id = decide("alice", a).unwrap();
         assert_eq!(id.user, "alice@internal");
         assert_eq!(id.backend.as_deref(), Some("[2001:db8::1]:993"));

@@ -224,7 +224,7 @@ impl LdapAuth {
         let password = std::str::from_utf8(password.expose()).map_err(|_| AuthError::Rejected)?;
         let _permit = tokio::time::timeout(self.timeout, self.permits.acquire())
             .await
-            .map_err(|_| AuthError::Unavailable("every LDAP connection is busy".into()))?
+            .map_err(|_| AuthError::Busy("every LDAP connection is in use".into()))?
             .expect("never closed");
         let backend = match &self.mode {
             Mode::Search {

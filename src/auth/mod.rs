@@ -71,6 +71,10 @@ pub enum AuthError {
     /// The source could not answer (down, timed out).
     #[error("authentication source unavailable: {0}")]
     Unavailable(String),
+    /// Postern's own connections to the source are all in use: answered
+    /// like `Unavailable`, but not held against the source.
+    #[error("authentication source busy: {0}")]
+    Busy(String),
     /// The source refused with its own words for the client. With `wait`,
     /// the answer is delayed that long and the client may try again;
     /// without, the connection closes after the answer.
@@ -156,7 +160,7 @@ mod tests {
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
             default_domain: domain.map(str::to_owned),
-            cache_ttl: Duration::ZERO,
+            cache_ttl_set: Some(Duration::ZERO),
         }
     }
 

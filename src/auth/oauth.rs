@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::time::Instant;
 
@@ -220,9 +220,11 @@ impl OAuth {
             TokenError::NoKeys
         };
         let body = format!("token={}&token_type_hint=access_token", form_escape(token));
-        let mut credentials = i.client_id.as_bytes().to_vec();
+        // RFC 6749 2.3.1: both form-encoded before Basic.
+        let secret = std::str::from_utf8(i.client_secret.expose()).unwrap_or_default();
+        let mut credentials = form_escape(&i.client_id).into_bytes();
         credentials.push(b':');
-        credentials.extend_from_slice(i.client_secret.expose());
+        credentials.extend_from_slice(form_escape(secret).as_bytes());
         let basic = Secret::new(credentials);
         let request = format!(
             "POST {} HTTP/1.0\r\nHost: {}\r\nAuthorization: Basic {}\r\nAccept: application/json\r\n\
@@ -261,17 +263,17 @@ impl OAuth {
                 return invalid("another issuer");
             }
         }
-        if let Some(aud) = answer.get("aud") {
-            let ours = match aud {
-                serde_json::Value::String(a) => *a == self.audience,
-                serde_json::Value::Array(all) => {
-                    all.iter().any(|a| a.as_str() == Some(&self.audience))
-                }
-                _ => false,
-            };
-            if !ours {
-                return invalid("another audience");
+        // Required: without it any active token of the provider, issued to
+        // any client, would do.
+        let ours = match answer.get("aud") {
+            Some(serde_json::Value::String(a)) => *a == self.audience,
+            Some(serde_json::Value::Array(all)) => {
+                all.iter().any(|a| a.as_str() == Some(&self.audience))
             }
+            _ => false,
+        };
+        if !ours {
+            return invalid("not for our audience (aud missing or another)");
         }
         if let Some(exp) = answer.get("exp").and_then(|e| e.as_u64()) {
             let now = std::time::SystemTime::now()
@@ -281,12 +283,26 @@ impl OAuth {
                 return invalid("expired");
             }
         }
-        answer
+        self.user_of(answer)
+    }
+
+    /// The user the claims name. An `email` claim must not come with
+    /// `email_verified` other than true: some providers let users set any
+    /// address.
+    fn user_of(&self, claims: &serde_json::Value) -> Result<String, TokenError> {
+        if self.user_claim == "email" {
+            if let Some(verified) = claims.get("email_verified") {
+                if verified != &serde_json::Value::Bool(true) {
+                    return Err(TokenError::Invalid("email_verified is not true".into()));
+                }
+            }
+        }
+        claims
             .get(&self.user_claim)
             .and_then(|v| v.as_str())
             .filter(|u| !u.is_empty())
             .map(str::to_owned)
-            .ok_or_else(|| TokenError::Invalid(format!("no `{}` in the answer", self.user_claim)))
+            .ok_or_else(|| TokenError::Invalid(format!("no `{}` claim", self.user_claim)))
     }
 
     /// Checks `token` against the keys and returns the user its claim names.
@@ -298,10 +314,13 @@ impl OAuth {
         if keys.is_empty() {
             return Err(TokenError::NoKeys);
         }
+        let only = (keys.len() == 1).then(|| &keys[0]);
         let key = match &header.kid {
-            Some(kid) => keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
-            None if keys.len() == 1 => keys.first(),
-            None => None,
+            Some(kid) => keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .or(only.filter(|k| k.kid.is_none())),
+            None => only,
         }
         .ok_or_else(|| TokenError::UnknownKey(format!("no key for kid {:?}", header.kid)))?;
         if header.alg != key.algorithm {
@@ -318,12 +337,7 @@ impl OAuth {
         validation.validate_nbf = true;
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|e| invalid(format!("token refused: {e}")))?;
-        data.claims
-            .get(&self.user_claim)
-            .and_then(|v| v.as_str())
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .ok_or_else(|| invalid(format!("no `{}` claim", self.user_claim)))
+        self.user_of(&data.claims)
     }
 }
 
@@ -358,34 +372,47 @@ pub async fn keep_fresh(oauth: Arc<OAuth>, stop: Arc<Latch>) {
     }
 }
 
-/// The usable keys of a JWKS document; every key must be usable.
+/// The signing keys of a JWKS document that can be used; others
+/// (encryption keys, curves or algorithms not supported) are skipped with a
+/// log line, so one new kind of key does not stop the rest. At least one
+/// key must be usable.
 fn parse_jwks(text: &str) -> Result<Vec<Key>, String> {
-    let set: JwkSet = serde_json::from_str(text).map_err(|e| format!("not a JWKS: {e}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let entries = doc["keys"].as_array().ok_or("not a JWKS: no `keys` list")?;
     let mut keys = Vec::new();
-    for jwk in &set.keys {
-        let algorithm = algorithm_of(jwk).ok_or_else(|| {
-            format!(
-                "key {:?} has no usable public-key algorithm",
-                jwk.common.key_id
-            )
-        })?;
-        let key =
-            DecodingKey::from_jwk(jwk).map_err(|e| format!("key {:?}: {e}", jwk.common.key_id))?;
-        keys.push(Key {
-            kid: jwk.common.key_id.clone(),
-            algorithm,
-            key,
-        });
+    for entry in entries {
+        let kid = entry["kid"].as_str().map(str::to_owned);
+        if entry.get("use").is_some_and(|u| u != "sig") {
+            continue;
+        }
+        let parsed = serde_json::from_value::<Jwk>(entry.clone())
+            .map_err(|e| e.to_string())
+            .and_then(|jwk| {
+                let algorithm = algorithm_of(&jwk).ok_or("no usable public-key algorithm")?;
+                let key = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+                Ok((algorithm, key))
+            });
+        match parsed {
+            Ok((algorithm, key)) => keys.push(Key {
+                kid,
+                algorithm,
+                key,
+            }),
+            Err(e) => tracing::info!(kid = ?kid, reason = %e, "JWKS key skipped"),
+        }
     }
     if keys.is_empty() {
-        return Err("no keys".into());
+        return Err("no usable signing keys".into());
     }
     Ok(keys)
 }
 
 /// The key's own algorithm: as stated, else implied by its type.
 fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
-    let stated = jwk.common.key_algorithm.and_then(|a| match a {
+    // A stated algorithm that is not a signature one (RSA-OAEP…) rules the
+    // key out, whatever its type would imply.
+    let stated = jwk.common.key_algorithm.map(|a| match a {
         KeyAlgorithm::RS256 => Some(Algorithm::RS256),
         KeyAlgorithm::RS384 => Some(Algorithm::RS384),
         KeyAlgorithm::RS512 => Some(Algorithm::RS512),
@@ -409,8 +436,8 @@ fn algorithm_of(jwk: &Jwk) -> Option<Algorithm> {
         AlgorithmParameters::OctetKey(_) => None,
     };
     match (stated, implied) {
-        (Some(s), Some(_)) => Some(s),
+        (Some(Some(s)), Some(_)) => Some(s),
         (None, i) => i,
-        (Some(_), None) => None,
+        _ => None,
     }
 }

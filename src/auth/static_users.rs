@@ -193,7 +193,7 @@ mod tests {
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,
             default_domain: None,
-            cache_ttl: Duration::ZERO,
+            cache_ttl_set: Some(Duration::ZERO),
         }
     }
 
