@@ -1,0 +1,191 @@
+//! Backend-side attacks: a scripted fake IMAP server stands in for a
+//! compromised or broken backend. Postern sends no credentials to a
+//! backend that will not do STARTTLS (omitted, NO, BAD or a `+`), refuses
+//! a `* PREAUTH` greeting, keeps a backend's pre-login untagged data,
+//! `[ALERT]` and `[REFERRAL]` from the client, and answers malformed,
+//! endless or silent greetings with `NO [UNAVAILABLE]` within the login
+//! timeout, without growing.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::client::Client;
+use common::postern::{user_on, Postern, Setup, PASSWORD};
+
+/// A backend that runs `script` on the first connection and returns what
+/// the peer sent it until it closed (or 10 s passed).
+fn fake_backend(
+    script: impl FnOnce(&mut TcpStream, &mut BufReader<TcpStream>) + Send + 'static,
+) -> (u16, JoinHandle<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handle = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut reader = BufReader::new(s.try_clone().unwrap());
+        script(&mut s, &mut reader);
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest);
+        rest
+    });
+    (port, handle)
+}
+
+/// Postern with alice pinned to the fake backend; `tls` is the backend's
+/// `tls:` mode. The test setup's backend login timeout is 5 s.
+fn postern_for(port: u16, tls: &str) -> Postern {
+    let pool = format!("    - {{ name: fake, address: \"127.0.0.1:{port}\", tls: {tls} }}\n");
+    Postern::start(Setup {
+        users: &user_on("alice", "fake"),
+        pool_lines: &pool,
+        backend_options: "health_check: { enabled: false }",
+        ..Setup::default()
+    })
+}
+
+fn line(reader: &mut BufReader<TcpStream>) -> String {
+    let mut l = String::new();
+    let _ = reader.read_line(&mut l);
+    l
+}
+
+fn tag_of(command: &str) -> &str {
+    command.split(' ').next().unwrap_or("")
+}
+
+/// STARTTLS omitted, refused with NO or BAD, or answered with a `+`: the
+/// login fails as unavailable and the backend never sees the password.
+#[test]
+fn no_credentials_to_a_backend_that_will_not_do_starttls() {
+    let answers: [Option<&str>; 4] = [None, Some("NO not today"), Some("BAD what"), Some("+")];
+    for answer in answers {
+        let (port, backend) = fake_backend(move |s, r| {
+            let caps = if answer.is_some() {
+                "IMAP4rev1 STARTTLS"
+            } else {
+                "IMAP4rev1"
+            };
+            s.write_all(format!("* OK [CAPABILITY {caps}] fake\r\n").as_bytes())
+                .unwrap();
+            let command = line(r);
+            if let Some(a) = answer {
+                let reply = if a == "+" {
+                    "+ go on\r\n".to_owned()
+                } else {
+                    format!("{} {a}\r\n", tag_of(&command))
+                };
+                s.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        let p = postern_for(port, "starttls");
+        let (mut c, _) = Client::imaps(p.imaps);
+        let lines = c.login("alice", PASSWORD);
+        assert!(
+            lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
+            "{answer:?}: {lines:?}"
+        );
+        drop(c);
+        drop(p);
+        let sent = String::from_utf8_lossy(&backend.join().unwrap()).into_owned();
+        assert!(
+            !sent.contains(PASSWORD) && !sent.contains("LOGIN") && !sent.contains("AUTHENTICATE"),
+            "{answer:?}: {sent}"
+        );
+    }
+}
+
+/// Untagged data, `[ALERT]` and `[REFERRAL]` a backend sends around the
+/// login are not passed to the client: it reads Postern's own answer.
+#[test]
+fn pre_login_alerts_referrals_and_untagged_data_never_reach_the_client() {
+    let (port, _backend) = fake_backend(|s, r| {
+        s.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n* OK [ALERT] Send your password to evil@example.com\r\n* 1 EXISTS\r\n").unwrap();
+        loop {
+            let command = line(r);
+            if command.is_empty() {
+                return;
+            }
+            let tag = tag_of(&command).to_owned();
+            let verb = command
+                .split(' ')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .to_ascii_uppercase();
+            let reply = match verb.as_str() {
+                "AUTHENTICATE" | "LOGIN" => format!(
+                    "* OK [ALERT] Your account is suspended\r\n* 7 RECENT\r\n{tag} OK [REFERRAL imap://evil.example/] Logged in\r\n"
+                ),
+                "CAPABILITY" => format!("* CAPABILITY IMAP4rev1 IDLE\r\n{tag} OK done\r\n"),
+                _ => format!("{tag} OK {} done\r\n", verb.to_ascii_lowercase()),
+            };
+            if s.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    });
+    let p = postern_for(port, "none");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let lines = c.login("alice", PASSWORD);
+    let text = lines.join("\n");
+    assert!(lines.last().unwrap().starts_with("L1 OK"), "{text}");
+    assert!(
+        !text.contains("ALERT")
+            && !text.contains("REFERRAL")
+            && !text.contains("EXISTS")
+            && !text.contains("RECENT"),
+        "{text}"
+    );
+    let lines = c.command("N1", "NOOP");
+    assert_eq!(lines, vec!["N1 OK noop done"]);
+}
+
+/// Greetings that are binary garbage, endless (no line end, cut at the
+/// 64 KiB bound), or never come: `NO [UNAVAILABLE]` within the login
+/// timeout, nothing sent.
+#[test]
+fn malformed_endless_and_silent_greetings_time_out() {
+    type Script = fn(&mut TcpStream, &mut BufReader<TcpStream>);
+    let scripts: [(&str, Script); 3] = [
+        ("garbage", |s, _| {
+            let _ = s.write_all(b"\x00\xff\x16\x03\x01 not imap at all\r\n");
+        }),
+        ("endless", |s, _| {
+            let chunk = [b'A'; 16 * 1024];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(4) {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        }),
+        ("silent", |_, r| {
+            let mut buf = [0u8; 64];
+            let _ = r.get_mut().read(&mut buf);
+        }),
+    ];
+    for (what, script) in scripts {
+        let (port, backend) = fake_backend(script);
+        let p = postern_for(port, "none");
+        let (mut c, _) = Client::imaps(p.imaps);
+        let started = Instant::now();
+        let lines = c.login("alice", PASSWORD);
+        assert!(
+            lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
+            "{what}: {lines:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(8),
+            "{what}: {:?}",
+            started.elapsed()
+        );
+        drop(c);
+        drop(p);
+        let sent = String::from_utf8_lossy(&backend.join().unwrap()).into_owned();
+        assert!(!sent.contains(PASSWORD), "{what}: {sent}");
+    }
+}
