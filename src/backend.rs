@@ -432,28 +432,28 @@ async fn login(
 /// is not `* OK`) and returns the backend's pre-login capabilities.
 async fn greet(conn: &mut Conn) -> Result<Capabilities, BackendError> {
     let greeting = conn.read_response().await?;
-    let mut caps = match greeting.strip_prefix("* ") {
-        Some(rest) if starts_with_word(rest, "OK") => capability_code(rest).unwrap_or_default(),
-        Some(rest) if starts_with_word(rest, "PREAUTH") => {
-            return Err(BackendError::Greeting(
-                "PREAUTH: the backend logged us in as somebody already".into(),
-            ))
-        }
-        Some(rest) if starts_with_word(rest, "BYE") => {
-            return Err(BackendError::Greeting(clip(&greeting)))
-        }
-        _ => {
-            return Err(BackendError::Greeting(format!(
-                "not an IMAP greeting: {}",
-                clip(&greeting)
-            )))
-        }
-    };
+    let mut caps = judge_greeting(&greeting)?;
     if caps.is_empty() {
         conn.send(b"P0 CAPABILITY\r\n").await?;
         caps = conn.await_tagged("P0").await?.capabilities;
     }
     Ok(caps)
+}
+
+/// A greeting line's verdict: `* OK` with its capabilities (empty when it
+/// names none), or why the backend is refused.
+pub fn judge_greeting(greeting: &str) -> Result<Capabilities, BackendError> {
+    match greeting.strip_prefix("* ") {
+        Some(rest) if starts_with_word(rest, "OK") => Ok(capability_code(rest).unwrap_or_default()),
+        Some(rest) if starts_with_word(rest, "PREAUTH") => Err(BackendError::Greeting(
+            "PREAUTH: the backend logged us in as somebody already".into(),
+        )),
+        Some(rest) if starts_with_word(rest, "BYE") => Err(BackendError::Greeting(clip(greeting))),
+        _ => Err(BackendError::Greeting(format!(
+            "not an IMAP greeting: {}",
+            clip(greeting)
+        ))),
+    }
 }
 
 fn starts_with_word(text: &str, word: &str) -> bool {

@@ -29,6 +29,8 @@ pub mod auth;
 pub mod backend;
 pub mod buffer;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_client;
 pub mod imap;
 pub mod latch;
