@@ -341,3 +341,52 @@ fn connections_over_the_limit_are_closed_at_accept() {
         || Client::plain(p.imap).1.starts_with("* OK"),
     );
 }
+
+/// Plaintext after `OK Begin TLS` and before the ClientHello is never read
+/// as a command: the handshake fails on it and nothing IMAP comes back.
+#[test]
+fn plaintext_between_starttls_ok_and_client_hello_is_never_executed() {
+    use std::io::Read;
+    let (_b, p) = start("starttls-gap", "");
+    let s = tcp(p.imap);
+    let mut plain = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut plain, &mut line).unwrap();
+    (&s).write_all(b"a STARTTLS\r\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut plain, &mut line).unwrap();
+    assert!(line.starts_with("a OK"), "{line}");
+    (&s).write_all(b"b CAPABILITY\r\n").unwrap();
+    let mut rest = Vec::new();
+    let _ = plain.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        !text.contains("CAPABILITY") && !text.contains("b OK") && !text.contains("b BAD"),
+        "answered as IMAP: {text:?}"
+    );
+}
+
+/// The injected command split over two segments around STARTTLS: whether
+/// its tail arrives before or after the `OK`, it is never executed.
+#[test]
+fn a_command_split_around_starttls_is_never_executed() {
+    let (_b, p) = start("starttls-split", "");
+    let s = tcp(p.imap);
+    let mut plain = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut plain, &mut line).unwrap();
+    (&s).write_all(b"a STARTTLS\r\nb CAPA").unwrap();
+    (&s).write_all(b"BILITY\r\n").unwrap();
+    line.clear();
+    std::io::BufRead::read_line(&mut plain, &mut line).unwrap();
+    assert!(line.starts_with("a OK"), "{line}");
+    assert!(plain.buffer().is_empty(), "nothing but the OK before TLS");
+    // If the tail arrived after the OK it breaks the handshake; if it
+    // arrived before, it was discarded with the head. Either way b never
+    // runs.
+    if let Ok(tls) = tls_over(s, "localhost", &[b"imap"]) {
+        let mut c = Client::from_stream(tls);
+        c.send(b"c NOOP\r\n");
+        assert_eq!(c.line(), "c OK NOOP completed", "never an answer to b");
+    }
+}
