@@ -1,5 +1,6 @@
 //! Faults around a running Postern: a burst of 10 000 connections opened
-//! and dropped at once, and its configuration file deleted while it runs.
+//! and dropped at once, its configuration file deleted while it runs, and
+//! a backend killed in the middle of a large FETCH.
 //! After each, a normal login still works and `/metrics` adds up.
 //! (Backends killed mid-IDLE or refusing connections, and auth sources
 //! hanging or dying, are in tests/failover.rs, tests/http_auth.rs and
@@ -14,10 +15,7 @@ use common::client::Client;
 use common::postern::{alice_behind, PASSWORD};
 
 fn login_works(port: u16) -> bool {
-    let (mut c, _) = Client::imaps(port);
-    c.login("alice", PASSWORD)
-        .last()
-        .is_some_and(|l| l.starts_with("L1 OK"))
+    login_works_as(port, "alice")
 }
 
 #[test]
@@ -91,4 +89,74 @@ fn a_deleted_configuration_file_keeps_the_running_one() {
         p.metric("postern_config_reloads_total{result=\"success\"}") >= 1.0
     });
     assert!(login_works(p.imaps));
+}
+
+/// A backend killed while it streams a large FETCH: the client's session
+/// ends promptly (whatever part of the literal it had), and a session on
+/// the other backend goes on untouched.
+#[test]
+fn a_backend_killed_mid_fetch_ends_its_sessions_only() {
+    use common::backend::DovecotBackend;
+    use common::postern::{user_on, Postern, Setup};
+    common::backend::ensure_installed();
+    let creds = [("alice", PASSWORD), ("bob", PASSWORD)];
+    let a = DovecotBackend::start_with_users("fault-fetch-a", &creds);
+    let b = DovecotBackend::start_with_users("fault-fetch-b", &creds);
+    let p = Postern::start(Setup {
+        backends: &[&a, &b],
+        users: &(user_on("alice", "fault-fetch-a") + &user_on("bob", "fault-fetch-b")),
+        backend_options: "reconnect_jitter: 500ms",
+        ..Setup::default()
+    });
+    // An 8 MiB message for alice, appended through Postern.
+    let body = {
+        let mut m = b"From: a@example.com\r\nSubject: big\r\n\r\n".to_vec();
+        while m.len() < 8 << 20 {
+            m.extend_from_slice(&[b'x'; 998]);
+            m.extend_from_slice(b"\r\n");
+        }
+        m
+    };
+    let mut alice = Client::logged_in(p.imaps, "alice");
+    alice.send(format!("A1 APPEND INBOX {{{}+}}\r\n", body.len()).as_bytes());
+    alice.send(&body);
+    alice.send(b"\r\n");
+    assert!(alice
+        .until_tagged("A1")
+        .last()
+        .unwrap()
+        .starts_with("A1 OK"));
+    assert!(alice
+        .command("S1", "SELECT INBOX")
+        .last()
+        .unwrap()
+        .starts_with("S1 OK"));
+    let mut bob = Client::logged_in(p.imaps, "bob");
+    bob.select_and_idle();
+
+    alice.send(b"F1 FETCH 1 BODY[]\r\n");
+    let first = alice.line();
+    assert!(first.contains("BODY[] {"), "{first}");
+    let _ = alice.bytes(64 * 1024);
+    a.stop();
+    let killed = Instant::now();
+    assert!(alice.closed(), "the client is told the session is over");
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    // Bob's IDLE on the other backend is still alive.
+    bob.send(b"DONE\r\n");
+    let done = bob.until_tagged("i");
+    assert!(done.last().unwrap().starts_with("i OK"), "{done:?}");
+    assert!(bob.command("N", "NOOP").last().unwrap().starts_with("N OK"));
+    assert!(login_works_as(p.imaps, "bob"));
+}
+
+fn login_works_as(port: u16, user: &str) -> bool {
+    let (mut c, _) = Client::imaps(port);
+    c.login(user, PASSWORD)
+        .last()
+        .is_some_and(|l| l.starts_with("L1 OK"))
 }
