@@ -26,6 +26,10 @@ pub fn init(log: &Log) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A log line that cannot be written (disk full, closed pipe) is
+        // lost, never reported on the same broken stderr, which would
+        // panic and take the proxy down with it.
+        .log_internal_errors(false)
         .with_ansi(ansi);
     macro_rules! install {
         ($builder:expr) => {{

@@ -1,6 +1,7 @@
 //! Faults around a running Postern: a burst of 10 000 connections opened
 //! and dropped at once, its configuration file deleted while it runs, and
-//! a backend killed in the middle of a large FETCH.
+//! a backend killed in the middle of a large FETCH, and a log target that
+//! cannot be written (a full disk).
 //! After each, a normal login still works and `/metrics` adds up.
 //! (Backends killed mid-IDLE or refusing connections, and auth sources
 //! hanging or dying, are in tests/failover.rs, tests/http_auth.rs and
@@ -159,4 +160,22 @@ fn login_works_as(port: u16, user: &str) -> bool {
     c.login(user, PASSWORD)
         .last()
         .is_some_and(|l| l.starts_with("L1 OK"))
+}
+
+/// Logging to a full disk (/dev/full): log lines are lost, the proxy is
+/// not. It serves, stays ready and shuts down cleanly.
+#[test]
+fn a_full_log_target_loses_lines_not_the_proxy() {
+    let (_b, mut p) = alice_behind("fault-full-log", "", "");
+    p.respawn_logging_to(std::path::Path::new("/dev/full"));
+    for _ in 0..3 {
+        assert!(login_works(p.imaps));
+    }
+    assert_eq!(
+        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"success\",source=\"static\"}"),
+        3.0
+    );
+    p.signal("TERM");
+    let status = p.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
 }

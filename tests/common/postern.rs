@@ -179,6 +179,35 @@ impl Postern {
 
 impl Postern {
     /// Sends a signal (`TERM`, `HUP`) to the process.
+    /// Stops this process and starts another on the same configuration,
+    /// logging to `log_target` (a file or device opened for writing), and
+    /// waits until it is ready.
+    pub fn respawn_logging_to(&mut self, log_target: &std::path::Path) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let target = std::fs::OpenOptions::new()
+            .write(true)
+            .open(log_target)
+            .expect("open the log target");
+        self.child = Command::new(env!("CARGO_BIN_EXE_postern"))
+            .args(["run", "--config"])
+            .arg(self.dir.join("postern.yaml"))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(target.try_clone().unwrap())
+            .stderr(target)
+            .spawn()
+            .expect("postern binary runs");
+        super::wait_until(
+            "the respawned postern is ready",
+            Duration::from_secs(20),
+            || {
+                self.http_get("/readyz")
+                    .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+            },
+        );
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
