@@ -780,17 +780,11 @@ impl Session {
                     .await;
             }
         };
-        if auth.brute_force.enabled && rt.guard.blocked(&self.network(), received).is_some() {
-            rt.metrics.auth_refused_blocked.inc();
-            self.count_auth(mechanism, "blocked");
-            return self
-                .auth_failed_after(
-                    stream,
-                    tag,
-                    received + auth.failure_delay,
-                    "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
-                )
-                .await;
+        if let Some(refused) = self
+            .refuse_if_blocked(stream, tag, mechanism, named.as_deref(), received)
+            .await
+        {
+            return refused;
         }
         self.wait_out_penalty(named.as_deref(), received).await;
         let oauth = rt.oauth.clone().expect("checked by the caller");
@@ -816,11 +810,7 @@ impl Session {
             });
         match verdict {
             Ok(user) => {
-                self.count_auth(mechanism, "success");
-                if auth.brute_force.enabled {
-                    rt.guard.succeeded(&user);
-                    self.track_guard_size();
-                }
+                self.succeeded(mechanism, &user);
                 let identity = Identity {
                     user,
                     backend: None,
@@ -926,23 +916,11 @@ impl Session {
                     .await;
             }
         }
-        // A blocked network's logins are refused without asking the source.
-        let bf = &auth.brute_force;
-        if bf.enabled {
-            if let Some(left) = rt.guard.blocked(&self.network(), received) {
-                rt.metrics.auth_refused_blocked.inc();
-                self.count_auth(mechanism, "blocked");
-                tracing::info!(client = %self.peer, user, remaining_s = left.as_secs(), "login refused: network blocked after failed logins");
-                let at = received + auth.failure_delay;
-                return self
-                    .auth_failed_after(
-                        stream,
-                        tag,
-                        at,
-                        "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
-                    )
-                    .await;
-            }
+        if let Some(refused) = self
+            .refuse_if_blocked(stream, tag, mechanism, Some(&user), received)
+            .await
+        {
+            return refused;
         }
         self.wait_out_penalty(Some(&user), received).await;
         let password = creds.password;
@@ -1003,11 +981,7 @@ impl Session {
                 return self.auth_unavailable(stream, tag).await;
             }
         };
-        self.count_auth(mechanism, "success");
-        if bf.enabled {
-            rt.guard.succeeded(&user);
-            self.track_guard_size();
-        }
+        self.succeeded(mechanism, &user);
         self.enter(stream, tag, identity, Some(password), received)
             .await
     }
@@ -1224,6 +1198,46 @@ impl Session {
         }
         self.track_guard_size();
         p.delay
+    }
+
+    /// A blocked network's logins are refused without asking the source:
+    /// `Some(answer)` when this one was.
+    async fn refuse_if_blocked(
+        &mut self,
+        stream: &mut ClientStream,
+        tag: &str,
+        mechanism: &'static str,
+        user: Option<&str>,
+        received: Instant,
+    ) -> Option<Step<Option<LoggedIn>>> {
+        let rt = Arc::clone(&self.rt);
+        let auth = &rt.config.auth;
+        if !auth.brute_force.enabled {
+            return None;
+        }
+        let left = rt.guard.blocked(&self.network(), received)?;
+        rt.metrics.auth_refused_blocked.inc();
+        self.count_auth(mechanism, "blocked");
+        tracing::info!(client = %self.peer, user = user.unwrap_or("-"), remaining_s = left.as_secs(), "login refused: network blocked after failed logins");
+        Some(
+            self.auth_failed_after(
+                stream,
+                tag,
+                received + auth.failure_delay,
+                "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
+            )
+            .await,
+        )
+    }
+
+    /// A successful authentication: counted, and the user's failure
+    /// record cleared.
+    fn succeeded(&self, mechanism: &str, user: &str) {
+        self.count_auth(mechanism, "success");
+        if self.rt.config.auth.brute_force.enabled {
+            self.rt.guard.succeeded(user);
+            self.track_guard_size();
+        }
     }
 
     /// With failures on record for this network or user, waits what the
