@@ -202,6 +202,15 @@ impl Pump {
                                 return Poll::Ready(end);
                             }
                         }
+                        // A backend that closes with input unread (a
+                        // client pipelining past LOGOUT) resets the
+                        // connection; after its BYE that is an orderly end.
+                        Poll::Ready(Err(_)) if self.from_backend && self.bye_seen => {
+                            give_buffer(buf);
+                            if let Some(end) = self.at_end() {
+                                return Poll::Ready(end);
+                            }
+                        }
                         Poll::Ready(Err(_)) => {
                             give_buffer(buf);
                             return Poll::Ready(self.finish(PumpEnd::ReadError));
@@ -282,6 +291,8 @@ where
     tokio::pin!(timer);
     // Who closed first; once one side has, the session ends on its account.
     let mut closed: Option<RelayEnd> = None;
+    // Writing to the backend failed (it closed, or the connection broke).
+    let mut backend_write_failed = false;
 
     let end = poll_fn(|cx| {
         if stop.as_mut().poll(cx).is_ready() {
@@ -297,9 +308,9 @@ where
                 Poll::Ready(PumpEnd::ReadError) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
                 }
-                Poll::Ready(PumpEnd::WriteError) => {
-                    return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError))
-                }
+                // Judged below, once the other direction has read what
+                // the backend sent before it closed.
+                Poll::Ready(PumpEnd::WriteError) => backend_write_failed = true,
             }
         }
         if !down.done() {
@@ -318,6 +329,15 @@ where
                     return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
                 }
             }
+        }
+        if backend_write_failed {
+            // After its BYE, a backend that closed (with a reset, as it had
+            // input unread) has ended the session in order: the BYE and
+            // what follows still reach the client. Otherwise it failed.
+            if !down.bye_seen {
+                return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError));
+            }
+            closed.get_or_insert(RelayEnd::BackendClosed);
         }
         if up.done() && down.done() {
             return Poll::Ready(closed.unwrap_or(RelayEnd::ClientClosed));
@@ -444,6 +464,101 @@ mod tests {
         let mut bye = [0u8; 21];
         client_far.read_exact(&mut bye).await.unwrap();
         assert_eq!(&bye, b"* BYE [UNAVAILABLE]\r\n");
+    }
+
+    /// A backend that sends `said`, then resets the connection: every read
+    /// after and every write fails with ECONNRESET.
+    struct ResetAfter {
+        said: Vec<u8>,
+    }
+
+    fn reset() -> std::io::Error {
+        std::io::ErrorKind::ConnectionReset.into()
+    }
+
+    impl AsyncRead for ResetAfter {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.said.is_empty() {
+                return Poll::Ready(Err(reset()));
+            }
+            let n = self.said.len().min(buf.remaining());
+            buf.put_slice(&self.said[..n]);
+            self.said.drain(..n);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for ResetAfter {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Err(reset()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(reset()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(reset()))
+        }
+    }
+
+    /// Dovecot resets the connection when it closes after LOGOUT with
+    /// input unread: the client gets the BYE and the tagged OK, then the
+    /// end of the stream, and the session ended in order — whether the
+    /// client wrote something after LOGOUT or not.
+    #[tokio::test]
+    async fn a_reset_after_the_backends_bye_is_an_orderly_end() {
+        for pipelined in [&b""[..], b"N NOOP\r\n"] {
+            let (mut client_far, client_near) = tokio::io::duplex(4096);
+            let said = b"* BYE Logging out\r\nZ OK Logout completed.\r\n";
+            let backend = ResetAfter {
+                said: said.to_vec(),
+            };
+            client_far.write_all(pipelined).await.unwrap();
+            let c = counters();
+            let relay = tokio::spawn(async move {
+                relay(
+                    client_near,
+                    backend,
+                    Duration::from_secs(60),
+                    &c,
+                    std::future::pending(),
+                )
+                .await
+            });
+            let mut got = Vec::new();
+            client_far.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, said, "the BYE and OK, then end of stream");
+            client_far.shutdown().await.unwrap();
+            let outcome = relay.await.unwrap();
+            assert_eq!(outcome.end, RelayEnd::BackendClosed, "{pipelined:?}");
+        }
+    }
+
+    /// A reset without a BYE first is a failure, as before.
+    #[tokio::test]
+    async fn a_reset_without_bye_is_a_backend_error() {
+        let (mut client_far, client_near) = tokio::io::duplex(4096);
+        client_far.write_all(b"a NOOP\r\n").await.unwrap();
+        let backend = ResetAfter {
+            said: b"* 1 EXISTS\r\n".to_vec(),
+        };
+        let c = counters();
+        let outcome = relay(
+            client_near,
+            backend,
+            Duration::from_secs(60),
+            &c,
+            std::future::pending(),
+        )
+        .await;
+        assert_eq!(outcome.end, RelayEnd::BackendError);
     }
 
     #[tokio::test(start_paused = true)]

@@ -189,3 +189,65 @@ fn malformed_endless_and_silent_greetings_time_out() {
         assert!(!sent.contains(PASSWORD), "{what}: {sent}");
     }
 }
+
+/// A backend that answers LOGOUT with BYE and OK and then resets the
+/// connection (Dovecot does when it closes with input unread, as when a
+/// client pipelines past LOGOUT): the client gets the BYE and the OK, then
+/// the end of the stream at once — no second BYE, no reconnect jitter —
+/// and the session counts as ended by the backend, not as a failure.
+#[test]
+fn a_reset_after_the_backends_bye_is_an_orderly_end() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let backend = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        s.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n")
+            .unwrap();
+        loop {
+            let command = line(&mut r);
+            assert!(!command.is_empty(), "Postern closed before LOGOUT");
+            let tag = tag_of(&command).to_owned();
+            if command.to_ascii_uppercase().contains(" LOGOUT") {
+                s.write_all(
+                    format!("* BYE Logging out\r\n{tag} OK Logout completed.\r\n").as_bytes(),
+                )
+                .unwrap();
+                // Closing with linger 0 sends a reset, as a close with
+                // unread input does.
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return;
+            }
+            s.write_all(format!("{tag} OK done\r\n").as_bytes())
+                .unwrap();
+        }
+    });
+    let p = postern_for(port, "none");
+    let (mut c, _) = Client::imaps(p.imaps);
+    assert!(c
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    let asked = Instant::now();
+    let bye = c.command("Z", "LOGOUT");
+    assert_eq!(bye, ["* BYE Logging out", "Z OK Logout completed."]);
+    backend.join().unwrap();
+    assert_eq!(c.try_line(), None, "nothing after the backend's own answer");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "closed at once, not after a jitter: {:?}",
+        asked.elapsed()
+    );
+    drop(c);
+    common::wait_until("the session to be counted", Duration::from_secs(5), || {
+        p.metric("postern_sessions_ended_total{reason=\"backend_closed\"}") == 1.0
+    });
+    assert_eq!(
+        p.metric("postern_sessions_ended_total{reason=\"backend_error\"}"),
+        0.0
+    );
+}
