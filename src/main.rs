@@ -182,9 +182,15 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let open = max_connections - slots.available_permits();
         tracing::info!(sessions = open, drain = ?drain, "shutting down: listeners closed, draining sessions");
         let all_closed = || slots.acquire_many(max_connections as u32);
-        if tokio::time::timeout(drain, all_closed()).await.is_err() {
+        // A second SIGTERM or SIGINT cuts the drain short.
+        let drained = tokio::select! {
+            drained = tokio::time::timeout(drain, all_closed()) => drained.is_ok(),
+            _ = term.recv() => false,
+            _ = tokio::signal::ctrl_c() => false,
+        };
+        if !drained {
             let open = max_connections - slots.available_permits();
-            tracing::info!(sessions = open, "drain period over; closing the remaining sessions");
+            tracing::info!(sessions = open, "drain over; closing the remaining sessions");
             shutdown.close_sessions();
             // Each session says BYE and closes within a second or two;
             // pre-auth sessions are cut at exit.

@@ -1,6 +1,7 @@
 //! The process's life with sessions open: SIGTERM turns readiness off at
 //! once, closes the listeners, lets sessions go on for the drain period,
-//! then tells them `* BYE [UNAVAILABLE] Server shutting down` and exits 0.
+//! then tells them `* BYE [UNAVAILABLE] Server shutting down` and exits 0;
+//! a second SIGTERM cuts the drain short.
 
 mod common;
 
@@ -48,6 +49,29 @@ fn sigterm_drains_then_says_bye_and_exits_zero() {
     let log = p.log();
     assert!(log.contains("reason=\"shutdown\""), "{log}");
     assert!(log.contains("shut down"), "{log}");
+}
+
+#[test]
+fn a_second_sigterm_ends_the_drain_at_once() {
+    let (_b, mut p) =
+        common::postern::alice_behind("sigterm-twice", "limits:\n  shutdown_drain: 60s\n", "");
+    let mut c = Client::logged_in(p.imaps, "alice");
+    c.select_and_idle();
+    p.signal("TERM");
+    p.wait_for_log("draining sessions");
+    p.signal("TERM");
+    let second = Instant::now();
+    let bye = c.line();
+    assert!(
+        bye.starts_with("* BYE [UNAVAILABLE] Server shutting down"),
+        "{bye}"
+    );
+    assert!(p.wait_exit(Duration::from_secs(10)).success());
+    assert!(
+        second.elapsed() < Duration::from_secs(8),
+        "not the 60 s drain: {:?}",
+        second.elapsed()
+    );
 }
 
 #[test]
