@@ -1,13 +1,15 @@
 //! The command line: `check-config` names the key and line of an error and
 //! checks the shipped configs; `hash-password` prints hashes Postern reads.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 use postern::auth::password::PasswordHash;
 
 fn postern(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_postern"))
+    Command::new(common::postern::binary())
         .args(args)
         .output()
         .unwrap()
@@ -78,7 +80,7 @@ fn check_config_names_key_and_line() {
 #[test]
 fn hash_password_prints_a_hash_postern_verifies() {
     for scheme in ["argon2id", "bcrypt", "sha512-crypt"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        let mut child = Command::new(common::postern::binary())
             .args(["hash-password", "--scheme", scheme])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,5 +1,6 @@
-//! Client TLS: ALPN rules (RFC 9325), SNI certificate choice, and the
-//! self-signed certificate made on first start.
+//! Client TLS: ALPN rules (RFC 9325), SNI certificate choice (and 100 000
+//! random SNI names with flat memory), and the self-signed certificate
+//! made on first start.
 
 mod common;
 
@@ -46,11 +47,11 @@ fn self_signed_certificate_is_made_on_first_start_and_served() {
     assert_eq!(served.as_ref(), on_disk.unwrap().as_ref());
 }
 
-#[test]
-fn sni_chooses_the_certificate() {
-    common::backend::ensure_installed();
-    let dir = std::env::temp_dir().join(format!("postern-test-sni-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+/// Three certificates: the default, `mail.example.com` and
+/// `*.example.org`, written under `dir`; the `tls:` block and the DER of
+/// each.
+fn sni_certificates(dir: &std::path::Path) -> (String, Vec<Vec<u8>>) {
+    std::fs::create_dir_all(dir).unwrap();
     let mut ders = Vec::new();
     for (i, name) in ["default.test", "mail.example.com", "*.example.org"]
         .iter()
@@ -65,6 +66,14 @@ fn sni_chooses_the_certificate() {
     let tls = format!(
         "tls:\n  certificates:\n    - {{ cert: {d}/0.crt, key: {d}/0.key }}\n    - {{ cert: {d}/1.crt, key: {d}/1.key, names: [mail.example.com] }}\n    - {{ cert: {d}/2.crt, key: {d}/2.key, names: [\"*.example.org\"] }}"
     );
+    (tls, ders)
+}
+
+#[test]
+fn sni_chooses_the_certificate() {
+    common::backend::ensure_installed();
+    let dir = std::env::temp_dir().join(format!("postern-test-sni-{}", std::process::id()));
+    let (tls, ders) = sni_certificates(&dir);
     let (_b, p) = start("sni", &tls);
     let served = |sni: &str| {
         let s = tls_over(tcp(p.imaps), sni, &[b"imap"]).unwrap();
@@ -80,6 +89,121 @@ fn sni_chooses_the_certificate() {
         .last()
         .unwrap()
         .starts_with("L1 OK"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 100 000 full handshakes, each with a random SNI name: every one gets
+/// the certificate its name calls for, and Postern's memory stays flat
+/// (nothing is kept per name).
+#[test]
+fn a_hundred_thousand_random_sni_names_keep_memory_flat() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    const NAMES: usize = 100_000;
+    const WORKERS: usize = 3;
+    const WARM: usize = 20_000;
+    const BOUND: u64 = 4 << 20;
+    common::backend::ensure_installed();
+    let dir = std::env::temp_dir().join(format!("postern-test-sni-flood-{}", std::process::id()));
+    let (tls, ders) = sni_certificates(&dir);
+    let (_b, p) = start("sni-flood", &tls);
+    let mut config = (*common::client::client_config(&[b"imap"])).clone();
+    // Full handshakes only: a resumed one would not show the certificate.
+    config.resumption = rustls::client::Resumption::disabled();
+    let config = std::sync::Arc::new(config);
+    let done = AtomicUsize::new(0);
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    std::thread::scope(|scope| {
+        for w in 0..WORKERS {
+            let (config, ders, done, p) = (&config, &ders, &done, &p);
+            scope.spawn(move || {
+                let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9);
+                let mut next = move || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let label = |next: &mut dyn FnMut() -> u64| -> String {
+                    let len = 6 + next() % 20;
+                    (0..len)
+                        .map(|_| {
+                            b"abcdefghijklmnopqrstuvwxyz0123456789-"[(next() % 36) as usize] as char
+                        })
+                        .collect()
+                };
+                for _ in 0..NAMES / WORKERS + usize::from(w < NAMES % WORKERS) {
+                    let (name, want) = match next() % 4 {
+                        0 => (format!("{}.example.org", label(&mut next)), 2),
+                        1 => (
+                            "mail.example.com"
+                                .chars()
+                                .map(|c| {
+                                    if next() % 2 == 0 {
+                                        c.to_ascii_uppercase()
+                                    } else {
+                                        c
+                                    }
+                                })
+                                .collect(),
+                            1,
+                        ),
+                        2 => (format!("{}.{}.test", label(&mut next), label(&mut next)), 0),
+                        _ => (
+                            format!("{}.{}.example.org", label(&mut next), label(&mut next)),
+                            0,
+                        ),
+                    };
+                    let mut conn = rustls::ClientConnection::new(
+                        std::sync::Arc::clone(config),
+                        name.clone().try_into().unwrap(),
+                    )
+                    .unwrap();
+                    let mut sock = tcp(p.imaps);
+                    while conn.is_handshaking() {
+                        conn.complete_io(&mut sock)
+                            .unwrap_or_else(|e| panic!("{name}: {e}"));
+                    }
+                    let served = conn.peer_certificates().unwrap()[0].as_ref();
+                    assert!(served == ders[want], "{name} got the wrong certificate");
+                    done.fetch_add(1, Ordering::Relaxed);
+                    assert!(
+                        started.elapsed() < Duration::from_secs(600),
+                        "bounded in time"
+                    );
+                }
+            });
+        }
+        // Sample Postern's memory every 10 000 handshakes.
+        let mut mark = 10_000;
+        while mark <= NAMES {
+            common::wait_until(
+                "the next 10 000 handshakes",
+                Duration::from_secs(300),
+                || done.load(Ordering::Relaxed) >= mark,
+            );
+            samples.push((mark, p.rss_bytes()));
+            mark += 10_000;
+        }
+    });
+    let elapsed = started.elapsed();
+    eprintln!(
+        "{NAMES} handshakes with random SNI names in {elapsed:.1?} ({:.0}/s); RSS KiB by count: {:?}",
+        NAMES as f64 / elapsed.as_secs_f64(),
+        samples.iter().map(|(n, r)| (n, r / 1024)).collect::<Vec<_>>()
+    );
+    let warm = samples.iter().find(|(n, _)| *n == WARM).unwrap().1;
+    let last = samples.last().unwrap().1;
+    assert!(
+        last < warm + BOUND,
+        "RSS grew {} KiB over {} handshakes after warm-up",
+        (last.saturating_sub(warm)) / 1024,
+        NAMES - WARM
+    );
+    common::wait_until("every connection closed", Duration::from_secs(30), || {
+        p.metric("postern_sessions_active{listener=\"imaps\"}") == 0.0
+    });
     let _ = std::fs::remove_dir_all(&dir);
 }
 

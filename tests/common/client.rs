@@ -184,6 +184,20 @@ impl Client {
         }
     }
 
+    /// One line; `Ok(None)` at EOF, an error of kind `WouldBlock` or
+    /// `TimedOut` when nothing came within the read timeout.
+    pub fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        let mut buf = Vec::new();
+        match self.reader.read_until(b'\n', &mut buf)? {
+            0 => Ok(None),
+            _ => Ok(Some(
+                String::from_utf8_lossy(&buf)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            )),
+        }
+    }
+
     /// Lines up to and including the tagged response for `tag`.
     pub fn until_tagged(&mut self, tag: &str) -> Vec<String> {
         let mut lines = Vec::new();
@@ -208,6 +222,19 @@ impl Client {
         let mut buf = vec![0; n];
         self.reader.read_exact(&mut buf).unwrap();
         buf
+    }
+
+    /// Reads until the server closes the connection (or a read times out);
+    /// how many bytes that was.
+    pub fn drain(&mut self) -> usize {
+        let mut total = 0;
+        let mut buf = vec![0; 64 * 1024];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
     }
 
     /// True when the server closes the connection within the timeout.

@@ -88,7 +88,7 @@ impl Postern {
             );
             std::fs::write(dir.join("postern.yaml"), &config).unwrap();
             let log = std::fs::File::create(dir.join("postern.log")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_postern"))
+            let child = Command::new(binary())
                 .args(["run", "--config"])
                 .arg(dir.join("postern.yaml"))
                 .env_remove("RUST_LOG")
@@ -175,6 +175,22 @@ impl Postern {
     pub fn cert_path(&self) -> PathBuf {
         self.dir.join("tls/cert.pem")
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident set size in bytes, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("postern is running");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status");
+        kib * 1024
+    }
 }
 
 impl Postern {
@@ -189,7 +205,7 @@ impl Postern {
             .write(true)
             .open(log_target)
             .expect("open the log target");
-        self.child = Command::new(env!("CARGO_BIN_EXE_postern"))
+        self.child = Command::new(binary())
             .args(["run", "--config"])
             .arg(self.dir.join("postern.yaml"))
             .env_remove("RUST_LOG")
@@ -233,10 +249,65 @@ impl Postern {
     }
 }
 
+/// The binary under test: `POSTERN_BIN` when set (scripts/sanitize points
+/// it at an AddressSanitizer build), else the one cargo built.
+pub fn binary() -> PathBuf {
+    std::env::var_os("POSTERN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_postern")))
+}
+
+impl Postern {
+    /// Stops a running process the way an operator would: SIGTERM, and a
+    /// second one to cut the drain short; then it must exit 0 by itself.
+    /// Under a sanitizer, that exit is when leaks are reported (and turn
+    /// the exit status non-zero).
+    fn stop_gracefully(&mut self) -> Result<(), String> {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return Ok(());
+        }
+        self.signal("TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains("shutting down") && Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(format!("postern exited with {status} on SIGTERM"))
+                };
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err("postern did not exit within 10 s of SIGTERM".into())
+    }
+}
+
 impl Drop for Postern {
     fn drop(&mut self) {
+        // POSTERN_TEST_STOP=term: every test's process is stopped by
+        // signal and must exit cleanly (scripts/sanitize sets it).
+        let graceful = std::env::var_os("POSTERN_TEST_STOP").is_some_and(|v| v == "term");
+        let stopped = if graceful && !std::thread::panicking() {
+            self.stop_gracefully()
+        } else {
+            Ok(())
+        };
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Err(e) = stopped {
+            panic!("{e}; log kept in {}:\n{}", self.dir.display(), self.log());
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {

@@ -1,0 +1,237 @@
+//! Slow clients: connections that never start TLS, start it and stall, or
+//! trickle their ClientHello a byte at a time are all cut at the handshake
+//! deadline, which no trickle extends; and a client that stops reading
+//! while its backend streams a 100 MiB message holds Postern's memory flat
+//! (the backend is held back, nothing piles up) and, once it reads again,
+//! gets every byte intact.
+
+mod common;
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::client::{client_config, tcp, Client};
+use common::postern::alice_behind;
+use sha2::{Digest, Sha256};
+
+/// The first flight of a real TLS client: its ClientHello record.
+fn client_hello() -> Vec<u8> {
+    let mut conn =
+        rustls::ClientConnection::new(client_config(&[b"imap"]), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    assert!(out.len() > 100, "a whole ClientHello");
+    out
+}
+
+/// Blocks until the server closes `s` (EOF or reset), at most `limit`.
+fn wait_closed(s: &mut TcpStream, limit: Duration) -> bool {
+    let started = Instant::now();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < limit {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+const DEADLINE: Duration = Duration::from_secs(2);
+
+#[test]
+fn handshakes_that_never_finish_are_cut_at_the_deadline() {
+    let (_b, p) = alice_behind(
+        "slow-handshake",
+        "limits:\n  tls_handshake_timeout: 2s\n",
+        "",
+    );
+    let started = Instant::now();
+    // 50 connections that never send a byte.
+    let mut silent: Vec<TcpStream> = (0..50).map(|_| tcp(p.imaps)).collect();
+    // A half handshake: a whole ClientHello, the server's answer read,
+    // then nothing (no client Finished).
+    let mut half = tcp(p.imaps);
+    half.write_all(&client_hello()).unwrap();
+    let mut first_flight = [0u8; 1024];
+    assert!(half.read(&mut first_flight).unwrap() > 0, "ServerHello");
+    // STARTTLS accepted, then no ClientHello.
+    let mut upgraded = tcp(p.imap);
+    let mut reader = BufReader::new(upgraded.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    upgraded.write_all(b"s STARTTLS\r\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("s OK"), "{line}");
+
+    // A normal client is served meanwhile.
+    let mut c = Client::logged_in(p.imaps, "alice");
+
+    // A ClientHello trickled a byte every 100 ms would take 25 s or more;
+    // the deadline counts from accept, so it ends at 2 s all the same.
+    let mut trickle = tcp(p.imaps);
+    let trickle_started = Instant::now();
+    trickle
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let hello = client_hello();
+    let mut sent = 0;
+    let mut buf = [0u8; 64];
+    let trickle_cut = loop {
+        assert!(
+            trickle_started.elapsed() < Duration::from_secs(10),
+            "the trickling client was never cut"
+        );
+        if sent < hello.len() {
+            if trickle.write_all(&hello[sent..sent + 1]).is_err() {
+                break trickle_started.elapsed();
+            }
+            sent += 1;
+        }
+        match trickle.read(&mut buf) {
+            Ok(0) => break trickle_started.elapsed(),
+            Ok(_) => panic!("a trickled partial ClientHello got an answer"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => break trickle_started.elapsed(),
+        }
+    };
+    assert!(sent < hello.len(), "cut before the ClientHello was whole");
+    assert!(
+        trickle_cut >= DEADLINE - Duration::from_millis(100) && trickle_cut < DEADLINE * 2,
+        "trickle cut after {trickle_cut:?}"
+    );
+
+    for s in silent.iter_mut().chain([&mut half, &mut upgraded]) {
+        assert!(wait_closed(s, Duration::from_secs(10)), "cut");
+    }
+    let all_cut = started.elapsed();
+    assert!(all_cut < DEADLINE * 3, "all cut within {all_cut:?}");
+    common::wait_until("the failures counted", Duration::from_secs(5), || {
+        p.metric("postern_tls_handshake_failures_total{listener=\"imaps\",reason=\"timeout\"}")
+            == 52.0
+            && p.metric(
+                "postern_tls_handshake_failures_total{listener=\"imap\",reason=\"timeout\"}",
+            ) == 1.0
+    });
+    // The logged-in session was not touched by any of it.
+    assert!(c.command("N", "NOOP").last().unwrap().starts_with("N OK"));
+    assert_eq!(
+        p.metric("postern_sessions_active{listener=\"imaps\"}"),
+        1.0,
+        "only the logged-in session is left"
+    );
+}
+
+/// A 100 MiB message of printable lines, written straight into the
+/// backend's maildir (appending it through the proxy would take longer).
+fn big_message(len: usize) -> Vec<u8> {
+    let mut m = b"From: big@example.com\r\nSubject: 100 MiB\r\n\r\n".to_vec();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    while m.len() < len {
+        for _ in 0..76 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            m.push(b'!' + (x % 90) as u8);
+        }
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+#[test]
+fn a_client_that_stops_reading_holds_memory_flat_and_loses_nothing() {
+    const SIZE: usize = 100 << 20;
+    const BOUND: u64 = 4 << 20;
+    let (b, p) = alice_behind("slow-reader", "limits:\n  idle_timeout: 3s\n", "");
+    let mut c = Client::logged_in(p.imaps, "alice");
+    assert!(c
+        .command("S", "SELECT INBOX")
+        .last()
+        .unwrap()
+        .starts_with("S OK"));
+    let message = big_message(SIZE);
+    let digest = Sha256::digest(&message);
+    let total = message.len();
+    let new = b.dir.join("mail/alice/Maildir/new");
+    let file = new.join("1700000000.big.test");
+    std::fs::write(&file, &message).unwrap();
+    let owner = std::fs::metadata(&new).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    std::os::unix::fs::chown(&file, Some(owner.uid()), Some(owner.gid())).unwrap();
+    drop(message);
+    let noop = c.command("N", "NOOP");
+    assert!(noop.iter().any(|l| l == "* 1 EXISTS"), "{noop:?}");
+
+    let baseline = p.rss_bytes();
+    let mut peak = baseline;
+    // The client asks for the message and reads nothing for 1.5 s (less
+    // than the idle timeout): the relay must hold the backend back.
+    c.send(b"F1 FETCH 1 BODY[]\r\n");
+    let stalled = Instant::now();
+    while stalled.elapsed() < Duration::from_millis(1500) {
+        peak = peak.max(p.rss_bytes());
+        std::thread::sleep(Duration::from_millis(50)); // sampling period
+    }
+    // Now it reads all of it, and every byte is the backend's.
+    let head = c.line();
+    assert!(
+        head.starts_with("* 1 FETCH (") && head.contains("BODY[] {") && head.ends_with('}'),
+        "{head}"
+    );
+    let len: usize = head
+        .rsplit('{')
+        .next()
+        .unwrap()
+        .trim_end_matches('}')
+        .parse()
+        .unwrap();
+    assert_eq!(len, total, "{head}");
+    let mut hasher = Sha256::new();
+    let mut left = len;
+    while left > 0 {
+        let chunk = c.bytes(left.min(4 << 20));
+        left -= chunk.len();
+        hasher.update(&chunk);
+        peak = peak.max(p.rss_bytes());
+    }
+    assert_eq!(hasher.finalize(), digest, "the message arrived unaltered");
+    let done = c.until_tagged("F1");
+    assert!(done.last().unwrap().starts_with("F1 OK"), "{done:?}");
+    eprintln!(
+        "stalled 1.5 s and read {len} bytes: RSS {} KiB before, peak {} KiB",
+        baseline / 1024,
+        peak / 1024
+    );
+    assert!(
+        peak - baseline < BOUND,
+        "RSS grew by {} KiB while a client held 100 MiB back",
+        (peak - baseline) / 1024
+    );
+
+    // The same again, but the client never reads: the idle timeout ends
+    // the session, having sent only what the socket buffers hold.
+    c.send(b"F2 FETCH 1 BODY[]\r\n");
+    common::wait_until(
+        "the stalled session to end at the idle timeout",
+        Duration::from_secs(20),
+        || {
+            peak = peak.max(p.rss_bytes());
+            p.metric("postern_sessions_ended_total{reason=\"idle_timeout\"}") == 1.0
+        },
+    );
+    let received = c.drain();
+    assert!(
+        received < SIZE / 4,
+        "only socket buffers' worth reached the client: {received}"
+    );
+    assert!(peak - baseline < BOUND, "{} KiB", (peak - baseline) / 1024);
+    assert!(Client::login_ok(p.imaps, "alice"));
+}
