@@ -244,7 +244,7 @@ fn sessions_cycle_for_minutes_without_losing_a_byte_or_growing() {
     );
     assert!(cycles > 100, "the soak ran: {cycles} cycles");
     assert!(
-        growth < 8 << 20 && per_cycle < 512,
+        !common::postern::rss_is_meaningful() || (growth < 8 << 20 && per_cycle < 512),
         "Postern grew {} KiB over {} cycles",
         growth / 1024,
         end_cycles - warm_cycles

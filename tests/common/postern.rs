@@ -249,6 +249,20 @@ impl Postern {
     }
 }
 
+/// Whether the process's memory figures are its own: not under a
+/// sanitizer (scripts/sanitize sets `POSTERN_SANITIZER`), whose shadow
+/// memory and quarantine of freed blocks swell the RSS. Memory bounds are
+/// checked by the ordinary suite; under a sanitizer they are reported only.
+pub fn rss_is_meaningful() -> bool {
+    match std::env::var("POSTERN_SANITIZER") {
+        Ok(s) => {
+            eprintln!("RSS bounds not asserted under the {s} sanitizer");
+            false
+        }
+        Err(_) => true,
+    }
+}
+
 /// The binary under test: `POSTERN_BIN` when set (scripts/sanitize points
 /// it at an AddressSanitizer build), else the one cargo built.
 pub fn binary() -> PathBuf {
