@@ -132,6 +132,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         // Before anything else: SIGHUP's default action would end the process.
         let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         // Discovered backends join before the process reports ready.
         let mut reloader =
             postern::reload::Reloader::start(path.clone(), Arc::clone(&live), Arc::clone(&metrics), listeners)
@@ -158,7 +159,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = int.recv() => break,
                 _ = term.recv() => break,
                 _ = hup.recv() => {
                     let _ = reloader.reload("SIGHUP").await;
@@ -186,7 +187,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let drained = tokio::select! {
             drained = tokio::time::timeout(drain, all_closed()) => drained.is_ok(),
             _ = term.recv() => false,
-            _ = tokio::signal::ctrl_c() => false,
+            _ = int.recv() => false,
         };
         if !drained {
             let open = max_connections - slots.available_permits();

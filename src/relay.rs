@@ -122,6 +122,8 @@ struct Pump {
     from_backend: bool,
     /// The backend's last bytes held a BYE: its end of stream is orderly.
     bye_seen: bool,
+    /// Bytes read since the chunk that held the BYE.
+    since_bye: usize,
 }
 
 impl Pump {
@@ -134,6 +136,7 @@ impl Pump {
             tally,
             from_backend,
             bye_seen: false,
+            since_bye: 0,
         }
     }
 
@@ -188,9 +191,15 @@ impl Pump {
                             let end = read.filled().len();
                             if self.from_backend {
                                 // A BYE stays the last word only if little
-                                // follows it (the tagged OK of LOGOUT).
-                                self.bye_seen = ends_with_bye(read.filled())
-                                    || (self.bye_seen && end <= BYE_WINDOW);
+                                // follows it (the tagged OK of LOGOUT), in
+                                // this chunk or the ones after.
+                                if ends_with_bye(read.filled()) {
+                                    self.bye_seen = true;
+                                    self.since_bye = 0;
+                                } else if self.bye_seen {
+                                    self.since_bye += end;
+                                    self.bye_seen = self.since_bye <= BYE_WINDOW;
+                                }
                             }
                             *active = true;
                             self.state = State::Writing { buf, start: 0, end };
@@ -308,8 +317,8 @@ where
                 Poll::Ready(PumpEnd::ReadError) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
                 }
-                // Judged below, once the other direction has read what
-                // the backend sent before it closed.
+                // Not judged yet: the other direction reads on to the
+                // backend's own end (its BYE, then the reset), within LINGER.
                 Poll::Ready(PumpEnd::WriteError) => backend_write_failed = true,
             }
         }
@@ -330,19 +339,15 @@ where
                 }
             }
         }
-        if backend_write_failed {
-            // After its BYE, a backend that closed (with a reset, as it had
-            // input unread) has ended the session in order: the BYE and
-            // what follows still reach the client. Otherwise it failed.
-            if !down.bye_seen {
-                return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError));
-            }
-            closed.get_or_insert(RelayEnd::BackendClosed);
-        }
+        // After a failed write to the backend, its direction to the client
+        // decides: an orderly end (BYE, then the reset of a backend that
+        // closed with input unread) ends the session as closed by the
+        // backend, with the BYE delivered; a read error or a lost backend
+        // returned above; LINGER bounds the wait for either.
         if up.done() && down.done() {
             return Poll::Ready(closed.unwrap_or(RelayEnd::ClientClosed));
         }
-        if closed.is_some() && limit > LINGER {
+        if (closed.is_some() || backend_write_failed) && limit > LINGER {
             // The other side has LINGER from now: re-arm the timer, which
             // would otherwise wait for the idle deadline first.
             limit = LINGER;
@@ -356,7 +361,11 @@ where
         while timer.as_mut().poll(cx).is_ready() {
             let deadline = last_activity + limit;
             if Instant::now() >= deadline {
-                return Poll::Ready(closed.unwrap_or(RelayEnd::IdleTimeout));
+                return Poll::Ready(closed.unwrap_or(if backend_write_failed {
+                    RelayEnd::BackendError
+                } else {
+                    RelayEnd::IdleTimeout
+                }));
             }
             timer.as_mut().reset(deadline);
         }
@@ -470,6 +479,8 @@ mod tests {
     /// after and every write fails with ECONNRESET.
     struct ResetAfter {
         said: Vec<u8>,
+        /// Most bytes one read returns.
+        chunk: usize,
     }
 
     fn reset() -> std::io::Error {
@@ -485,7 +496,7 @@ mod tests {
             if self.said.is_empty() {
                 return Poll::Ready(Err(reset()));
             }
-            let n = self.said.len().min(buf.remaining());
+            let n = self.said.len().min(buf.remaining()).min(self.chunk);
             buf.put_slice(&self.said[..n]);
             self.said.drain(..n);
             Poll::Ready(Ok(()))
@@ -514,11 +525,16 @@ mod tests {
     /// client wrote something after LOGOUT or not.
     #[tokio::test]
     async fn a_reset_after_the_backends_bye_is_an_orderly_end() {
-        for pipelined in [&b""[..], b"N NOOP\r\n"] {
-            let (mut client_far, client_near) = tokio::io::duplex(4096);
-            let said = b"* BYE Logging out\r\nZ OK Logout completed.\r\n";
+        // The backend's answer arrives 16 bytes at a time; in the last case
+        // the client reads slowly (an 8-byte pipe), so the BYE is not even
+        // read when the write to the backend fails.
+        let cases = [(&b""[..], 4096), (b"N NOOP\r\n", 4096), (b"N NOOP\r\n", 8)];
+        for (pipelined, room) in cases {
+            let (mut client_far, client_near) = tokio::io::duplex(room);
+            let said = b"* 1 FETCH (FLAGS (\\Seen))\r\nF OK done\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n";
             let backend = ResetAfter {
                 said: said.to_vec(),
+                chunk: 16,
             };
             client_far.write_all(pipelined).await.unwrap();
             let c = counters();
@@ -537,7 +553,7 @@ mod tests {
             assert_eq!(got, said, "the BYE and OK, then end of stream");
             client_far.shutdown().await.unwrap();
             let outcome = relay.await.unwrap();
-            assert_eq!(outcome.end, RelayEnd::BackendClosed, "{pipelined:?}");
+            assert_eq!(outcome.end, RelayEnd::BackendClosed, "{pipelined:?} {room}");
         }
     }
 
@@ -548,6 +564,7 @@ mod tests {
         client_far.write_all(b"a NOOP\r\n").await.unwrap();
         let backend = ResetAfter {
             said: b"* 1 EXISTS\r\n".to_vec(),
+            chunk: 4096,
         };
         let c = counters();
         let outcome = relay(
