@@ -206,7 +206,8 @@ fn credentials_are_escaped_as_nginx_escapes_them() {
 }
 
 /// Nothing a client sends can add a header: user names with control
-/// characters or invalid UTF-8 are refused before any request, and
+/// characters (NUL among them) or invalid UTF-8 are refused before any
+/// request, and
 /// passwords reach the service %XX-escaped.
 #[test]
 fn nothing_a_client_sends_becomes_a_header() {
@@ -226,6 +227,12 @@ fn nothing_a_client_sends_becomes_a_header() {
     for user in [&b"a\r\nX-Injected: 1"[..], b"a\nb", b"\xff\xfe", b"a\x7fb"] {
         assert!(plain(user, b"pw").starts_with("A1 NO [AUTHENTICATIONFAILED]"));
     }
+    // A NUL inside the name makes a PLAIN message of four parts.
+    let answer = plain(b"al\0ice", b"pw");
+    assert!(
+        answer.starts_with("A1 NO") || answer.starts_with("A1 BAD"),
+        "{answer}"
+    );
     assert!(
         service.requests().is_empty(),
         "refused before asking the service"

@@ -114,10 +114,21 @@ fn a_hundred_thousand_random_sni_names_keep_memory_flat() {
     let done = AtomicUsize::new(0);
     let started = Instant::now();
     let mut samples = Vec::new();
+    // Set by a worker that fails, so the sampling below stops waiting.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    struct Failed<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Failed<'_> {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+    }
     std::thread::scope(|scope| {
         for w in 0..WORKERS {
-            let (config, ders, done, p) = (&config, &ders, &done, &p);
+            let (config, ders, done, p, failed) = (&config, &ders, &done, &p, &failed);
             scope.spawn(move || {
+                let _failed = Failed(failed);
                 let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ (w as u64 + 1).wrapping_mul(0x9E37_79B9);
                 let mut next = move || {
                     x ^= x << 13;
@@ -133,7 +144,7 @@ fn a_hundred_thousand_random_sni_names_keep_memory_flat() {
                         })
                         .collect()
                 };
-                for _ in 0..NAMES / WORKERS + usize::from(w < NAMES % WORKERS) {
+                for i in 0..NAMES / WORKERS + usize::from(w < NAMES % WORKERS) {
                     let (name, want) = match next() % 4 {
                         0 => (format!("{}.example.org", label(&mut next)), 2),
                         1 => (
@@ -160,7 +171,10 @@ fn a_hundred_thousand_random_sni_names_keep_memory_flat() {
                         name.clone().try_into().unwrap(),
                     )
                     .unwrap();
-                    let mut sock = tcp(p.imaps);
+                    // A new source address every 10 000 connections, so
+                    // closed ones in TIME_WAIT never exhaust the ports.
+                    let from = format!("127.0.{}.{}", w + 1, 1 + i / 10_000);
+                    let mut sock = common::client::tcp_from(&from, p.imaps);
                     while conn.is_handshaking() {
                         conn.complete_io(&mut sock)
                             .unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -181,8 +195,11 @@ fn a_hundred_thousand_random_sni_names_keep_memory_flat() {
             common::wait_until(
                 "the next 10 000 handshakes",
                 Duration::from_secs(300),
-                || done.load(Ordering::Relaxed) >= mark,
+                || done.load(Ordering::Relaxed) >= mark || failed.load(Ordering::Relaxed),
             );
+            if failed.load(Ordering::Relaxed) {
+                break; // the worker's own panic is the failure
+            }
             samples.push((mark, p.rss_bytes()));
             mark += 10_000;
         }

@@ -60,10 +60,11 @@ impl Postern {
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("users.yaml"), format!("users:\n{}", setup.users)).unwrap();
         let mut last_log = String::new();
         for _attempt in 0..3 {
+            // Made afresh each attempt: a failed attempt's drop removes it.
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("users.yaml"), format!("users:\n{}", setup.users)).unwrap();
             let (imaps, imap, metrics) = (free_port(), free_port(), free_port());
             let pool: String = setup
                 .backends
@@ -277,23 +278,32 @@ impl Postern {
     /// Under a sanitizer, that exit is when leaks are reported (and turn
     /// the exit status non-zero).
     fn stop_gracefully(&mut self) -> Result<(), String> {
-        if !matches!(self.child.try_wait(), Ok(None)) {
+        let running = |p: &mut Postern| matches!(p.child.try_wait(), Ok(None));
+        let term = |p: &Postern| {
+            let _ = Command::new("kill")
+                .args(["-TERM", &p.child.id().to_string()])
+                .status();
+        };
+        if !running(self) {
             return Ok(());
         }
-        self.signal("TERM");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.log().contains("shutting down") && Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                break;
-            }
+        term(self);
+        // The first signal is taken once readiness turns off (before the
+        // drain begins); a process with no sessions may just exit.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while running(self)
+            && Instant::now() < deadline
+            && self
+                .http_get("/readyz")
+                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
+        if running(self) {
+            term(self);
         }
-        while Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return if status.success() {
                     Ok(())
@@ -301,9 +311,18 @@ impl Postern {
                     Err(format!("postern exited with {status} on SIGTERM"))
                 };
             }
+            if Instant::now() >= deadline {
+                return Err("postern did not exit within 10 s of its second SIGTERM".into());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Err("postern did not exit within 10 s of SIGTERM".into())
+    }
+
+    /// The last lines of the log, for a failure message.
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(200)..].join("\n")
     }
 }
 
@@ -320,15 +339,19 @@ impl Drop for Postern {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if let Err(e) = stopped {
-            panic!("{e}; log kept in {}:\n{}", self.dir.display(), self.log());
+            panic!(
+                "{e}; log kept in {}, its last lines:\n{}",
+                self.dir.display(),
+                self.log_tail()
+            );
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!(
-                "postern log kept in {}:\n{}",
+                "postern log kept in {}, its last lines:\n{}",
                 self.dir.display(),
-                self.log()
+                self.log_tail()
             );
         }
     }
