@@ -226,12 +226,16 @@ impl Postern {
     }
 
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
+        assert!(self.try_signal(name), "kill -{name} failed");
+    }
+
+    /// Sends a signal; whether kill(1) succeeded.
+    fn try_signal(&self, name: &str) -> bool {
+        Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.child.id().to_string())
             .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} failed");
+            .is_ok_and(|s| s.success())
     }
 
     /// Waits (bounded) for the process to exit; its exit status.
@@ -280,9 +284,7 @@ impl Postern {
     fn stop_gracefully(&mut self) -> Result<(), String> {
         let running = |p: &mut Postern| matches!(p.child.try_wait(), Ok(None));
         let term = |p: &Postern| {
-            let _ = Command::new("kill")
-                .args(["-TERM", &p.child.id().to_string()])
-                .status();
+            p.try_signal("TERM");
         };
         if !running(self) {
             return Ok(());
