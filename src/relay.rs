@@ -85,17 +85,83 @@ enum PumpEnd {
     WriteError,
 }
 
-/// How far from the end of a chunk a backend's `* BYE` is looked for: the
-/// BYE, then at most the tagged answer to LOGOUT, end a closing stream.
+/// How far from the end of the stream a backend's `* BYE` is looked for:
+/// the BYE, then at most the tagged answer to LOGOUT, end a closing stream.
 const BYE_WINDOW: usize = 512;
 
-/// Whether `chunk` ends a stream the backend closes on purpose: its last
-/// bytes hold an untagged BYE (RFC 9051 7.1.5) at the start of a line.
-fn ends_with_bye(chunk: &[u8]) -> bool {
-    let tail = &chunk[chunk.len().saturating_sub(BYE_WINDOW)..];
-    tail.windows(6)
-        .enumerate()
-        .any(|(i, w)| w.eq_ignore_ascii_case(b"* BYE ") && (i == 0 || tail[i - 1] == b'\n'))
+/// An untagged BYE (RFC 9051 7.1.5), matched without regard to case.
+const BYE: &[u8; 6] = b"* BYE ";
+
+/// Watches a backend's stream for a BYE at the start of a line within
+/// [`BYE_WINDOW`] bytes of its end: after that, the backend's end of stream
+/// (or the reset of a backend closing with input unread) is orderly. A BYE
+/// split across reads is found as well as a whole one.
+struct ByeWatch {
+    /// The stream's last bytes before the next read; at the start of the
+    /// stream, a line end (the relay starts between responses).
+    carry: [u8; BYE.len()],
+    carry_len: usize,
+    /// Bytes read since the end of the last BYE; `None` when there was
+    /// none, or it lies further back than the window.
+    since: Option<usize>,
+}
+
+impl ByeWatch {
+    fn new() -> Self {
+        let mut carry = [0; BYE.len()];
+        carry[0] = b'\n';
+        ByeWatch {
+            carry,
+            carry_len: 1,
+            since: None,
+        }
+    }
+
+    fn seen(&self) -> bool {
+        self.since.is_some()
+    }
+
+    fn feed(&mut self, chunk: &[u8]) {
+        // The chunk's last BYE_WINDOW bytes, after the byte or bytes that
+        // precede them in the stream: enough to see a BYE begun in the
+        // previous read and to tell a line start.
+        let start = chunk.len().saturating_sub(BYE_WINDOW);
+        let prefix: &[u8] = if start == 0 {
+            &self.carry[..self.carry_len]
+        } else {
+            &chunk[start - 1..start]
+        };
+        let mut joined = [0u8; BYE.len() + BYE_WINDOW];
+        let len = prefix.len() + chunk.len() - start;
+        joined[..prefix.len()].copy_from_slice(prefix);
+        joined[prefix.len()..len].copy_from_slice(&chunk[start..]);
+        let joined = &joined[..len];
+        // A match starts after its line end, so it ends inside this chunk.
+        let last = (1..len.saturating_sub(BYE.len() - 1)).rev().find(|&i| {
+            joined[i - 1] == b'\n' && joined[i..i + BYE.len()].eq_ignore_ascii_case(BYE)
+        });
+        self.since = match last {
+            Some(i) => Some(len - i - BYE.len()),
+            None => self
+                .since
+                .map(|since| since + chunk.len())
+                .filter(|&since| since <= BYE_WINDOW),
+        };
+        // Keep the stream's last bytes for the next read.
+        if chunk.len() >= BYE.len() {
+            self.carry
+                .copy_from_slice(&chunk[chunk.len() - BYE.len()..]);
+            self.carry_len = BYE.len();
+        } else {
+            let mut both = [0u8; 2 * BYE.len()];
+            let total = self.carry_len + chunk.len();
+            both[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
+            both[self.carry_len..total].copy_from_slice(chunk);
+            let from = total.saturating_sub(BYE.len());
+            self.carry_len = total - from;
+            self.carry[..self.carry_len].copy_from_slice(&both[from..total]);
+        }
+    }
 }
 
 enum State {
@@ -118,12 +184,8 @@ struct Pump {
     total: u64,
     counter: IntCounter,
     tally: Option<Arc<AtomicU64>>,
-    /// Backend to client: watch for the backend's `* BYE`.
-    from_backend: bool,
-    /// The backend's last bytes held a BYE: its end of stream is orderly.
-    bye_seen: bool,
-    /// Bytes read since the chunk that held the BYE.
-    since_bye: usize,
+    /// Backend to client: watches for the backend's `* BYE`.
+    bye: Option<ByeWatch>,
 }
 
 impl Pump {
@@ -134,15 +196,13 @@ impl Pump {
             total: 0,
             counter,
             tally,
-            from_backend,
-            bye_seen: false,
-            since_bye: 0,
+            bye: from_backend.then(ByeWatch::new),
         }
     }
 
     /// At end of input: pass the half-close on, or report a lost backend.
     fn at_end(&mut self) -> Option<PumpEnd> {
-        if self.from_backend && !self.bye_seen {
+        if self.bye.as_ref().is_some_and(|bye| !bye.seen()) {
             return Some(self.finish(PumpEnd::Lost));
         }
         self.state = State::ShuttingDown;
@@ -189,17 +249,8 @@ impl Pump {
                         }
                         Poll::Ready(Ok(())) => {
                             let end = read.filled().len();
-                            if self.from_backend {
-                                // A BYE stays the last word only if little
-                                // follows it (the tagged OK of LOGOUT), in
-                                // this chunk or the ones after.
-                                if ends_with_bye(read.filled()) {
-                                    self.bye_seen = true;
-                                    self.since_bye = 0;
-                                } else if self.bye_seen {
-                                    self.since_bye += end;
-                                    self.bye_seen = self.since_bye <= BYE_WINDOW;
-                                }
+                            if let Some(bye) = &mut self.bye {
+                                bye.feed(read.filled());
                             }
                             *active = true;
                             self.state = State::Writing { buf, start: 0, end };
@@ -214,7 +265,7 @@ impl Pump {
                         // A backend that closes with input unread (a
                         // client pipelining past LOGOUT) resets the
                         // connection; after its BYE that is an orderly end.
-                        Poll::Ready(Err(_)) if self.from_backend && self.bye_seen => {
+                        Poll::Ready(Err(_)) if self.bye.as_ref().is_some_and(ByeWatch::seen) => {
                             give_buffer(buf);
                             if let Some(end) = self.at_end() {
                                 return Poll::Ready(end);
@@ -525,16 +576,25 @@ mod tests {
     /// client wrote something after LOGOUT or not.
     #[tokio::test]
     async fn a_reset_after_the_backends_bye_is_an_orderly_end() {
-        // The backend's answer arrives 16 bytes at a time; in the last case
-        // the client reads slowly (an 8-byte pipe), so the BYE is not even
-        // read when the write to the backend fails.
-        let cases = [(&b""[..], 4096), (b"N NOOP\r\n", 4096), (b"N NOOP\r\n", 8)];
-        for (pipelined, room) in cases {
+        // The backend's answer arrives a few bytes at a time (40 cuts the
+        // BYE after "* ", 1, 3 and 7 cut it everywhere); with an 8-byte
+        // pipe the client reads slowly, so the BYE is not even read when
+        // the write to the backend fails.
+        let cases = [
+            (&b""[..], 4096, 16),
+            (b"N NOOP\r\n", 4096, 16),
+            (b"N NOOP\r\n", 8, 16),
+            (b"", 4096, 40),
+            (b"N NOOP\r\n", 4096, 1),
+            (b"N NOOP\r\n", 4096, 3),
+            (b"N NOOP\r\n", 8, 7),
+        ];
+        for (pipelined, room, chunk) in cases {
             let (mut client_far, client_near) = tokio::io::duplex(room);
             let said = b"* 1 FETCH (FLAGS (\\Seen))\r\nF OK done\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n";
             let backend = ResetAfter {
                 said: said.to_vec(),
-                chunk: 16,
+                chunk,
             };
             client_far.write_all(pipelined).await.unwrap();
             let c = counters();
@@ -553,7 +613,11 @@ mod tests {
             assert_eq!(got, said, "the BYE and OK, then end of stream");
             client_far.shutdown().await.unwrap();
             let outcome = relay.await.unwrap();
-            assert_eq!(outcome.end, RelayEnd::BackendClosed, "{pipelined:?} {room}");
+            assert_eq!(
+                outcome.end,
+                RelayEnd::BackendClosed,
+                "{pipelined:?} {room} {chunk}"
+            );
         }
     }
 
@@ -601,16 +665,63 @@ mod tests {
         );
     }
 
+    /// Feeds `chunks` to a fresh watch.
+    fn bye_after(chunks: &[&[u8]]) -> bool {
+        let mut watch = ByeWatch::new();
+        for chunk in chunks {
+            watch.feed(chunk);
+        }
+        watch.seen()
+    }
+
     #[test]
     fn bye_is_found_at_a_line_start_near_the_end() {
-        assert!(ends_with_bye(
+        assert!(bye_after(&[
             b"* BYE Logging out\r\nZ OK Logout completed.\r\n"
-        ));
-        assert!(ends_with_bye(b"x\r\n* bye shutting down\r\n"));
-        assert!(!ends_with_bye(b"* OK [ALERT] say * BYE later\r\n"));
+        ]));
+        assert!(bye_after(&[b"x\r\n* bye shutting down\r\n"]));
+        assert!(!bye_after(&[b"* OK [ALERT] say * BYE later\r\n"]));
+        assert!(!bye_after(&[b"* OK [ALERT] say\r\n", b"x* BYE later\r\n"]));
         let mut far = b"* BYE early\r\n".to_vec();
         far.extend_from_slice(&[b'x'; 600]);
-        assert!(!ends_with_bye(&far));
+        assert!(!bye_after(&[&far]));
+        // Far from the end of a long chunk, then near the end of the next.
+        assert!(bye_after(&[&far, b"\r\n* BYE again\r\n"]));
+        // Near the end of a long chunk.
+        let mut long = vec![b'x'; 20_000];
+        long.extend_from_slice(b"\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n");
+        assert!(bye_after(&[&long]));
+        // Little after it, spread over later reads; then too much.
+        let mut watch = ByeWatch::new();
+        watch.feed(b"* BYE bye\r\n");
+        for _ in 0..50 {
+            watch.feed(b"0123456789");
+        }
+        assert!(watch.seen());
+        watch.feed(b"0123456789");
+        assert!(!watch.seen(), "{:?}", watch.since);
+    }
+
+    /// A BYE split across reads at any point, or arriving a byte at a
+    /// time, is found; a line start is still required.
+    #[test]
+    fn bye_split_across_reads_is_found() {
+        let stream = b"* 3 EXISTS\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n";
+        for cut in 0..=stream.len() {
+            assert!(bye_after(&[&stream[..cut], &stream[cut..]]), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert!(bye_after(&bytes));
+        let three: Vec<&[u8]> = stream.chunks(3).collect();
+        assert!(bye_after(&three));
+        let not = b"* OK say x* BYE now\r\n";
+        for cut in 0..=not.len() {
+            assert!(!bye_after(&[&not[..cut], &not[cut..]]), "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = not.chunks(1).collect();
+        assert!(!bye_after(&bytes));
+        // At the very start of the relayed stream.
+        assert!(bye_after(&[b"* B", b"YE bye\r\n"]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -190,18 +190,32 @@ fn malformed_endless_and_silent_greetings_time_out() {
     }
 }
 
-/// A backend that answers LOGOUT with BYE and OK and then resets the
+/// A backend that answers LOGOUT with its BYE and OK, then resets the
 /// connection (Dovecot does when it closes with input unread, as when a
 /// client pipelines past LOGOUT): the client gets the BYE and the OK, then
 /// the end of the stream at once — no second BYE, no reconnect jitter —
 /// and the session counts as ended by the backend, not as a failure.
 #[test]
 fn a_reset_after_the_backends_bye_is_an_orderly_end() {
+    reset_after_bye(false);
+}
+
+/// The same, with the BYE cut after `* BY` into two TCP segments that
+/// Postern reads separately (the client has the first before the backend
+/// sends the second).
+#[test]
+fn a_bye_split_across_segments_is_still_an_orderly_end() {
+    reset_after_bye(true);
+}
+
+fn reset_after_bye(split: bool) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let (go_on, wait) = std::sync::mpsc::channel::<()>();
     let backend = std::thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         s.write_all(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR] fake\r\n")
             .unwrap();
@@ -210,10 +224,13 @@ fn a_reset_after_the_backends_bye_is_an_orderly_end() {
             assert!(!command.is_empty(), "Postern closed before LOGOUT");
             let tag = tag_of(&command).to_owned();
             if command.to_ascii_uppercase().contains(" LOGOUT") {
-                s.write_all(
-                    format!("* BYE Logging out\r\n{tag} OK Logout completed.\r\n").as_bytes(),
-                )
-                .unwrap();
+                let answer = format!("* BYE Logging out\r\n{tag} OK Logout completed.\r\n");
+                let cut = if split { 4 } else { 0 };
+                s.write_all(&answer.as_bytes()[..cut]).unwrap();
+                if split {
+                    wait.recv_timeout(Duration::from_secs(10)).unwrap();
+                }
+                s.write_all(&answer.as_bytes()[cut..]).unwrap();
                 // Closing with linger 0 sends a reset, as a close with
                 // unread input does.
                 socket2::SockRef::from(&s)
@@ -233,7 +250,17 @@ fn a_reset_after_the_backends_bye_is_an_orderly_end() {
         .unwrap()
         .starts_with("L1 OK"));
     let asked = Instant::now();
-    let bye = c.command("Z", "LOGOUT");
+    let bye = if split {
+        c.send(b"Z LOGOUT\r\n");
+        assert_eq!(c.bytes(4), b"* BY", "the first segment, relayed alone");
+        go_on.send(()).unwrap();
+        let rest = c.until_tagged("Z");
+        let mut bye = rest.clone();
+        bye[0] = format!("* BY{}", rest[0]);
+        bye
+    } else {
+        c.command("Z", "LOGOUT")
+    };
     assert_eq!(bye, ["* BYE Logging out", "Z OK Logout completed."]);
     backend.join().unwrap();
     assert_eq!(c.try_line(), None, "nothing after the backend's own answer");
