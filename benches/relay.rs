@@ -50,6 +50,7 @@ fn main() {
             relay(
                 client_near,
                 backend_near,
+                Vec::new(),
                 Duration::from_secs(60),
                 &counters,
                 std::future::pending(),

@@ -145,7 +145,7 @@ impl ByeWatch {
             None => self
                 .since
                 .map(|since| since + chunk.len())
-                .filter(|&since| since <= BYE_WINDOW),
+                .filter(|&since| since <= BYE_WINDOW - BYE.len()),
         };
         // Keep the stream's last bytes for the next read.
         if chunk.len() >= BYE.len() {
@@ -328,10 +328,13 @@ impl Pump {
 }
 
 /// Relays until both directions have ended, the idle limit passes, an
-/// error ends the session, or `stop` resolves.
+/// error ends the session, or `stop` resolves. `backend_said`: what the
+/// backend sent after its login answer and the client already has; the
+/// watch for the backend's BYE starts with it.
 pub async fn relay<C, B, S>(
     mut client: C,
     mut backend: B,
+    backend_said: Vec<u8>,
     idle: Duration,
     counters: &Counters,
     stop: S,
@@ -345,6 +348,10 @@ where
     let (tally_in, tally_out) = counters.session.clone().unzip();
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
+    if let Some(bye) = &mut down.bye {
+        bye.feed(&backend_said);
+    }
+    drop(backend_said);
     let mut limit = idle;
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep(limit);
@@ -452,6 +459,7 @@ mod tests {
             relay(
                 client_near,
                 backend_near,
+                Vec::new(),
                 Duration::from_secs(60),
                 &c,
                 std::future::pending(),
@@ -488,6 +496,47 @@ mod tests {
         assert_eq!(outcome.end, RelayEnd::ClientClosed);
     }
 
+    /// A BYE begun in what the backend sent with its login answer (which
+    /// the client already has) and ended in the relay's first read. (The
+    /// client stays open: the backend's end must decide.)
+    #[tokio::test(start_paused = true)]
+    async fn a_bye_begun_before_the_relay_is_found() {
+        for (said, rest, end) in [
+            (
+                &b"* 1 EXISTS\r\n* BY"[..],
+                &b"E bye\r\n"[..],
+                RelayEnd::BackendClosed,
+            ),
+            (b"* 1 EXISTS\r\n* BYE bye\r\n", b"", RelayEnd::BackendClosed),
+            (b"* 1 EXISTS\r\nx* BY", b"E bye\r\n", RelayEnd::BackendLost),
+        ] {
+            let (mut client_far, client_near) = tokio::io::duplex(4096);
+            let (mut backend_far, backend_near) = tokio::io::duplex(4096);
+            backend_far.write_all(rest).await.unwrap();
+            drop(backend_far);
+            let c = counters();
+            let relay = tokio::spawn(async move {
+                let mut client_near = client_near;
+                let outcome = relay(
+                    &mut client_near,
+                    backend_near,
+                    said.to_vec(),
+                    Duration::from_secs(60),
+                    &c,
+                    std::future::pending(),
+                )
+                .await;
+                (outcome, client_near)
+            });
+            let mut got = vec![0u8; rest.len()];
+            client_far.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, rest);
+            let (outcome, _client_near) = relay.await.unwrap();
+            assert_eq!(outcome.end, end, "{said:?}");
+            drop(client_far);
+        }
+    }
+
     #[tokio::test]
     async fn a_backend_that_vanishes_without_bye_is_lost_and_the_client_kept() {
         let (mut client_far, client_near) = tokio::io::duplex(4096);
@@ -498,6 +547,7 @@ mod tests {
             let outcome = relay(
                 &mut client_near,
                 backend_near,
+                Vec::new(),
                 Duration::from_secs(60),
                 &c,
                 std::future::pending(),
@@ -602,6 +652,7 @@ mod tests {
                 relay(
                     client_near,
                     backend,
+                    Vec::new(),
                     Duration::from_secs(60),
                     &c,
                     std::future::pending(),
@@ -634,6 +685,7 @@ mod tests {
         let outcome = relay(
             client_near,
             backend,
+            Vec::new(),
             Duration::from_secs(60),
             &c,
             std::future::pending(),
@@ -652,6 +704,7 @@ mod tests {
         let outcome = relay(
             client_near,
             backend_near,
+            Vec::new(),
             Duration::from_secs(1800),
             &c,
             std::future::pending(),
@@ -732,6 +785,7 @@ mod tests {
         let outcome = relay(
             client_near,
             backend_near,
+            Vec::new(),
             Duration::from_secs(1800),
             &c,
             std::future::pending(),

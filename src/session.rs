@@ -223,10 +223,11 @@ impl Session {
                 return "preauth_timeout".into();
             }
         };
-        let mut backend_stream = match Box::pin(self.handover(&mut stream, logged_in)).await {
-            Ok(backend) => backend,
-            Err(reason) => return reason.into(),
-        };
+        let (mut backend_stream, backend_said) =
+            match Box::pin(self.handover(&mut stream, logged_in)).await {
+                Ok(handed_over) => handed_over,
+                Err(reason) => return reason.into(),
+            };
 
         let m = &self.rt.metrics;
         let relay_started = Instant::now();
@@ -265,6 +266,7 @@ impl Session {
         let outcome = relay::relay(
             &mut stream,
             &mut backend_stream,
+            backend_said,
             limits.idle_timeout,
             &counters,
             backend_down,
@@ -324,12 +326,13 @@ impl Session {
     /// on what either side sent early: bytes the backend sent after its OK go
     /// to the client, commands the client pipelined after its login go to
     /// the backend. Bounded by the login timeout: neither side may stall the
-    /// session before the relay's idle timer takes over.
+    /// session before the relay's idle timer takes over. Returns the backend
+    /// stream and what the backend sent early (the relay watches it for a BYE).
     async fn handover(
         &mut self,
         stream: &mut ClientStream,
         logged_in: LoggedIn,
-    ) -> Step<BackendStream> {
+    ) -> Step<(BackendStream, Vec<u8>)> {
         let LoggedIn {
             tag,
             backend,
@@ -374,7 +377,7 @@ impl Session {
             client_id = ?self.client_id,
             "logged in"
         );
-        Ok(backend_stream)
+        Ok((backend_stream, pending))
     }
 
     /// Takes the client's address from a trusted load balancer's PROXY
