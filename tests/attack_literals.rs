@@ -1,7 +1,8 @@
 //! Literal and nesting attacks on the pre-auth parser, against a real
 //! backend: `{0}`, garbage after a literal, a non-synchronizing literal
 //! inside an invalid command (consumed as data, never run as a command),
-//! a non-synchronizing literal over the pre-auth cap, and deep nesting.
+//! a non-synchronizing literal over the pre-auth cap, literals that pass
+//! it only together, one of exactly the cap, and deep nesting.
 //! The connection stays usable where the protocol allows, and nothing
 //! reaches the backend. (Length overflow and literals over the cap without
 //! `+` are in tests/preauth.rs.)
@@ -15,6 +16,21 @@ fn start(name: &str) -> (common::backend::DovecotBackend, common::postern::Poste
     common::postern::alice_behind(name, "limits:\n  max_literal: 1024\n", "")
 }
 
+/// Alice logs in on `c`, and that is the one login the backend has seen.
+fn logs_in_once(c: &mut Client, b: &common::backend::DovecotBackend) {
+    assert!(c
+        .login("alice", PASSWORD)
+        .last()
+        .unwrap()
+        .starts_with("L1 OK"));
+    common::wait_until(
+        "the backend logs alice",
+        std::time::Duration::from_secs(10),
+        || b.logins_of("alice") == 1,
+    );
+    assert_eq!(b.logins().len(), 1);
+}
+
 #[test]
 fn an_empty_literal_is_an_empty_string() {
     let (b, p) = start("lit-empty");
@@ -24,18 +40,8 @@ fn an_empty_literal_is_an_empty_string() {
     c.send(format!(" {PASSWORD}\r\n").as_bytes());
     let answer = c.until_tagged("A1");
     assert!(answer.last().unwrap().starts_with("A1 NO"), "{answer:?}");
-    assert!(c
-        .login("alice", PASSWORD)
-        .last()
-        .unwrap()
-        .starts_with("L1 OK"));
     // Only the real login reached the backend.
-    common::wait_until(
-        "the backend logs alice",
-        std::time::Duration::from_secs(10),
-        || b.logins_of("alice") == 1,
-    );
-    assert_eq!(b.logins().len(), 1);
+    logs_in_once(&mut c, &b);
 }
 
 #[test]
@@ -73,6 +79,31 @@ fn a_non_synchronizing_literal_over_the_cap_ends_the_connection() {
     let (_b, p) = start("lit-nonsync-big");
     let (mut c, _) = Client::imaps(p.imaps);
     c.send(b"A1 LOGIN {4096+}\r\n");
+    let line = c.line();
+    assert!(line.starts_with("* BYE [TOOBIG]"), "{line}");
+    assert!(c.closed());
+}
+
+/// The cap (`limits.max_literal`, 1024 here) is on a command's literal
+/// bytes in all: a literal of exactly the cap is read and judged (a wrong
+/// password, the session goes on); two that add up to more end it.
+#[test]
+fn literals_up_to_the_cap_are_read_and_add_up() {
+    let (b, p) = start("lit-nonsync-cap");
+    let (mut c, _) = Client::imaps(p.imaps);
+    let mut command = b"A1 LOGIN alice {1024+}\r\n".to_vec();
+    command.extend_from_slice(&[b'p'; 1024]);
+    command.extend_from_slice(b"\r\n");
+    c.send(&command);
+    let answer = c.until_tagged("A1");
+    assert!(answer.last().unwrap().starts_with("A1 NO"), "{answer:?}");
+    logs_in_once(&mut c, &b);
+
+    let (mut c, _) = Client::imaps(p.imaps);
+    let mut command = b"A1 LOGIN {600+}\r\n".to_vec();
+    command.extend_from_slice(&[b'u'; 600]);
+    command.extend_from_slice(b" {600+}\r\n");
+    c.send(&command);
     let line = c.line();
     assert!(line.starts_with("* BYE [TOOBIG]"), "{line}");
     assert!(c.closed());

@@ -4,7 +4,9 @@
 //! a `* PREAUTH` greeting, keeps a backend's pre-login untagged data,
 //! `[ALERT]` and `[REFERRAL]` from the client, and answers malformed,
 //! endless or silent greetings with `NO [UNAVAILABLE]` within the login
-//! timeout, without growing.
+//! timeout, without growing. It sends long credentials as literals only as
+//! the backend allows them, and a backend's BYE and reset after it, even
+//! cut across segments, end a session in order.
 
 mod common;
 
@@ -277,4 +279,84 @@ fn reset_after_bye(split: bool) {
         p.metric("postern_sessions_ended_total{reason=\"backend_error\"}"),
         0.0
     );
+}
+
+/// Credentials too long to quote go to the backend as literals by its own
+/// rules (RFC 7888): non-synchronizing with LITERAL+, and with LITERAL-
+/// only up to 4096 bytes; beyond that, or with neither, synchronizing —
+/// Postern waits for the backend's `+`. The fake backend answers a
+/// non-synchronizing literal it did not allow with `BAD [TOOBIG]`, as RFC
+/// 7888 asks, and never sends `+` for one.
+#[test]
+fn long_passwords_follow_the_backends_literal_rules() {
+    let cases = [
+        ("LITERAL-", 2000, "{2000+}"),
+        ("LITERAL-", 4096, "{4096+}"),
+        ("LITERAL-", 4097, "{4097}"),
+        ("LITERAL+", 6000, "{6000+}"),
+        ("LITERAL+ LITERAL-", 6000, "{6000+}"),
+        ("", 2000, "{2000}"),
+    ];
+    for (caps, len, want) in cases {
+        let password: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+        let expected = password.clone();
+        let (tell, markers) = std::sync::mpsc::channel();
+        let (port, backend) = fake_backend(move |s, r| {
+            s.write_all(format!("* OK [CAPABILITY IMAP4rev1 {caps}] fake\r\n").as_bytes())
+                .unwrap();
+            let command = line(r);
+            let tag = tag_of(&command).to_owned();
+            let marker = command.trim_end().rsplit(' ').next().unwrap().to_owned();
+            let (size, non_sync) = match marker.strip_suffix("+}") {
+                Some(n) => (n.trim_start_matches('{').parse::<usize>().unwrap(), true),
+                None => (
+                    marker
+                        .trim_matches(|c| c == '{' || c == '}')
+                        .parse()
+                        .unwrap(),
+                    false,
+                ),
+            };
+            tell.send(marker.clone()).unwrap();
+            let allowed = caps.contains("LITERAL+") || (caps.contains("LITERAL-") && size <= 4096);
+            if non_sync && !allowed {
+                s.write_all(format!("{tag} BAD [TOOBIG] Literal too big\r\n").as_bytes())
+                    .unwrap();
+                return;
+            }
+            if !non_sync {
+                s.write_all(b"+ go on\r\n").unwrap();
+            }
+            let mut literal = vec![0; size + 2];
+            r.read_exact(&mut literal).unwrap();
+            let answer = if literal[..size] == *expected.as_bytes() && literal.ends_with(b"\r\n") {
+                format!("{tag} OK [CAPABILITY IMAP4rev1] Logged in\r\n")
+            } else {
+                format!("{tag} NO [AUTHENTICATIONFAILED] garbled\r\n")
+            };
+            s.write_all(answer.as_bytes()).unwrap();
+            let _ = line(r);
+        });
+        let pool = format!("    - {{ name: fake, address: \"127.0.0.1:{port}\", tls: none }}\n");
+        let p = Postern::start(Setup {
+            users: &format!(
+                "  - {{ user: alice, password: \"{{PLAIN}}{password}\", backend: fake }}\n"
+            ),
+            pool_lines: &pool,
+            backend_options: "health_check: { enabled: false }",
+            ..Setup::default()
+        });
+        let (mut c, _) = Client::imaps(p.imaps);
+        let lines = c.login("alice", &password);
+        assert!(
+            lines.last().unwrap().starts_with("L1 OK"),
+            "{caps:?} {len}: {lines:?}\n{}",
+            p.log_tail()
+        );
+        drop(c);
+        drop(p);
+        backend.join().unwrap();
+        let sent = markers.recv_timeout(Duration::from_secs(1)).unwrap();
+        assert_eq!(sent, want, "{caps:?} {len}");
+    }
 }

@@ -321,7 +321,7 @@ impl Postern {
     }
 
     /// The last lines of the log, for a failure message.
-    fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         let log = self.log();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(200)..].join("\n")
