@@ -442,6 +442,23 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The relay with fresh counters, nothing said before it, no stop.
+    async fn quiet_relay<C, B>(client: C, backend: B, idle: Duration) -> RelayOutcome
+    where
+        C: AsyncRead + AsyncWrite + Unpin,
+        B: AsyncRead + AsyncWrite + Unpin,
+    {
+        relay(
+            client,
+            backend,
+            Vec::new(),
+            idle,
+            &counters(),
+            std::future::pending(),
+        )
+        .await
+    }
+
     fn counters() -> Counters {
         Counters {
             client_to_backend: IntCounter::new("up", "up").unwrap(),
@@ -454,17 +471,8 @@ mod tests {
     async fn bytes_flow_both_ways_and_half_close_passes_on() {
         let (client_far, client_near) = tokio::io::duplex(4096);
         let (backend_far, backend_near) = tokio::io::duplex(4096);
-        let c = counters();
         let relay = tokio::spawn(async move {
-            relay(
-                client_near,
-                backend_near,
-                Vec::new(),
-                Duration::from_secs(60),
-                &c,
-                std::future::pending(),
-            )
-            .await
+            quiet_relay(client_near, backend_near, Duration::from_secs(60)).await
         });
         let (mut client_rx, mut client_tx) = tokio::io::split(client_far);
         let (mut backend_rx, mut backend_tx) = tokio::io::split(backend_far);
@@ -541,18 +549,10 @@ mod tests {
     async fn a_backend_that_vanishes_without_bye_is_lost_and_the_client_kept() {
         let (mut client_far, client_near) = tokio::io::duplex(4096);
         let (mut backend_far, backend_near) = tokio::io::duplex(4096);
-        let c = counters();
         let relay = tokio::spawn(async move {
             let mut client_near = client_near;
-            let outcome = relay(
-                &mut client_near,
-                backend_near,
-                Vec::new(),
-                Duration::from_secs(60),
-                &c,
-                std::future::pending(),
-            )
-            .await;
+            let outcome =
+                quiet_relay(&mut client_near, backend_near, Duration::from_secs(60)).await;
             (outcome, client_near)
         });
         // The last BYE was long ago: more data followed it.
@@ -647,17 +647,8 @@ mod tests {
                 chunk,
             };
             client_far.write_all(pipelined).await.unwrap();
-            let c = counters();
             let relay = tokio::spawn(async move {
-                relay(
-                    client_near,
-                    backend,
-                    Vec::new(),
-                    Duration::from_secs(60),
-                    &c,
-                    std::future::pending(),
-                )
-                .await
+                quiet_relay(client_near, backend, Duration::from_secs(60)).await
             });
             let mut got = Vec::new();
             client_far.read_to_end(&mut got).await.unwrap();
@@ -681,16 +672,7 @@ mod tests {
             said: b"* 1 EXISTS\r\n".to_vec(),
             chunk: 4096,
         };
-        let c = counters();
-        let outcome = relay(
-            client_near,
-            backend,
-            Vec::new(),
-            Duration::from_secs(60),
-            &c,
-            std::future::pending(),
-        )
-        .await;
+        let outcome = quiet_relay(client_near, backend, Duration::from_secs(60)).await;
         assert_eq!(outcome.end, RelayEnd::BackendError);
     }
 
@@ -698,18 +680,9 @@ mod tests {
     async fn after_one_side_closes_the_other_has_linger_not_the_idle_limit() {
         let (mut client_far, client_near) = tokio::io::duplex(64);
         let (_backend_far, backend_near) = tokio::io::duplex(64);
-        let c = counters();
         client_far.shutdown().await.unwrap();
         let started = Instant::now();
-        let outcome = relay(
-            client_near,
-            backend_near,
-            Vec::new(),
-            Duration::from_secs(1800),
-            &c,
-            std::future::pending(),
-        )
-        .await;
+        let outcome = quiet_relay(client_near, backend_near, Duration::from_secs(1800)).await;
         assert_eq!(outcome.end, RelayEnd::ClientClosed);
         let took = started.elapsed();
         assert!(
@@ -781,16 +754,7 @@ mod tests {
     async fn idle_limit_ends_a_quiet_session() {
         let (_client_far, client_near) = tokio::io::duplex(64);
         let (_backend_far, backend_near) = tokio::io::duplex(64);
-        let c = counters();
-        let outcome = relay(
-            client_near,
-            backend_near,
-            Vec::new(),
-            Duration::from_secs(1800),
-            &c,
-            std::future::pending(),
-        )
-        .await;
+        let outcome = quiet_relay(client_near, backend_near, Duration::from_secs(1800)).await;
         assert_eq!(outcome.end, RelayEnd::IdleTimeout);
     }
 }
