@@ -11,8 +11,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use common::backend::DovecotBackend;
-use common::client::Client;
+use common::client::{tcp_from, tls_over, Client};
 use common::postern::{user, Postern, Setup, PASSWORD};
+use common::SETTLE;
 
 const TOKEN: &str = "s3cret-admin-token";
 
@@ -103,7 +104,7 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
         "{bye}"
     );
     assert!(alice.closed());
-    common::wait_until("the session is gone", Duration::from_secs(5), || {
+    common::wait_until("the session is gone", SETTLE, || {
         json(&call(port, "GET", "/v1/sessions", Some(TOKEN)).1)["sessions"]
             .as_array()
             .unwrap()
@@ -123,24 +124,34 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
         .unwrap()
         .clone();
     assert_eq!(adm_a["draining"], true);
-    let login = |name: &str| assert!(Client::login_ok(p.imaps, name), "{name}");
-    login(&walker);
-    common::wait_until(
-        "adm-b takes the drained backend's user",
-        Duration::from_secs(10),
-        || b.logins_of(&walker) == 1,
+    assert!(Client::login_ok(p.imaps, &walker), "{walker}");
+    assert_eq!(
+        b.wait_logins_of(&walker, 1),
+        1,
+        "adm-b takes the drained backend's user"
     );
     assert_eq!(a.logins_of(&walker), 0);
     assert_eq!(
         call(port, "POST", "/v1/backends/adm-a/undrain", Some(TOKEN)).0,
         200
     );
-    login(&walker);
-    common::wait_until(
-        "adm-a takes its user again",
-        Duration::from_secs(10),
-        || a.logins_of(&walker) == 1,
-    );
+    // From 127.0.0.2, so that adm-a's line for this login (rip=127.0.0.2)
+    // is told apart from one the drained login would have left before it.
+    let tls = tls_over(tcp_from("127.0.0.2", p.imaps), "localhost", &[b"imap"]).unwrap();
+    let mut again = Client::from_stream(tls);
+    again.line();
+    let lines = again.login(&walker, PASSWORD);
+    assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
+    again.command("Z", "LOGOUT");
+    let walker_tag = format!("user=<{walker}>");
+    common::wait_until("adm-a takes its user again", SETTLE, || {
+        a.logins()
+            .iter()
+            .any(|l| l.contains(&walker_tag) && l.contains("rip=127.0.0.2,"))
+    });
+    // Dovecot logs in order: a line of the drained login would be there now.
+    assert_eq!(a.logins_of(&walker), 1, "{:?}", a.logins());
+    assert_eq!(b.logins_of(&walker), 1, "{:?}", b.logins());
     assert_eq!(
         call(port, "POST", "/v1/backends/nowhere/drain", Some(TOKEN)).0,
         404

@@ -6,12 +6,12 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use common::backend::DovecotBackend;
 use common::client::Client;
 use common::pki::{make_pki, PkiDir};
 use common::postern::{user, Postern, Setup, PASSWORD};
+use common::SETTLE;
 
 fn tls_backend(
     name: &str,
@@ -73,17 +73,11 @@ fn starttls_to_a_backend_with_a_private_ca() {
     ));
     let lines = login(&p);
     assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
-    common::wait_until(
-        "the backend logs the login",
-        Duration::from_secs(10),
-        || !b.logins().is_empty(),
-    );
-    let line = &b.logins()[0];
+    let line = &b.wait_logins(1)[0];
     assert!(line.contains(", TLS"), "the login went over TLS: {line}");
-    common::wait_until(
-        "a health check passes over STARTTLS",
-        Duration::from_secs(5),
-        || p.metric("postern_backend_checks_total{backend=\"tls-st\",result=\"pass\"}") >= 1.0,
+    p.wait_metric(
+        "postern_backend_checks_total{backend=\"tls-st\",result=\"pass\"}",
+        |v| v >= 1.0,
     );
 }
 
@@ -101,11 +95,9 @@ fn implicit_tls_checks_the_address_when_no_name_is_given() {
     ));
     let lines = login(&p);
     assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
-    common::wait_until(
-        "the backend logs the login",
-        Duration::from_secs(10),
-        || b.logins().iter().any(|l| l.contains(", TLS")),
-    );
+    common::wait_until("the backend logs the login", SETTLE, || {
+        b.logins().iter().any(|l| l.contains(", TLS"))
+    });
 }
 
 #[test]
@@ -122,13 +114,13 @@ fn a_certificate_from_another_ca_fails_closed() {
     ));
     let lines = login(&p);
     assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
-    assert!(
-        p.metric("postern_backend_logins_total{backend=\"tls-wrong\",result=\"tls_error\"}") >= 1.0
+    p.wait_metric(
+        "postern_backend_logins_total{backend=\"tls-wrong\",result=\"tls_error\"}",
+        |v| v >= 1.0,
     );
+    b.settle_log();
     assert!(!b.saw_user("alice"), "no credentials reached the backend");
-    common::wait_until("the backend is marked down", Duration::from_secs(5), || {
-        p.metric("postern_backend_up{backend=\"tls-wrong\"}") == 0.0
-    });
+    p.wait_metric("postern_backend_up{backend=\"tls-wrong\"}", |v| v == 0.0);
 }
 
 #[test]
@@ -150,7 +142,8 @@ fn a_backend_without_starttls_gets_no_credentials() {
     });
     let lines = login(&p);
     assert!(lines[0].starts_with("L1 NO [UNAVAILABLE] "), "{lines:?}");
-    assert!(p.log().contains("does not offer STARTTLS"));
+    p.wait_for_log("does not offer STARTTLS");
+    b.settle_log();
     assert!(!b.saw_user("alice"));
 }
 
@@ -211,7 +204,8 @@ fn injecting_backend(cert: &Path, key: &Path) -> (u16, std::thread::JoinHandle<S
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {
         let (mut tcp, _) = listener.accept().unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // Generous: the session's steps come slowly on a loaded machine.
+        tcp.set_read_timeout(Some(SETTLE)).unwrap();
         tcp.write_all(b"* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED] ready\r\n")
             .unwrap();
         let mut line = Vec::new();

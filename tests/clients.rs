@@ -50,11 +50,11 @@ fn imaplib_full_session_over_imaps() {
         out
     );
     assert!(out.contains("IDLE") && out.contains("MOVE"), "{}", out);
+    let logins = b.wait_logins(2);
     assert_eq!(
-        b.logins().len(),
+        logins.len(),
         2,
-        "two sessions logged in at the backend: {:?}",
-        b.logins()
+        "two sessions logged in at the backend: {logins:?}"
     );
 }
 

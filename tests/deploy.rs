@@ -84,22 +84,30 @@ fn dashboard_and_alerts_query_only_exported_metrics() {
     let mut raw = common::client::tcp(p.imaps);
     std::io::Write::write_all(&mut raw, b"GET / HTTP/1.0\r\n\r\n").unwrap();
     drop(raw);
-    common::wait_until(
-        "both sessions have ended",
-        std::time::Duration::from_secs(5),
+    common::wait_until("both sessions have ended", common::SETTLE, || {
+        let text = p.metrics_text();
+        text.contains("postern_tls_handshake_failures_total")
+            && text.contains("postern_sessions_ended_total")
+    });
+    // A family is exported from its first sample on, and some get theirs
+    // only as a session ends: wait for them all rather than read once.
+    let missing = common::wait_for(
+        "every queried metric family to be exported",
+        common::SETTLE,
         || {
-            p.metrics_text()
-                .contains("postern_tls_handshake_failures_total")
-                && p.metrics_text().contains("postern_sessions_ended_total")
+            let exported: BTreeSet<String> = p
+                .metrics_text()
+                .lines()
+                .filter_map(|l| l.strip_prefix("# TYPE "))
+                .filter_map(|l| l.split(' ').next())
+                .map(str::to_owned)
+                .collect();
+            queried
+                .difference(&exported)
+                .cloned()
+                .collect::<Vec<String>>()
         },
+        |missing| missing.is_empty(),
     );
-    let exported: BTreeSet<String> = p
-        .metrics_text()
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split(' ').next())
-        .map(str::to_owned)
-        .collect();
-    let missing: Vec<&String> = queried.difference(&exported).collect();
     assert!(missing.is_empty(), "queried but not exported: {missing:?}");
 }

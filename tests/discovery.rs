@@ -7,7 +7,6 @@ mod common;
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::backend::DovecotBackend;
 use common::client::Client;
@@ -86,33 +85,34 @@ fn members_follow_the_dns_records() {
     let login = |name: &str| assert!(Client::login_ok(p.imaps, name), "{name}");
     // Discovered before the process said it was ready: one member.
     login(&to_three);
-    common::wait_until(
-        "the only member takes the login",
-        Duration::from_secs(10),
-        || b2.logins_of(&to_three) == 1,
+    assert_eq!(
+        b2.wait_logins_of(&to_three, 1),
+        1,
+        "the only member takes the login"
     );
 
     // Scaled up: a second record, a second member, no restart.
     records.lock().unwrap().push(Ipv4Addr::new(127, 0, 0, 3));
-    common::wait_until("the new member is up", Duration::from_secs(10), || {
-        p.metric(&format!("postern_backend_up{{backend=\"{three}\"}}")) == 1.0
+    p.wait_metric(&format!("postern_backend_up{{backend=\"{three}\"}}"), |v| {
+        v == 1.0
     });
     login(&to_three);
-    common::wait_until(
-        "its users go to the new member",
-        Duration::from_secs(10),
-        || b3.logins_of(&to_three) == 1,
+    assert_eq!(
+        b3.wait_logins_of(&to_three, 1),
+        1,
+        "its users go to the new member"
     );
 
     // Scaled down: the first record goes; its users move.
     records.lock().unwrap().retain(|ip| ip.octets()[3] != 2);
     p.wait_for_log("backend no longer in DNS; retired");
     login(&to_two);
-    common::wait_until(
-        "the remaining member takes everyone",
-        Duration::from_secs(10),
-        || b3.logins_of(&to_two) == 1,
+    assert_eq!(
+        b3.wait_logins_of(&to_two, 1),
+        1,
+        "the remaining member takes everyone"
     );
+    b2.settle_log();
     assert_eq!(b2.logins_of(&to_two), 0);
     p.wait_for_log("backend discovered");
 }

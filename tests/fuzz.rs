@@ -7,7 +7,8 @@
 //! target/fuzz-failures/ to become a regression seed. The coverage-guided
 //! runs are `scripts/fuzz` (cargo-fuzz, libFuzzer).
 //!
-//! `POSTERN_FUZZ_SECONDS` sets the time per target (default 2);
+//! `POSTERN_FUZZ_SECONDS` sets the time per target (default 2), after at
+//! least `MIN_MUTATIONS` mutated inputs however slow the machine;
 //! `POSTERN_FUZZ_SEED` replays a run.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -102,6 +103,10 @@ fn mutate(rng: &mut StdRng, corpus: &[Vec<u8>]) -> Vec<u8> {
     data
 }
 
+/// Mutated inputs each target gets at the least, so that a slow machine
+/// (a loaded CI runner, a sanitizer) still runs more than the seeds.
+const MIN_MUTATIONS: u64 = 200;
+
 fn run(target: &str, f: fn(&[u8])) {
     let seconds: u64 = std::env::var("POSTERN_FUZZ_SECONDS")
         .ok()
@@ -115,8 +120,12 @@ fn run(target: &str, f: fn(&[u8])) {
     let mut rng = StdRng::seed_from_u64(seed);
     let started = Instant::now();
     let mut runs = 0u64;
+    let mut mutated = 0u64;
     let inputs = corpus.iter().cloned().chain(std::iter::from_fn(|| {
-        (started.elapsed() < Duration::from_secs(seconds)).then(|| mutate(&mut rng, &corpus))
+        (mutated < MIN_MUTATIONS || started.elapsed() < Duration::from_secs(seconds)).then(|| {
+            mutated += 1;
+            mutate(&mut rng, &corpus)
+        })
     }));
     for input in inputs {
         runs += 1;

@@ -61,7 +61,7 @@ impl AuthService {
             .expect("python3 runs");
         self.child = Some(child);
         let mut port = 0;
-        common::wait_until("the auth service's port", Duration::from_secs(10), || {
+        common::wait_until("the auth service's port", common::SETTLE, || {
             port = fs::read_to_string(self.dir.join("port"))
                 .ok()
                 .and_then(|p| p.trim().parse().ok())
@@ -163,9 +163,9 @@ fn the_service_gets_nginx_headers_and_names_the_backend() {
     let (b, service, p) = setup("headers");
     let mut c = Client::logged_in(p.imaps, "alice");
     c.command("Z", "LOGOUT");
-    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
-        b.logins_of("alice") == 1
-    });
+    // Closed, so the session ends now rather than after the relay's linger.
+    drop(c);
+    assert_eq!(b.wait_logins_of("alice", 1), 1);
     let requests = service.requests();
     assert_eq!(requests.len(), 1, "{requests:?}");
     let r = &requests[0];
@@ -181,13 +181,16 @@ fn the_service_gets_nginx_headers_and_names_the_backend() {
     assert_eq!(header(r, "X-Deployment"), "test");
     assert!(header(r, "Host").starts_with("127.0.0.1:"));
     assert_eq!(
-        p.metric(
-            "postern_authentications_total{mechanism=\"LOGIN\",result=\"success\",source=\"http\"}"
+        p.wait_metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"success\",source=\"http\"}",
+            |v| v >= 1.0
         ),
         1.0
     );
+    // The session's last line: the whole session's logging is in by then.
+    let log = p.wait_for_log("session ended");
     assert!(
-        !p.log().contains("s3cret-key"),
+        !log.contains("s3cret-key"),
         "the shared secret is not logged"
     );
 }
@@ -200,9 +203,7 @@ fn credentials_are_escaped_as_nginx_escapes_them() {
     assert!(lines.last().unwrap().starts_with("A1 OK"), "{lines:?}");
     let r = &service.requests()[0];
     assert_eq!(header(r, "Auth-Pass"), "p%25ss%20w%C3%B6rd");
-    common::wait_until("the backend logs dave", Duration::from_secs(10), || {
-        b.logins_of("dave") == 1
-    });
+    assert_eq!(b.wait_logins_of("dave", 1), 1);
 }
 
 /// Nothing a client sends can add a header: user names with control
@@ -271,13 +272,13 @@ fn refusals_carry_the_service_text_wait_and_attempt_number() {
         .map(|r| header(r, "Auth-Login-Attempt").to_owned())
         .collect();
     assert_eq!(attempts, ["1", "2"]);
-    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
-        b.logins_of("alice") == 1
-    });
+    // Logged after anything the refused attempt could have caused there.
+    assert_eq!(b.wait_logins_of("alice", 1), 1);
     assert!(!b.log().contains("wrong"));
     assert_eq!(
-        p.metric(
-            "postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\",source=\"http\"}"
+        p.wait_metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"failure\",source=\"http\"}",
+            |v| v >= 1.0
         ),
         1.0
     );
@@ -302,9 +303,7 @@ fn auth_pass_replaces_the_password_used_at_the_backend() {
     let mut c = Client::imaps(p.imaps).0;
     let lines = c.login("carol", "client-pw");
     assert!(lines.last().unwrap().starts_with("L1 OK"), "{lines:?}");
-    common::wait_until("the backend logs carol", Duration::from_secs(10), || {
-        b.logins_of("carol") == 1
-    });
+    assert_eq!(b.wait_logins_of("carol", 1), 1);
 }
 
 #[test]
@@ -316,10 +315,8 @@ fn a_server_that_is_not_a_backend_is_refused() {
         lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
         "{lines:?}"
     );
-    assert!(
-        p.log().contains("192.0.2.1:143"),
-        "the log names what the service said"
-    );
+    // The log names what the service said.
+    p.wait_for_log("192.0.2.1:143");
 }
 
 #[test]
@@ -333,8 +330,9 @@ fn a_hanging_failing_or_dead_service_is_unavailable_then_recovers() {
         vec!["L1 NO [UNAVAILABLE] Authentication is unavailable, try again later"]
     );
     let waited = started.elapsed();
+    // The upper bound is generous for a loaded machine; the service hangs 60 s.
     assert!(
-        waited >= Duration::from_millis(900) && waited < Duration::from_secs(3),
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
         "answered within the 1s timeout: {waited:?}"
     );
     let lines = c.command("L2", "LOGIN boom x");
@@ -350,9 +348,17 @@ fn a_hanging_failing_or_dead_service_is_unavailable_then_recovers() {
         lines.last().unwrap().starts_with("L3 NO [UNAVAILABLE]"),
         "{lines:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(2));
+    // Refused at once, not waited for; generous for a loaded machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(
-        p.metric("postern_authentications_total{mechanism=\"LOGIN\",result=\"unavailable\",source=\"http\"}"),
+        p.wait_metric(
+            "postern_authentications_total{mechanism=\"LOGIN\",result=\"unavailable\",source=\"http\"}",
+            |v| v >= 3.0
+        ),
         3.0
     );
     // Back on the same port: the next login goes through.
@@ -380,8 +386,10 @@ fn a_failing_service_opens_the_circuit_then_is_retried() {
             "hang": ["hang"],
         }),
     );
+    // Open long enough that the checks below, slow on a loaded machine,
+    // are all made before it is retried.
     let source =
-        service.auth_source("500ms") + "  circuit_breaker: { failures: 2, open_for: 2s }\n";
+        service.auth_source("500ms") + "  circuit_breaker: { failures: 2, open_for: 5s }\n";
     let p = Postern::start(Setup {
         backends: &[&b],
         auth_source: &source,
@@ -396,20 +404,28 @@ fn a_failing_service_opens_the_circuit_then_is_retried() {
             .starts_with(&format!("{tag} NO [UNAVAILABLE]")));
     }
     assert_eq!(p.metric("postern_auth_circuit_open"), 1.0);
-    let asked = service.requests().len();
+    // Postern gave up on them after 500 ms; the service may log them later.
+    let asked = common::wait_for(
+        "both hanging requests in the service's log",
+        common::SETTLE,
+        || service.requests().len(),
+        |&n| n >= 2,
+    );
     let started = Instant::now();
     let lines = c.command("A1", &format!("LOGIN alice {PASSWORD}"));
     assert!(
         lines.last().unwrap().starts_with("A1 NO [UNAVAILABLE]"),
         "{lines:?}"
     );
+    // Generous for a loaded machine, well within the open period.
     assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "answered at once"
+        started.elapsed() < Duration::from_secs(1),
+        "answered at once: {:?}",
+        started.elapsed()
     );
     assert_eq!(service.requests().len(), asked, "the service was not asked");
     assert_eq!(p.metric("postern_auth_circuit_rejected_total"), 1.0);
-    common::wait_until("the circuit closes", Duration::from_secs(10), || {
+    common::wait_until("the circuit closes", common::SETTLE, || {
         let (mut c, _) = Client::imaps(p.imaps);
         c.login("alice", PASSWORD)
             .last()

@@ -11,7 +11,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::Duration;
 
 mod common;
 
@@ -199,19 +198,14 @@ exec chroot --userspec=65532:65532 \"$root\" /usr/local/bin/postern run --config
         .expect("unshare (util-linux) runs");
     let children = format!("/proc/{0}/task/{0}/children", unshare.id());
     let mut pid = String::new();
-    common::wait_until(
-        "the container's first process",
-        Duration::from_secs(10),
-        || {
-            pid = fs::read_to_string(&children)
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            !pid.is_empty()
-                && fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "postern")
-        },
-    );
+    common::wait_until("the container's first process", common::SETTLE, || {
+        pid = fs::read_to_string(&children)
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        !pid.is_empty()
+            && fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postern")
+    });
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let field = |name: &str| {
         status
@@ -247,9 +241,7 @@ exec chroot --userspec=65532:65532 \"$root\" /usr/local/bin/postern run --config
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    common::wait_until("/readyz answers 200", Duration::from_secs(20), || {
-        readyz() == "200"
-    });
+    common::wait_until("/readyz answers 200", common::SETTLE, || readyz() == "200");
     let in_container = PathBuf::from(format!("/proc/{pid}/root"));
     assert!(in_container.join("tmp/postern-tls/cert.pem").exists());
     let err = fs::write(in_container.join("etc/postern/probe"), b"x").unwrap_err();
@@ -261,14 +253,10 @@ exec chroot --userspec=65532:65532 \"$root\" /usr/local/bin/postern run --config
 
     ok("kill", &["-TERM", &pid]);
     let mut exit = None;
-    common::wait_until(
-        "Postern exits after SIGTERM",
-        Duration::from_secs(10),
-        || {
-            exit = unshare.try_wait().unwrap();
-            exit.is_some()
-        },
-    );
+    common::wait_until("Postern exits after SIGTERM", common::SETTLE, || {
+        exit = unshare.try_wait().unwrap();
+        exit.is_some()
+    });
     let text = fs::read_to_string(&log).unwrap_or_default();
     let _ = fs::remove_file(&log);
     assert!(exit.unwrap().success(), "exit {exit:?}; log:\n{text}");

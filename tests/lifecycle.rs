@@ -24,8 +24,9 @@ fn sigterm_drains_then_says_bye_and_exits_zero() {
         .http_get("/readyz")
         .is_some_and(|r| r.starts_with("HTTP/1.1 200")));
 
-    p.signal("TERM");
+    // Taken before the signal: the drain may begin before kill(1) returns.
     let signalled = Instant::now();
+    p.signal("TERM");
     common::wait_until("readiness fails", Duration::from_secs(2), || {
         p.http_get("/readyz")
             .is_some_and(|r| r.starts_with("HTTP/1.1 503"))
@@ -44,7 +45,8 @@ fn sigterm_drains_then_says_bye_and_exits_zero() {
         "not before the drain period: {:?}",
         signalled.elapsed()
     );
-    let status = p.wait_exit(Duration::from_secs(10));
+    // Generous: under a sanitizer the leak check runs at exit.
+    let status = p.wait_exit(common::SETTLE);
     assert!(status.success(), "{status:?}");
     let log = p.log();
     assert!(log.contains("reason=\"shutdown\""), "{log}");
@@ -66,9 +68,10 @@ fn a_second_sigterm_ends_the_drain_at_once() {
         bye.starts_with("* BYE [UNAVAILABLE] Server shutting down"),
         "{bye}"
     );
-    assert!(p.wait_exit(Duration::from_secs(10)).success());
+    assert!(p.wait_exit(common::SETTLE).success());
+    // Generous for a loaded machine, and still a third of the drain.
     assert!(
-        second.elapsed() < Duration::from_secs(8),
+        second.elapsed() < Duration::from_secs(20),
         "not the 60 s drain: {:?}",
         second.elapsed()
     );
@@ -79,9 +82,12 @@ fn sigterm_with_no_sessions_exits_at_once() {
     let (_b, mut p) = common::postern::alice_behind("sigterm-idle", "", "");
     p.signal("TERM");
     let started = Instant::now();
-    assert!(p.wait_exit(Duration::from_secs(5)).success());
+    assert!(p.wait_exit(common::SETTLE).success());
+    // Generous for a loaded machine (and a sanitizer's leak check at exit),
+    // and still half the default 20 s drain.
     assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "no drain wait without sessions"
+        started.elapsed() < Duration::from_secs(10),
+        "no drain wait without sessions: {:?}",
+        started.elapsed()
     );
 }

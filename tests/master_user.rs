@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::backend::DovecotBackend;
 use common::client::Client;
 use common::postern::{user, Postern, Setup, PASSWORD};
@@ -44,10 +42,9 @@ fn master_login_with_an_authorization_identity() {
     let mut c = Client::logged_in(p.imaps, "alice");
     let lines = c.command("S", "SELECT INBOX");
     assert!(lines.last().unwrap().starts_with("S OK"), "{lines:?}");
-    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
-        b.logins_of("alice") == 1
-    });
-    assert!(b.logins()[0].contains("method=PLAIN"), "{:?}", b.logins());
+    assert_eq!(b.wait_logins_of("alice", 1), 1);
+    let logins = b.logins();
+    assert!(logins[0].contains("method=PLAIN"), "{logins:?}");
 }
 
 #[test]
@@ -55,9 +52,7 @@ fn master_login_with_the_separator_form() {
     let (b, p) = behind_master("master-separator", "separator", MASTER_PASSWORD);
     let mut c = Client::logged_in(p.imaps, "alice");
     c.command("Z", "LOGOUT");
-    common::wait_until("the backend logs alice", Duration::from_secs(10), || {
-        b.logins_of("alice") == 1
-    });
+    assert_eq!(b.wait_logins_of("alice", 1), 1);
 }
 
 /// With the separator form, a user name holding the separator would make
@@ -88,6 +83,7 @@ fn a_user_name_with_the_separator_never_reaches_the_backend() {
         lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
         "{lines:?}"
     );
+    b.settle_log();
     assert!(b.logins().is_empty(), "{:?}", b.logins());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -101,9 +97,18 @@ fn a_wrong_master_password_is_the_backend_s_fault_not_the_user_s() {
         lines.last().unwrap().starts_with("L1 NO [UNAVAILABLE]"),
         "{lines:?}"
     );
+    // Wait until the backend has logged the master password it refused
+    // (the log names only the master user) and Postern the refusal, so
+    // neither log below is read before it was written.
+    common::wait_until(
+        "the backend logs the refused master login",
+        common::SETTLE,
+        || b.saw_user("proxymaster"),
+    );
     assert_eq!(b.logins_of("alice"), 0);
+    let log = p.wait_for_log("backend refused a login");
     assert!(
-        !p.log().contains("not-the-master-password"),
+        !log.contains("not-the-master-password"),
         "no secret in the log"
     );
 }

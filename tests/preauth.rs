@@ -99,8 +99,9 @@ fn authenticate_plain_with_sasl_ir() {
         ),
     );
     assert_logged_in(&lines, "a");
-    assert!(
-        p.metric("postern_authentications_total{mechanism=\"PLAIN\",result=\"success\",source=\"static\"}") >= 1.0
+    p.wait_metric(
+        "postern_authentications_total{mechanism=\"PLAIN\",result=\"success\",source=\"static\"}",
+        |v| v >= 1.0,
     );
 }
 
@@ -157,7 +158,7 @@ fn sasl_cancel_bad_base64_and_other_users_authzid() {
     );
     // Still usable after all that.
     assert_logged_in(&c.login("alice", PASSWORD), "L1");
-    assert_eq!(b.logins().len(), 1);
+    assert_eq!(b.wait_logins(1).len(), 1);
 }
 
 #[test]
@@ -174,6 +175,7 @@ fn plaintext_login_is_refused_with_privacyrequired() {
         ),
     );
     assert!(lines[0].starts_with("a NO [PRIVACYREQUIRED]"), "{lines:?}");
+    b.settle_log();
     assert!(!b.saw_user("alice"), "the backend saw nothing");
 }
 
@@ -240,7 +242,10 @@ fn commands_pipelined_after_starttls_are_never_executed() {
     );
     let log = p.wait_for_log("discarded bytes pipelined after STARTTLS");
     assert!(log.contains("bytes=14"), "{log}");
-    assert_eq!(p.metric("postern_starttls_discarded_bytes_total"), 14.0);
+    assert_eq!(
+        p.wait_metric("postern_starttls_discarded_bytes_total", |v| v >= 14.0),
+        14.0
+    );
 }
 
 #[test]
@@ -317,7 +322,13 @@ fn silent_client_does_not_delay_others() {
     let (mut c, greeting) = Client::imaps(p.imaps);
     assert!(greeting.starts_with("* OK"));
     assert_logged_in(&c.login("alice", PASSWORD), "L1");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    // Were the silent handshakes in its way, this would take their 30 s
+    // timeout; a loaded machine gets the slack below that.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     drop(silent);
 }
 
@@ -330,16 +341,17 @@ fn connections_over_the_limit_are_closed_at_accept() {
     assert_eq!(greeting, "* BYE [UNAVAILABLE] Server busy, try again later");
     assert!(three.closed());
     assert_eq!(
-        p.metric("postern_connections_rejected_total{listener=\"imap\"}"),
+        p.wait_metric(
+            "postern_connections_rejected_total{listener=\"imap\"}",
+            |v| v >= 1.0
+        ),
         1.0
     );
     drop(_one);
     // A slot frees when a session ends.
-    common::wait_until(
-        "a slot to free up",
-        std::time::Duration::from_secs(10),
-        || Client::plain(p.imap).1.starts_with("* OK"),
-    );
+    common::wait_until("a slot to free up", common::SETTLE, || {
+        Client::plain(p.imap).1.starts_with("* OK")
+    });
 }
 
 /// Plaintext after `OK Begin TLS` and before the ClientHello is never read

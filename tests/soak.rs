@@ -22,6 +22,9 @@ use sha2::{Digest, Sha256};
 
 const USERS: usize = 16;
 const WATCHERS_PER_USER: usize = 2;
+/// Session cycles the soak runs at least, past its time if the machine
+/// is slow, so the memory trend is over enough of them.
+const MIN_CYCLES: u64 = 101;
 
 fn seconds() -> u64 {
     std::env::var("POSTERN_SOAK_SECONDS")
@@ -182,8 +185,11 @@ fn sessions_cycle_for_minutes_without_losing_a_byte_or_growing() {
                         }
                         if finale.load(Ordering::Relaxed) {
                             let since = *finale_since.get_or_insert_with(Instant::now);
+                            // Dovecot checks an IDLE mailbox every 30 s when
+                            // it cannot watch it (inotify limits on a busy
+                            // machine): beyond that, with room to spare.
                             assert!(
-                                since.elapsed() < Duration::from_secs(30),
+                                since.elapsed() < Duration::from_secs(90),
                                 "an idle session never heard of the last message"
                             );
                         }
@@ -220,7 +226,9 @@ fn sessions_cycle_for_minutes_without_losing_a_byte_or_growing() {
                 scope.spawn(move || {
                     let mut rng = Rng(0x5DEE_CE66_D1CE_4E5B ^ (i as u64 + 1) << 20);
                     let mut n = 0;
-                    while started.elapsed() < run_for {
+                    while started.elapsed() < run_for
+                        || totals.cycles.load(Ordering::Relaxed) < MIN_CYCLES
+                    {
                         cycle(p, name, n, &mut rng, totals, false);
                         n += 1;
                     }
@@ -273,32 +281,39 @@ fn sessions_cycle_for_minutes_without_losing_a_byte_or_growing() {
         end_rss / 1024,
         samples.iter().map(|s| s.1).max().unwrap() / 1024,
     );
-    assert!(cycles > 100, "the soak ran: {cycles} cycles");
+    assert!(cycles >= MIN_CYCLES, "the soak ran: {cycles} cycles");
+    // 8 MiB of slack for the allocator's steps on a loaded machine.
     assert!(
         !common::postern::rss_is_meaningful()
-            || growth < (4 << 20) + 256 * (end_cycles - warm_cycles),
+            || growth < (8 << 20) + 256 * (end_cycles - warm_cycles),
         "Postern grew {} KiB over {} cycles",
         growth / 1024,
         end_cycles - warm_cycles
     );
-    // The books balance: every session ended, none lost.
-    common::wait_until("every session ended", Duration::from_secs(10), || {
-        p.metric("postern_sessions_active{listener=\"imaps\"}") == 0.0
-            && p.metric("postern_sessions_active{listener=\"imap\"}") == 0.0
-    });
-    let text = p.metrics_text();
-    let sum = |prefix: &str| -> f64 {
+    // The books balance: every session ended, none lost. A session leaves
+    // the active gauge a moment before it is counted as ended: both waited
+    // for, then read from one scrape.
+    let sum = |text: &str, prefix: &str| -> f64 {
         text.lines()
             .filter(|l| l.starts_with(prefix))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     };
-    let accepted = sum("postern_connections_accepted_total{");
-    assert_eq!(
-        accepted,
-        (cycles + (USERS * WATCHERS_PER_USER) as u64) as f64
-    );
-    assert_eq!(sum("postern_sessions_ended_total{"), accepted);
+    let expected = (cycles + (USERS * WATCHERS_PER_USER) as u64) as f64;
+    let text = common::wait_for(
+        "every session ended and counted",
+        common::SETTLE,
+        || common::LogText(p.metrics_text()),
+        |t| {
+            sum(&t.0, "postern_sessions_active{") == 0.0
+                && sum(&t.0, "postern_sessions_ended_total{")
+                    == sum(&t.0, "postern_connections_accepted_total{")
+        },
+    )
+    .0;
+    let accepted = sum(&text, "postern_connections_accepted_total{");
+    assert_eq!(accepted, expected);
+    assert_eq!(sum(&text, "postern_sessions_ended_total{"), accepted);
     let ended_badly: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("postern_sessions_ended_total{"))

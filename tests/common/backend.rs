@@ -41,6 +41,8 @@ const PORT_ATTEMPTS: usize = 3;
 
 pub struct DovecotBackend {
     pub name: String,
+    /// The loopback address it listens on (127.0.0.1 unless `start_at`).
+    pub ip: String,
     pub port: u16,
     pub dir: PathBuf,
     /// Passed to every (re)start; `None` means the script's demo users.
@@ -76,6 +78,7 @@ impl DovecotBackend {
     pub fn start_at(name: &str, users: &[(&str, &str)], ip: &str, port: u16) -> DovecotBackend {
         ensure_installed();
         let mut backend = Self::prepare(name, Some(users), &[("DOVECOT_LISTEN", ip)]);
+        backend.ip = ip.to_owned();
         backend.port = port;
         if let Err(stderr) = backend.run_start() {
             panic!("dovecot backend {name:?} did not start on {ip}:{port}:\n{stderr}");
@@ -116,6 +119,7 @@ impl DovecotBackend {
         });
         DovecotBackend {
             name: name.to_owned(),
+            ip: "127.0.0.1".to_owned(),
             port: 0,
             dir,
             users_file,
@@ -145,9 +149,9 @@ impl DovecotBackend {
         }
     }
 
-    /// "127.0.0.1:PORT".
+    /// "IP:PORT".
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
     }
 
     /// The whole Dovecot log so far; empty if there is none yet.
@@ -180,6 +184,67 @@ impl DovecotBackend {
         self.log()
             .lines()
             .any(|line| line.contains(&tagged) || line.contains(&looked_up))
+    }
+
+    /// Waits until the log holds at least `n` successful logins, and
+    /// returns them all. Dovecot's log process writes a moment after the
+    /// login was answered, so this, not `logins()`, follows an action.
+    pub fn wait_logins(&self, n: usize) -> Vec<String> {
+        super::wait_for(
+            &format!("{n} login(s) in the log of backend {:?}", self.name),
+            super::SETTLE,
+            || self.logins(),
+            |l| l.len() >= n,
+        )
+    }
+
+    /// Waits until `user` has logged in at least `n` times; the count.
+    pub fn wait_logins_of(&self, user: &str, n: usize) -> usize {
+        super::wait_for(
+            &format!("{n} login(s) of {user} on backend {:?}", self.name),
+            super::SETTLE,
+            || self.logins_of(user),
+            |&c| c >= n,
+        )
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        super::wait_for(
+            &format!("{needle:?} in the log of backend {:?}", self.name),
+            super::SETTLE,
+            || super::LogText(self.log()),
+            |log| log.0.contains(needle),
+        )
+        .0
+    }
+
+    /// Returns once the log holds every line that connections made before
+    /// this call caused, so that a check for a line that must be absent
+    /// ("the backend never saw the password") cannot pass only because
+    /// the line was not written yet. It connects straight to the backend
+    /// from 127.0.0.9, logs out, and waits for that connection's line: the
+    /// one login process logs its connections in order, after theirs.
+    pub fn settle_log(&self) {
+        const MARK: &str = "rip=127.0.0.9,";
+        let before = self.log().matches(MARK).count();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        let from: std::net::SocketAddr = "127.0.0.9:0".parse().unwrap();
+        socket.bind(&from.into()).expect("bind 127.0.0.9");
+        let to: std::net::SocketAddr = self.addr().parse().unwrap();
+        socket.connect(&to.into()).expect("connect to the backend");
+        let tcp: std::net::TcpStream = socket.into();
+        tcp.set_read_timeout(Some(super::client::TIMEOUT)).unwrap();
+        let mut c = super::client::Client::from_stream(tcp);
+        c.line();
+        c.command("F", "LOGOUT");
+        super::wait_for(
+            &format!("a new {MARK:?} line in the log of backend {:?}", self.name),
+            super::SETTLE,
+            || self.log().matches(MARK).count(),
+            |&n| n > before,
+        );
     }
 
     /// Kills the backend at once, like a crash; the port stops answering

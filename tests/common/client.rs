@@ -12,7 +12,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
 
-pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a read or write may block: a closed connection is told from an
+/// open one by this, and a loaded machine must not be taken for a hung one.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}

@@ -6,9 +6,8 @@ use std::fs;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use super::{free_port, wait_until};
+use super::{free_port, wait_for, wait_until, SETTLE};
 
 pub const BASE: &str = "dc=example,dc=com";
 pub const ADMIN_DN: &str = "cn=admin,dc=example,dc=com";
@@ -16,6 +15,9 @@ pub const ADMIN_PASSWORD: &str = "admin-secret";
 /// The service account Postern searches with.
 pub const SERVICE_DN: &str = "cn=postern,dc=example,dc=com";
 pub const SERVICE_PASSWORD: &str = "service-secret";
+/// How often `start` picks new ports after slapd failed to start (most
+/// likely a port taken since `free_port` released it).
+const PORT_ATTEMPTS: usize = 3;
 
 pub struct Slapd {
     pub dir: PathBuf,
@@ -96,18 +98,26 @@ impl Slapd {
             "slapadd: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let ldaps_port = tls.as_ref().map(|_| free_port());
         let mut slapd = Slapd {
             dir,
             port: 0,
-            ldaps_port,
+            ldaps_port: None,
             tls,
         };
-        slapd.run(free_port());
-        slapd
+        let mut failed = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            slapd.ldaps_port = slapd.tls.as_ref().map(|_| free_port());
+            match slapd.run(free_port()) {
+                Ok(()) => return slapd,
+                Err(stderr) => failed = stderr,
+            }
+        }
+        panic!("slapd did not start in {PORT_ATTEMPTS} attempts: {failed}");
     }
 
-    fn run(&mut self, port: u16) {
+    /// Starts slapd on `port` (and `ldaps_port`) and waits until it
+    /// answers on them; slapd's stderr if it did not start.
+    fn run(&mut self, port: u16) -> Result<(), String> {
         let mut urls = format!("ldap://127.0.0.1:{port}/");
         if let Some(ldaps) = self.ldaps_port {
             urls.push_str(&format!(" ldaps://127.0.0.1:{ldaps}/"));
@@ -119,15 +129,23 @@ impl Slapd {
             .arg(urls)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "slapd: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
         self.port = port;
-        wait_until("slapd listens", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        // Bound before it detached, but listening only once its daemon
+        // thread runs.
+        wait_until("slapd listens", SETTLE, || {
+            self.ports()
+                .iter()
+                .all(|&p| TcpStream::connect(("127.0.0.1", p)).is_ok())
         });
+        Ok(())
+    }
+
+    /// The plain port and, with TLS, the LDAPS port.
+    fn ports(&self) -> Vec<u16> {
+        std::iter::once(self.port).chain(self.ldaps_port).collect()
     }
 
     pub fn url(&self) -> String {
@@ -138,27 +156,34 @@ impl Slapd {
         self.tls.as_ref().map(|t| &t.0)
     }
 
+    /// The pid in slapd's pid file, once it holds a whole one.
     fn pid(&self) -> Option<String> {
         fs::read_to_string(self.dir.join("slapd.pid"))
             .ok()
             .map(|p| p.trim().to_owned())
+            .filter(|p| p.parse::<u32>().is_ok())
     }
 
-    /// Kills slapd at once; the port stops answering when this returns.
+    /// Kills slapd at once; the ports stop answering when this returns.
     pub fn kill(&self) {
-        if let Some(pid) = self.pid() {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            let _ = fs::remove_file(self.dir.join("slapd.pid"));
-        }
-        wait_until("slapd gone", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        // The detached slapd writes its pid file on its own time: wait for
+        // it rather than kill nothing.
+        let pid = wait_for("slapd's pid file", SETTLE, || self.pid(), Option::is_some).unwrap();
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        let _ = fs::remove_file(self.dir.join("slapd.pid"));
+        wait_until("slapd gone", SETTLE, || {
+            self.ports()
+                .iter()
+                .all(|&p| TcpStream::connect(("127.0.0.1", p)).is_err())
         });
     }
 
-    /// Starts it again on the same port.
+    /// Starts it again on the same ports.
     pub fn restart(&mut self) {
         let port = self.port;
-        self.run(port);
+        if let Err(stderr) = self.run(port) {
+            panic!("slapd did not restart on port {port}: {stderr}");
+        }
     }
 }
 

@@ -132,16 +132,13 @@ impl Postern {
 
     /// Waits until the log contains `needle`, returning the log.
     pub fn wait_for_log(&self, needle: &str) -> String {
-        let mut log = String::new();
-        super::wait_until(
+        super::wait_for(
             &format!("postern log to contain {needle:?}"),
-            Duration::from_secs(10),
-            || {
-                log = self.log();
-                log.contains(needle)
-            },
-        );
-        log
+            super::SETTLE,
+            || super::LogText(self.log()),
+            |log| log.0.contains(needle),
+        )
+        .0
     }
 
     pub fn http_get(&self, path: &str) -> Option<String> {
@@ -163,14 +160,36 @@ impl Postern {
 
     /// The value of one sample, e.g. `postern_authentications_total{mechanism="LOGIN",result="success"}`; 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        self.metrics_text()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .map(|v| v.trim().parse().unwrap())
-            .unwrap_or(0.0)
+        self.try_metric(sample).expect("metrics endpoint answers")
+    }
+
+    /// Like `metric`; `None` when the endpoint did not answer.
+    pub fn try_metric(&self, sample: &str) -> Option<f64> {
+        let text = self.http_get("/metrics")?;
+        Some(
+            text.lines()
+                .find_map(|l| {
+                    l.strip_prefix(sample)
+                        .and_then(|rest| rest.strip_prefix(' '))
+                })
+                .map(|v| v.trim().parse().unwrap())
+                .unwrap_or(0.0),
+        )
+    }
+
+    /// Waits until `accept` holds for the value of one sample (0 while
+    /// absent), and returns it. Counters are bumped as a session goes on
+    /// and ends, after the client has had its reply, so this, not
+    /// `metric`, follows an action. A slow answer from the endpoint is
+    /// read again, not a failure.
+    pub fn wait_metric(&self, sample: &str, accept: impl Fn(f64) -> bool) -> f64 {
+        super::wait_for(
+            &format!("metric {sample}"),
+            super::SETTLE,
+            || self.try_metric(sample),
+            |v| v.is_some_and(&accept),
+        )
+        .unwrap()
     }
 
     pub fn cert_path(&self) -> PathBuf {

@@ -17,7 +17,9 @@ import sys
 import time
 
 mode, port, user, password = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-TIMEOUT = 20
+# Generous for a loaded machine, and above the 30 s in which Dovecot checks
+# an IDLE mailbox when it cannot watch it (inotify limits).
+TIMEOUT = 60
 
 
 def context():
@@ -70,7 +72,14 @@ other = connect()
 check(other.login(user, password), "second LOGIN")
 check(other.append("INBOX", None, None, message), "second APPEND")
 other.logout()
-out["idle_update"] = imap.readline().decode().strip()
+# The first untagged line need not be the EXISTS (RECENT, FETCH, ...).
+while True:
+    line = imap.readline().decode().strip()
+    if not line:
+        sys.exit("connection closed in IDLE")
+    if line.endswith("EXISTS"):
+        out["idle_update"] = line
+        break
 imap.send(b"DONE\r\n")
 while True:
     line = imap.readline().decode().strip()

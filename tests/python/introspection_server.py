@@ -13,12 +13,15 @@ import base64
 import json
 import os
 import sys
+import threading
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 config_path, port_file, log_path = sys.argv[1], sys.argv[2], sys.argv[3]
 with open(config_path) as f:
     CONFIG = json.load(f)
+# Requests are served on threads: one line is appended at a time.
+LOG_LOCK = threading.Lock()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -31,7 +34,7 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length", "0"))
         form = urllib.parse.parse_qs(self.rfile.read(length).decode())
         auth = self.headers.get("Authorization", "")
-        with open(log_path, "a") as log:
+        with LOG_LOCK, open(log_path, "a") as log:
             log.write(json.dumps({"authorization": auth, "form": form,
                                   "content_type": self.headers.get("Content-Type")}) + "\n")
         expected = "Basic " + base64.b64encode(CONFIG["client"].encode()).decode()
