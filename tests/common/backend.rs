@@ -13,9 +13,9 @@
 //! auth: Info: passwd-file(alice,127.0.0.1,<…>): Password mismatch
 //! ```
 //!
-//! Dovecot writes its log asynchronously: poll with `wait_until` before
-//! asserting that a line is there, and wait for the session to finish before
-//! asserting that one is not.
+//! Dovecot writes its log asynchronously: wait for a line (`wait_logins`,
+//! `wait_logins_of`, `wait_log`) before asserting that it is there, and call
+//! `settle_log` before asserting that one is not.
 #![allow(dead_code)]
 
 use std::fs;
