@@ -53,13 +53,7 @@ fn ten_thousand_connections_opened_and_dropped_at_once() {
     let ended = common::wait_for(
         "every session to be counted as ended",
         common::SETTLE,
-        || -> f64 {
-            p.metrics_text()
-                .lines()
-                .filter(|l| l.starts_with("postern_sessions_ended_total{"))
-                .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-                .sum()
-        },
+        || common::postern::family_sum(&p.metrics_text(), "postern_sessions_ended_total{"),
         |&ended| ended >= N as f64 + 2.0,
     );
     assert_eq!(

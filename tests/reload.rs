@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::backend::DovecotBackend;
 use common::client::{tcp, tls_over, Client};
-use common::postern::{user, Postern, Setup, PASSWORD};
+use common::postern::{family_sum, user, Postern, Setup, PASSWORD};
 
 /// How long a reload may take to be noticed and done: a loaded machine
 /// is slow to poll, to build the new runtime and to bind.
@@ -55,13 +55,8 @@ fn login_ok(port: u16, name: &str) -> bool {
 /// session leaves the active gauge a moment before it is counted as ended).
 fn all_sessions_counted(p: &Postern) -> bool {
     let text = p.metrics_text();
-    let sum = |prefix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    sum("postern_connections_accepted_total{") == sum("postern_sessions_ended_total{")
+    family_sum(&text, "postern_connections_accepted_total{")
+        == family_sum(&text, "postern_sessions_ended_total{")
 }
 
 #[test]

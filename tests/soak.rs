@@ -293,12 +293,7 @@ fn sessions_cycle_for_minutes_without_losing_a_byte_or_growing() {
     // The books balance: every session ended, none lost. A session leaves
     // the active gauge a moment before it is counted as ended: both waited
     // for, then read from one scrape.
-    let sum = |text: &str, prefix: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(prefix))
-            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-            .sum()
-    };
+    let sum = common::postern::family_sum;
     let expected = (cycles + (USERS * WATCHERS_PER_USER) as u64) as f64;
     let text = common::wait_for(
         "every session ended and counted",

@@ -378,6 +378,17 @@ impl Drop for Postern {
     }
 }
 
+/// The sum of every sample of one family over its labels, from a
+/// `/metrics` text; `family` ends with `{`, e.g.
+/// `postern_sessions_ended_total{`.
+pub fn family_sum(metrics: &str, family: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(family))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 fn indent(block: &str) -> String {
     block.lines().map(|l| format!("  {l}\n")).collect()
 }
