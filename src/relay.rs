@@ -1,6 +1,6 @@
-//! The byte pump after login: client and backend bytes both ways, untouched
-//! (IDLE, COMPRESS=DEFLATE and large literals pass as they are), counted per
-//! direction as they flow.
+//! The byte pump after login: client and backend bytes both ways, never
+//! changed (IDLE, COMPRESS=DEFLATE and large literals pass as they are),
+//! counted per direction as they flow.
 //!
 //! One future drives both directions, so a side that is busy writing never
 //! stops the other from reading, and no second task or lock is needed. An
@@ -9,6 +9,16 @@
 //! data, and gives it back once the data is written, so hundreds of
 //! thousands of IDLE sessions cost their sockets and TLS state, not
 //! 2 × 64 KiB each.
+//!
+//! Every byte read is shown to a [`Watch`] ([`crate::imap::watch`]), which
+//! follows where the backend's responses end, through COMPRESS=DEFLATE
+//! too. It decides two things: a backend's end of stream after its `* BYE`
+//! is an orderly close, any other is a lost backend; and when the caller's
+//! `stop` resolves, the relay stops reading the client, lets the response
+//! the backend is sending finish (within [`FINISH`]), and hands back a
+//! [`Farewell`] saying whether and how a `* BYE` may still be written. The
+//! client never gets Postern's words inside a literal or a compressed
+//! stream.
 //!
 //! When one side ends its stream, the other side's write half is shut down
 //! (the half-close is passed on) and the remaining direction may finish
@@ -28,9 +38,29 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use crate::buffer::{self, give as give_buffer, take as take_buffer};
+pub use crate::imap::watch::Farewell;
+use crate::imap::watch::Watch;
 
 /// How long the other direction may go on after one side has closed.
 pub const LINGER: Duration = Duration::from_secs(30);
+
+/// How long a response the backend is sending may take to finish once the
+/// relay is stopped; after it the client's connection is closed mid-response,
+/// without a word.
+pub const FINISH: Duration = Duration::from_secs(2);
+
+/// Why the caller stopped the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopCause {
+    /// Postern is shutting down and its drain time is over.
+    Shutdown,
+    /// An administrator ended the session.
+    Kicked,
+    /// The backend is being drained and its grace period is over.
+    Drained,
+    /// Health checks took the backend down.
+    BackendDown,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RelayEnd {
@@ -39,9 +69,8 @@ pub enum RelayEnd {
     IdleTimeout,
     ClientError,
     BackendError,
-    /// The caller's `stop` future resolved (the backend went down, or its
-    /// drain's grace period ended).
-    BackendDown,
+    /// The caller's `stop` future resolved, for this reason.
+    Stopped(StopCause),
     /// The backend closed without saying `* BYE` first: it went away. The
     /// client's side is left open for the caller to say so.
     BackendLost,
@@ -55,17 +84,23 @@ impl RelayEnd {
             RelayEnd::IdleTimeout => "idle_timeout",
             RelayEnd::ClientError => "client_error",
             RelayEnd::BackendError => "backend_error",
-            RelayEnd::BackendDown => "backend_down",
+            RelayEnd::Stopped(StopCause::Shutdown) => "shutdown",
+            RelayEnd::Stopped(StopCause::Kicked) => "kicked",
+            RelayEnd::Stopped(StopCause::Drained) => "backend_drained",
+            RelayEnd::Stopped(StopCause::BackendDown) => "backend_down",
             RelayEnd::BackendLost => "backend_lost",
         }
     }
 }
 
-#[derive(Debug, Clone, Copy)]
 pub struct RelayOutcome {
     pub client_to_backend: u64,
     pub backend_to_client: u64,
     pub end: RelayEnd,
+    /// Whether and how Postern may still write to the client.
+    pub farewell: Farewell,
+    /// The session had turned COMPRESS=DEFLATE on.
+    pub compressed: bool,
 }
 
 pub struct Counters {
@@ -83,85 +118,9 @@ enum PumpEnd {
     Lost,
     ReadError,
     WriteError,
-}
-
-/// How far from the end of the stream a backend's `* BYE` is looked for:
-/// the BYE, then at most the tagged answer to LOGOUT, end a closing stream.
-const BYE_WINDOW: usize = 512;
-
-/// An untagged BYE (RFC 9051 7.1.5), matched without regard to case.
-const BYE: &[u8; 6] = b"* BYE ";
-
-/// Watches a backend's stream for a BYE at the start of a line within
-/// [`BYE_WINDOW`] bytes of its end: after that, the backend's end of stream
-/// (or the reset of a backend closing with input unread) is orderly. A BYE
-/// split across reads is found as well as a whole one.
-struct ByeWatch {
-    /// The stream's last bytes before the next read; at the start of the
-    /// stream, a line end (the relay starts between responses).
-    carry: [u8; BYE.len()],
-    carry_len: usize,
-    /// Bytes read since the end of the last BYE; `None` when there was
-    /// none, or it lies further back than the window.
-    since: Option<usize>,
-}
-
-impl ByeWatch {
-    fn new() -> Self {
-        let mut carry = [0; BYE.len()];
-        carry[0] = b'\n';
-        ByeWatch {
-            carry,
-            carry_len: 1,
-            since: None,
-        }
-    }
-
-    fn seen(&self) -> bool {
-        self.since.is_some()
-    }
-
-    fn feed(&mut self, chunk: &[u8]) {
-        // The chunk's last BYE_WINDOW bytes, after the byte or bytes that
-        // precede them in the stream: enough to see a BYE begun in the
-        // previous read and to tell a line start.
-        let start = chunk.len().saturating_sub(BYE_WINDOW);
-        let prefix: &[u8] = if start == 0 {
-            &self.carry[..self.carry_len]
-        } else {
-            &chunk[start - 1..start]
-        };
-        let mut joined = [0u8; BYE.len() + BYE_WINDOW];
-        let len = prefix.len() + chunk.len() - start;
-        joined[..prefix.len()].copy_from_slice(prefix);
-        joined[prefix.len()..len].copy_from_slice(&chunk[start..]);
-        let joined = &joined[..len];
-        // A match starts after its line end, so it ends inside this chunk.
-        let last = (1..len.saturating_sub(BYE.len() - 1)).rev().find(|&i| {
-            joined[i - 1] == b'\n' && joined[i..i + BYE.len()].eq_ignore_ascii_case(BYE)
-        });
-        self.since = match last {
-            Some(i) => Some(len - i - BYE.len()),
-            None => self
-                .since
-                .map(|since| since + chunk.len())
-                .filter(|&since| since <= BYE_WINDOW - BYE.len()),
-        };
-        // Keep the stream's last bytes for the next read.
-        if chunk.len() >= BYE.len() {
-            self.carry
-                .copy_from_slice(&chunk[chunk.len() - BYE.len()..]);
-            self.carry_len = BYE.len();
-        } else {
-            let mut both = [0u8; 2 * BYE.len()];
-            let total = self.carry_len + chunk.len();
-            both[..self.carry_len].copy_from_slice(&self.carry[..self.carry_len]);
-            both[self.carry_len..total].copy_from_slice(chunk);
-            let from = total.saturating_sub(BYE.len());
-            self.carry_len = total - from;
-            self.carry[..self.carry_len].copy_from_slice(&both[from..total]);
-        }
-    }
+    /// Stopping: the backend's stream stands at a response boundary and
+    /// the client has every byte read up to it.
+    Boundary,
 }
 
 enum State {
@@ -184,8 +143,10 @@ struct Pump {
     total: u64,
     counter: IntCounter,
     tally: Option<Arc<AtomicU64>>,
-    /// Backend to client: watches for the backend's `* BYE`.
-    bye: Option<ByeWatch>,
+    /// Backend to client (the other way: client to backend).
+    from_backend: bool,
+    /// The relay is stopping: end at the backend's next response boundary.
+    stopping: bool,
 }
 
 impl Pump {
@@ -196,17 +157,27 @@ impl Pump {
             total: 0,
             counter,
             tally,
-            bye: from_backend.then(ByeWatch::new),
+            from_backend,
+            stopping: false,
         }
     }
 
     /// At end of input: pass the half-close on, or report a lost backend.
-    fn at_end(&mut self) -> Option<PumpEnd> {
-        if self.bye.as_ref().is_some_and(|bye| !bye.seen()) {
+    fn at_end(&mut self, watch: &Watch) -> Option<PumpEnd> {
+        if self.from_backend && !watch.bye_seen() {
             return Some(self.finish(PumpEnd::Lost));
         }
         self.state = State::ShuttingDown;
         None
+    }
+
+    /// Whether the client has every byte this direction read: nothing is
+    /// half written, and the client's write half is still open.
+    fn delivered(&self) -> bool {
+        matches!(
+            self.state,
+            State::Reading | State::Done(PumpEnd::Lost | PumpEnd::ReadError | PumpEnd::Boundary)
+        )
     }
 
     /// Moves bytes from `rx` to `tx` until one of them is not ready.
@@ -217,6 +188,7 @@ impl Pump {
         rx: &mut R,
         tx: &mut W,
         active: &mut bool,
+        watch: &mut Watch,
     ) -> Poll<PumpEnd>
     where
         R: AsyncRead + Unpin,
@@ -225,6 +197,9 @@ impl Pump {
         loop {
             match &mut self.state {
                 State::Reading => {
+                    if self.stopping && watch.at_boundary() {
+                        return Poll::Ready(self.finish(PumpEnd::Boundary));
+                    }
                     let mut buf = take_buffer();
                     let mut read = ReadBuf::new(&mut buf[..buffer::READ]);
                     match Pin::new(&mut *rx).poll_read(cx, &mut read) {
@@ -243,31 +218,40 @@ impl Pump {
                         }
                         Poll::Ready(Ok(())) if read.filled().is_empty() => {
                             give_buffer(buf);
-                            if let Some(end) = self.at_end() {
+                            if let Some(end) = self.at_end(watch) {
                                 return Poll::Ready(end);
                             }
                         }
                         Poll::Ready(Ok(())) => {
-                            let end = read.filled().len();
-                            if let Some(bye) = &mut self.bye {
-                                bye.feed(read.filled());
+                            let mut end = read.filled().len();
+                            if !self.from_backend {
+                                watch.client_sent(read.filled());
+                            } else if let Some(cut) =
+                                watch.backend_sent(read.filled(), self.stopping)
+                            {
+                                // The bytes after the boundary are never sent.
+                                end = cut;
                             }
                             *active = true;
+                            if end == 0 {
+                                give_buffer(buf);
+                                continue;
+                            }
                             self.state = State::Writing { buf, start: 0, end };
                         }
                         // A TLS peer that closes without close_notify has still closed.
                         Poll::Ready(Err(e)) if e.kind() == ErrorKind::UnexpectedEof => {
                             give_buffer(buf);
-                            if let Some(end) = self.at_end() {
+                            if let Some(end) = self.at_end(watch) {
                                 return Poll::Ready(end);
                             }
                         }
                         // A backend that closes with input unread (a
                         // client pipelining past LOGOUT) resets the
                         // connection; after its BYE that is an orderly end.
-                        Poll::Ready(Err(_)) if self.bye.as_ref().is_some_and(ByeWatch::seen) => {
+                        Poll::Ready(Err(_)) if self.from_backend && watch.bye_seen() => {
                             give_buffer(buf);
-                            if let Some(end) = self.at_end() {
+                            if let Some(end) = self.at_end(watch) {
                                 return Poll::Ready(end);
                             }
                         }
@@ -328,13 +312,16 @@ impl Pump {
 }
 
 /// Relays until both directions have ended, the idle limit passes, an
-/// error ends the session, or `stop` resolves. `backend_said`: what the
-/// backend sent after its login answer and the client already has; the
-/// watch for the backend's BYE starts with it.
+/// error ends the session, or `stop` resolves (then as described in the
+/// module docs). `backend_said`: what the backend sent after its login
+/// answer, which the client already has; `client_said`: what the client
+/// sent after its login command, which the backend already has. The watch
+/// starts with both.
 pub async fn relay<C, B, S>(
     mut client: C,
     mut backend: B,
-    backend_said: Vec<u8>,
+    backend_said: &[u8],
+    client_said: &[u8],
     idle: Duration,
     counters: &Counters,
     stop: S,
@@ -342,16 +329,15 @@ pub async fn relay<C, B, S>(
 where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
-    S: Future<Output = ()>,
+    S: Future<Output = StopCause>,
 {
     tokio::pin!(stop);
     let (tally_in, tally_out) = counters.session.clone().unzip();
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
-    if let Some(bye) = &mut down.bye {
-        bye.feed(&backend_said);
-    }
-    drop(backend_said);
+    let mut watch = Watch::new();
+    watch.backend_sent(backend_said, false);
+    watch.client_sent(client_said);
     let mut limit = idle;
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep(limit);
@@ -360,16 +346,35 @@ where
     let mut closed: Option<RelayEnd> = None;
     // Writing to the backend failed (it closed, or the connection broke).
     let mut backend_write_failed = false;
+    // Once `stop` has resolved: why, and until when the backend's current
+    // response may go on.
+    let mut stopping: Option<(StopCause, Pin<Box<tokio::time::Sleep>>)> = None;
 
     let end = poll_fn(|cx| {
-        if stop.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(RelayEnd::BackendDown);
+        if stopping.is_none() {
+            if let Poll::Ready(cause) = stop.as_mut().poll(cx) {
+                stopping = Some((cause, Box::pin(tokio::time::sleep(FINISH))));
+                down.stopping = true;
+            }
+        }
+        if let Some((cause, finish)) = &mut stopping {
+            // The client's commands are no longer read; the backend's
+            // response in flight finishes, to its boundary, or time runs out.
+            let end = RelayEnd::Stopped(*cause);
+            if down.done() || finish.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(end);
+            }
+            let mut active = false;
+            return match down.poll(cx, &mut backend, &mut client, &mut active, &mut watch) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(_) => Poll::Ready(end),
+            };
         }
         let mut active = false;
         if !up.done() {
-            match up.poll(cx, &mut client, &mut backend, &mut active) {
+            match up.poll(cx, &mut client, &mut backend, &mut active, &mut watch) {
                 Poll::Pending => {}
-                Poll::Ready(PumpEnd::Eof | PumpEnd::Lost) => {
+                Poll::Ready(PumpEnd::Eof | PumpEnd::Lost | PumpEnd::Boundary) => {
                     closed.get_or_insert(RelayEnd::ClientClosed);
                 }
                 Poll::Ready(PumpEnd::ReadError) => {
@@ -381,9 +386,9 @@ where
             }
         }
         if !down.done() {
-            match down.poll(cx, &mut backend, &mut client, &mut active) {
+            match down.poll(cx, &mut backend, &mut client, &mut active, &mut watch) {
                 Poll::Pending => {}
-                Poll::Ready(PumpEnd::Eof) => {
+                Poll::Ready(PumpEnd::Eof | PumpEnd::Boundary) => {
                     closed.get_or_insert(RelayEnd::BackendClosed);
                 }
                 Poll::Ready(PumpEnd::Lost) => {
@@ -430,10 +435,17 @@ where
         Poll::Pending
     })
     .await;
+    let farewell = if down.delivered() {
+        watch.farewell()
+    } else {
+        Farewell::Silent
+    };
     RelayOutcome {
         client_to_backend: up.total,
         backend_to_client: down.total,
         end,
+        farewell,
+        compressed: watch.compressed(),
     }
 }
 
@@ -451,7 +463,8 @@ mod tests {
         relay(
             client,
             backend,
-            Vec::new(),
+            b"",
+            b"",
             idle,
             &counters(),
             std::future::pending(),
@@ -528,7 +541,8 @@ mod tests {
                 let outcome = relay(
                     &mut client_near,
                     backend_near,
-                    said.to_vec(),
+                    said,
+                    b"",
                     Duration::from_secs(60),
                     &c,
                     std::future::pending(),
@@ -555,13 +569,11 @@ mod tests {
                 quiet_relay(&mut client_near, backend_near, Duration::from_secs(60)).await;
             (outcome, client_near)
         });
-        // The last BYE was long ago: more data followed it.
-        backend_far
-            .write_all(b"* BYE not really\r\n")
-            .await
-            .unwrap();
+        // A BYE inside a message is not the backend's.
+        let said = b"* 1 FETCH (BODY[] {18}\r\n* BYE not really\r\n)\r\n";
+        backend_far.write_all(said).await.unwrap();
         backend_far.write_all(&[b'x'; 4000]).await.unwrap();
-        let mut seen = vec![0u8; 18 + 4000];
+        let mut seen = vec![0u8; said.len() + 4000];
         client_far.read_exact(&mut seen).await.unwrap();
         drop(backend_far);
         let (outcome, mut client_near) = relay.await.unwrap();
@@ -691,63 +703,198 @@ mod tests {
         );
     }
 
-    /// Feeds `chunks` to a fresh watch.
-    fn bye_after(chunks: &[&[u8]]) -> bool {
-        let mut watch = ByeWatch::new();
-        for chunk in chunks {
-            watch.feed(chunk);
-        }
-        watch.seen()
+    /// A relay between two pipes that stops when `stop` is sent a cause;
+    /// gives back the outcome and the client's side of the relay.
+    fn stoppable(
+        room: usize,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::sync::oneshot::Sender<StopCause>,
+        tokio::task::JoinHandle<(RelayOutcome, tokio::io::DuplexStream)>,
+    ) {
+        let (client_far, client_near) = tokio::io::duplex(room);
+        let (backend_far, backend_near) = tokio::io::duplex(room);
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let relay = tokio::spawn(async move {
+            let mut client_near = client_near;
+            let outcome = relay(
+                &mut client_near,
+                backend_near,
+                b"",
+                b"",
+                Duration::from_secs(60),
+                &counters(),
+                async move { stopped.await.unwrap() },
+            )
+            .await;
+            (outcome, client_near)
+        });
+        (client_far, backend_far, stop, relay)
     }
 
-    #[test]
-    fn bye_is_found_at_a_line_start_near_the_end() {
-        assert!(bye_after(&[
-            b"* BYE Logging out\r\nZ OK Logout completed.\r\n"
-        ]));
-        assert!(bye_after(&[b"x\r\n* bye shutting down\r\n"]));
-        assert!(!bye_after(&[b"* OK [ALERT] say * BYE later\r\n"]));
-        assert!(!bye_after(&[b"* OK [ALERT] say\r\n", b"x* BYE later\r\n"]));
-        let mut far = b"* BYE early\r\n".to_vec();
-        far.extend_from_slice(&[b'x'; 600]);
-        assert!(!bye_after(&[&far]));
-        // Far from the end of a long chunk, then near the end of the next.
-        assert!(bye_after(&[&far, b"\r\n* BYE again\r\n"]));
-        // Near the end of a long chunk.
-        let mut long = vec![b'x'; 20_000];
-        long.extend_from_slice(b"\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n");
-        assert!(bye_after(&[&long]));
-        // Little after it, spread over later reads; then too much.
-        let mut watch = ByeWatch::new();
-        watch.feed(b"* BYE bye\r\n");
-        for _ in 0..50 {
-            watch.feed(b"0123456789");
+    /// Writes the farewell `text` as the session would, closes, and
+    /// returns everything the client read.
+    async fn farewell_and_read(
+        relay: tokio::task::JoinHandle<(RelayOutcome, tokio::io::DuplexStream)>,
+        mut client_far: tokio::io::DuplexStream,
+        text: &[u8],
+    ) -> (RelayEnd, &'static str, Vec<u8>) {
+        // The client reads on while the relay finishes.
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client_far.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let (outcome, mut client_near) = relay.await.unwrap();
+        let kind = outcome.farewell.as_str();
+        if let Some(said) = outcome.farewell.encode(text) {
+            client_near.write_all(&said).await.unwrap();
         }
-        assert!(watch.seen());
-        watch.feed(b"0123456789");
-        assert!(!watch.seen(), "{:?}", watch.since);
+        drop(client_near);
+        (outcome.end, kind, reader.await.unwrap())
     }
 
-    /// A BYE split across reads at any point, or arriving a byte at a
-    /// time, is found; a line start is still required.
-    #[test]
-    fn bye_split_across_reads_is_found() {
-        let stream = b"* 3 EXISTS\r\n* BYE Logging out\r\nZ OK Logout completed.\r\n";
-        for cut in 0..=stream.len() {
-            assert!(bye_after(&[&stream[..cut], &stream[cut..]]), "cut at {cut}");
+    /// Stopped in the middle of a literal, the relay lets the response
+    /// finish, cuts what follows it, and the BYE comes after.
+    #[tokio::test]
+    async fn a_stop_mid_literal_waits_for_the_response_to_end() {
+        for room in [4096, 7] {
+            let (mut client_far, mut backend_far, stop, relay) = stoppable(room);
+            let head = b"* 1 FETCH (BODY[] {10}\r\n01234";
+            let (go_on, resume) = tokio::sync::oneshot::channel::<()>();
+            let backend = tokio::spawn(async move {
+                backend_far.write_all(head).await.unwrap();
+                resume.await.unwrap();
+                // The relay stops reading after the boundary: what follows
+                // it may not be taken.
+                let _ = backend_far.write_all(b"56789)\r\n* 2 EXISTS\r\n").await;
+                backend_far
+            });
+            let mut got = vec![0u8; head.len()];
+            client_far.read_exact(&mut got).await.unwrap();
+            stop.send(StopCause::Kicked).unwrap();
+            tokio::task::yield_now().await;
+            go_on.send(()).unwrap();
+            let (end, kind, rest) = farewell_and_read(relay, client_far, b"* BYE kicked\r\n").await;
+            assert_eq!(end, RelayEnd::Stopped(StopCause::Kicked));
+            assert_eq!(kind, "plain", "room {room}: {rest:?}");
+            assert_eq!(rest, b"56789)\r\n* BYE kicked\r\n", "room {room}");
+            drop(backend.await.unwrap());
         }
-        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
-        assert!(bye_after(&bytes));
-        let three: Vec<&[u8]> = stream.chunks(3).collect();
-        assert!(bye_after(&three));
-        let not = b"* OK say x* BYE now\r\n";
-        for cut in 0..=not.len() {
-            assert!(!bye_after(&[&not[..cut], &not[cut..]]), "cut at {cut}");
-        }
-        let bytes: Vec<&[u8]> = not.chunks(1).collect();
-        assert!(!bye_after(&bytes));
-        // At the very start of the relayed stream.
-        assert!(bye_after(&[b"* B", b"YE bye\r\n"]));
+    }
+
+    /// A response that does not finish within FINISH: the client's stream
+    /// is closed without a word.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_that_never_ends_gets_no_bye() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+        let head = b"* 1 FETCH (BODY[] {10}\r\n01234";
+        backend_far.write_all(head).await.unwrap();
+        let mut got = vec![0u8; head.len()];
+        client_far.read_exact(&mut got).await.unwrap();
+        let started = Instant::now();
+        stop.send(StopCause::Shutdown).unwrap();
+        let (end, kind, rest) = farewell_and_read(relay, client_far, b"* BYE\r\n").await;
+        assert_eq!(end, RelayEnd::Stopped(StopCause::Shutdown));
+        assert_eq!(kind, "silent");
+        assert!(rest.is_empty(), "{rest:?}");
+        assert!(started.elapsed() >= FINISH);
+        drop(backend_far);
+    }
+
+    /// Between responses the stop is at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_between_responses_is_at_once() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+        backend_far.write_all(b"* 1 EXISTS\r\n").await.unwrap();
+        let mut got = [0u8; 12];
+        client_far.read_exact(&mut got).await.unwrap();
+        let started = Instant::now();
+        stop.send(StopCause::BackendDown).unwrap();
+        let (end, kind, rest) = farewell_and_read(relay, client_far, b"* BYE down\r\n").await;
+        assert_eq!(end, RelayEnd::Stopped(StopCause::BackendDown));
+        assert_eq!((kind, &rest[..]), ("plain", &b"* BYE down\r\n"[..]));
+        assert!(started.elapsed() < Duration::from_millis(10));
+    }
+
+    fn deflate_flushed(z: &mut flate2::write::DeflateEncoder<Vec<u8>>, text: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let before = z.get_ref().len();
+        z.write_all(text).unwrap();
+        z.flush().unwrap();
+        z.get_ref()[before..].to_vec()
+    }
+
+    fn inflate(compressed: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut out = Vec::new();
+        let mut d = flate2::write::DeflateDecoder::new(&mut out);
+        d.write_all(compressed).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        out
+    }
+
+    /// After COMPRESS DEFLATE, a stop in the middle of a response (even
+    /// at a sync flush) waits for its end; the BYE is then a deflate block
+    /// the client inflates after the backend's responses.
+    #[tokio::test]
+    async fn a_stop_on_a_compressed_stream_ends_in_deflate() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+        client_far
+            .write_all(b"c COMPRESS DEFLATE\r\n")
+            .await
+            .unwrap();
+        let mut asked = [0u8; 20];
+        backend_far.read_exact(&mut asked).await.unwrap();
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let mut sent = b"c OK DEFLATE active\r\n".to_vec();
+        sent.extend(deflate_flushed(&mut z, b"* 1 FETCH (BODY[] {10}\r\n01234"));
+        backend_far.write_all(&sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        client_far.read_exact(&mut got).await.unwrap();
+        stop.send(StopCause::Drained).unwrap();
+        tokio::task::yield_now().await;
+        let rest = deflate_flushed(&mut z, b"56789)\r\n");
+        backend_far.write_all(&rest).await.unwrap();
+        let bye = b"* BYE [UNAVAILABLE] reconnect\r\n";
+        let (end, kind, after) = farewell_and_read(relay, client_far, bye).await;
+        assert_eq!(end, RelayEnd::Stopped(StopCause::Drained));
+        assert_eq!(kind, "deflate");
+        got.extend(after);
+        let compressed = &got[b"c OK DEFLATE active\r\n".len()..];
+        assert_eq!(
+            inflate(compressed),
+            b"* 1 FETCH (BODY[] {10}\r\n0123456789)\r\n* BYE [UNAVAILABLE] reconnect\r\n"
+        );
+    }
+
+    /// A compressed `* BYE Logging out`, then the backend's close: an
+    /// orderly end, not a lost backend.
+    #[tokio::test]
+    async fn a_compressed_bye_then_close_is_an_orderly_end() {
+        let (mut client_far, mut backend_far, _stop, relay) = stoppable(4096);
+        client_far
+            .write_all(b"c COMPRESS DEFLATE\r\n")
+            .await
+            .unwrap();
+        let mut asked = [0u8; 20];
+        backend_far.read_exact(&mut asked).await.unwrap();
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let mut sent = b"c OK\r\n".to_vec();
+        sent.extend(deflate_flushed(&mut z, b"* BYE Logging out\r\n"));
+        sent.extend(deflate_flushed(&mut z, b"l OK Logout completed.\r\n"));
+        backend_far.write_all(&sent).await.unwrap();
+        drop(backend_far);
+        let mut got = Vec::new();
+        client_far.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, sent);
+        drop(client_far);
+        let (outcome, _) = relay.await.unwrap();
+        assert_eq!(outcome.end, RelayEnd::BackendClosed);
+        assert!(outcome.compressed);
+        assert_eq!(outcome.farewell.as_str(), "silent");
     }
 
     #[tokio::test(start_paused = true)]

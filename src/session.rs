@@ -32,7 +32,7 @@ use crate::imap::{printable, Secret};
 use crate::live::Runtime;
 use crate::proxy_protocol::{self, ProxyHeader};
 use crate::registry::{Registry, SessionInfo};
-use crate::relay::{self, Counters, RelayEnd};
+use crate::relay::{self, Counters, RelayEnd, StopCause};
 use crate::route::{Lease, Route, RouteError, RouteReason};
 use crate::shutdown::Shutdown;
 use crate::stream::ClientStream;
@@ -223,7 +223,7 @@ impl Session {
                 return "preauth_timeout".into();
             }
         };
-        let (mut backend_stream, backend_said) =
+        let (mut backend_stream, backend_said, client_said) =
             match Box::pin(self.handover(&mut stream, logged_in)).await {
                 Ok(handed_over) => handed_over,
                 Err(reason) => return reason.into(),
@@ -245,59 +245,74 @@ impl Session {
             session: Some((Arc::clone(&info.bytes_in), Arc::clone(&info.bytes_out))),
         };
         // When the backend goes down (health checks) or its drain's grace
-        // period ends, the relay stops; the client is told below.
+        // period ends, Postern shuts down or an administrator ends the
+        // session, the relay stops and says why; the client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
         let jitter = rt.config.backends.reconnect_jitter;
         let shutdown = Arc::clone(&self.shutdown);
         let kick = Arc::clone(&info);
-        let backend_down = async move {
+        let stop = async move {
             let backend_closing = async {
                 match backend {
-                    Some(backend) => backend.closing().await,
+                    Some(backend) => {
+                        backend.closing().await;
+                        if backend.is_up() {
+                            StopCause::Drained
+                        } else {
+                            StopCause::BackendDown
+                        }
+                    }
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                _ = backend_closing => {}
-                _ = shutdown.sessions_closing() => {}
-                _ = kick.kicked() => {}
+                cause = backend_closing => cause,
+                _ = shutdown.sessions_closing() => StopCause::Shutdown,
+                _ = kick.kicked() => StopCause::Kicked,
             }
         };
         let outcome = relay::relay(
             &mut stream,
             &mut backend_stream,
-            backend_said,
+            &backend_said,
+            &client_said,
             limits.idle_timeout,
             &counters,
-            backend_down,
+            stop,
         )
         .await;
+        drop((backend_said, client_said));
+        drop(registration);
         // Shutting down, or ended by an administrator: the client is told
         // at once. The backend went down or away under the session: say so
         // at a random moment within the jitter, so its clients do not all
-        // reconnect at once.
-        drop(registration);
-        let stopped = outcome.end == RelayEnd::BackendDown;
-        let shutting_down = stopped && self.shutdown.is_closing();
-        let kicked = stopped && !shutting_down && info.is_kicked();
-        let lost = matches!(
-            outcome.end,
-            RelayEnd::BackendDown | RelayEnd::BackendLost | RelayEnd::BackendError
-        );
-        if lost {
-            drop(backend_stream);
-            if !shutting_down && !kicked {
-                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+        // reconnect at once. Nothing is written where the client would not
+        // read it as a new response (mid-literal, inside a compressed
+        // stream that is not at a flush): it is only closed.
+        let bye: Option<&[u8]> = match outcome.end {
+            RelayEnd::Stopped(StopCause::Shutdown) => {
+                Some(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
             }
-            let bye: &[u8] = if shutting_down {
-                b"* BYE [UNAVAILABLE] Server shutting down\r\n"
-            } else if kicked {
-                b"* BYE Session ended by the administrator\r\n"
-            } else {
-                b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n"
-            };
+            RelayEnd::Stopped(StopCause::Kicked) => {
+                Some(b"* BYE Session ended by the administrator\r\n")
+            }
+            RelayEnd::Stopped(StopCause::Drained | StopCause::BackendDown)
+            | RelayEnd::BackendLost
+            | RelayEnd::BackendError => {
+                drop(backend_stream);
+                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+                Some(b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n")
+            }
+            _ => None,
+        };
+        if let Some(bye) = bye {
+            let farewell = outcome.farewell.as_str();
+            let said = outcome.farewell.encode(bye);
+            tracing::debug!(farewell, said = said.is_some(), "relay stopped");
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                send(&mut stream, bye).await?;
+                if let Some(said) = said {
+                    send(&mut stream, &said).await?;
+                }
                 stream.shutdown().await
             })
             .await;
@@ -305,18 +320,8 @@ impl Session {
         m.session_duration
             .with_label_values(&[&self.listener.name])
             .observe(relay_started.elapsed().as_secs_f64());
-        let drained =
-            stopped && !kicked && self.lease.as_ref().is_some_and(|l| l.backend().is_up());
         Ending {
-            reason: if shutting_down {
-                "shutdown"
-            } else if kicked {
-                "kicked"
-            } else if drained {
-                "backend_drained"
-            } else {
-                outcome.end.as_str()
-            },
+            reason: outcome.end.as_str(),
             client_to_backend: outcome.client_to_backend + self.handed_over.0,
             backend_to_client: outcome.backend_to_client + self.handed_over.1,
         }
@@ -327,12 +332,13 @@ impl Session {
     /// to the client, commands the client pipelined after its login go to
     /// the backend. Bounded by the login timeout: neither side may stall the
     /// session before the relay's idle timer takes over. Returns the backend
-    /// stream and what the backend sent early (the relay watches it for a BYE).
+    /// stream and what each side sent early (backend, then client): the
+    /// relay's watch starts with them.
     async fn handover(
         &mut self,
         stream: &mut ClientStream,
         logged_in: LoggedIn,
-    ) -> Step<(BackendStream, Vec<u8>)> {
+    ) -> Step<(BackendStream, Vec<u8>, Vec<u8>)> {
         let LoggedIn {
             tag,
             backend,
@@ -377,7 +383,7 @@ impl Session {
             client_id = ?self.client_id,
             "logged in"
         );
-        Ok((backend_stream, pending))
+        Ok((backend_stream, pending, client_pending))
     }
 
     /// Takes the client's address from a trusted load balancer's PROXY

@@ -9,11 +9,13 @@
 //! the framing layer, which imap-codec leaves to its caller, and the grammar
 //! left after framing (tag, atom, astring, ID's string pairs, a base64 SASL-IR)
 //! is a few hundred lines that read without a second crate's type model.
-//! After login nothing is parsed: the relay is opaque.
+//! After login nothing is parsed: [`watch`] only follows where responses
+//! end and whether COMPRESS is on, so the relay knows when it may speak.
 
 pub mod command;
 pub mod framing;
 pub mod sasl;
+pub mod watch;
 
 use std::fmt;
 use zeroize::Zeroize;
