@@ -8,15 +8,17 @@
 //! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
 //! - [`tls_conn`]: a client's TLS connection, holding no buffer while idle.
 //! - [`session`]: one client, from greeting through pre-auth to the relay.
-//! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL.
+//! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL;
+//!   after login, the watch over response boundaries and COMPRESS.
 //! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password hashes.
 //! - [`route`]: pools and backend selection (directory, stickiness,
 //!   weighted rendezvous hashing, failover, bounded load), health checks
 //!   and DNS discovery.
 //! - [`backend`]: connect (TLS or STARTTLS, PROXY header) and log in to the
 //!   chosen backend for the user.
-//! - [`relay`]: the opaque byte pump after login, with [`buffer`]'s
-//!   borrowed buffers.
+//! - [`relay`]: the byte pump after login, with [`buffer`]'s borrowed
+//!   buffers; it follows the responses ([`imap::watch`]) only to know when
+//!   a backend's close is orderly and when Postern may speak.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
 //! behind arc-swap), [`reload`] (SIGHUP, file changes, listeners),

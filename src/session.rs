@@ -111,6 +111,7 @@ pub async fn run(
             backend = session.backend.as_deref().unwrap_or("-"),
             bytes_in = ending.client_to_backend,
             bytes_out = ending.backend_to_client,
+            compressed = ending.compressed,
             duration_ms = session.accepted.elapsed().as_millis() as u64,
             reason = ending.reason,
             "session ended"
@@ -124,6 +125,8 @@ struct Ending {
     reason: EndReason,
     client_to_backend: u64,
     backend_to_client: u64,
+    /// The client had turned COMPRESS=DEFLATE on.
+    compressed: bool,
 }
 
 impl From<EndReason> for Ending {
@@ -132,6 +135,7 @@ impl From<EndReason> for Ending {
             reason,
             client_to_backend: 0,
             backend_to_client: 0,
+            compressed: false,
         }
     }
 }
@@ -322,6 +326,7 @@ impl Session {
             .observe(relay_started.elapsed().as_secs_f64());
         Ending {
             reason: outcome.end.as_str(),
+            compressed: outcome.compressed,
             client_to_backend: outcome.client_to_backend + self.handed_over.0,
             backend_to_client: outcome.backend_to_client + self.handed_over.1,
         }
