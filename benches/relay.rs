@@ -265,6 +265,31 @@ fn main() {
             inflater as f64 / 1024.0,
             deflater as f64 / 1024.0
         );
+        // Parked while the backend is quiet: the window, deflated. Measured
+        // after a mail sync (the window full of message text) and after a
+        // flag sync (short FETCH lines). The first park makes the thread's
+        // one deflater for parking, which is not the session's.
+        for (name, stream) in [
+            ("warm-up", lines_stream()),
+            ("mail", fetch.concat()),
+            ("flags", lines_stream()),
+        ] {
+            let mut watch = Watch::new();
+            watch.client_sent(b"z COMPRESS DEFLATE\r\n");
+            let mut wire = b"z OK\r\n".to_vec();
+            wire.extend(deflated(&[stream]));
+            watch.backend_sent(&wire, false);
+            let before = LIVE.load(Ordering::Relaxed);
+            assert!(watch.park());
+            let freed = before.saturating_sub(LIVE.load(Ordering::Relaxed));
+            if name == "warm-up" {
+                continue;
+            }
+            println!(
+                "memory per quiet compressed session ({name}): {:.1} KiB once parked",
+                (inflater - freed) as f64 / 1024.0
+            );
+        }
         drop((watch, z));
         // What compressing the responses at the proxy would cost in CPU.
         let mail = fetch.concat();

@@ -49,6 +49,10 @@ pub const LINGER: Duration = Duration::from_secs(30);
 /// without a word.
 pub const FINISH: Duration = Duration::from_secs(2);
 
+/// How long the backend of a compressed session must be quiet before the
+/// watch's shadow inflater is parked (its window kept deflated).
+pub const PARK_AFTER: Duration = Duration::from_secs(10);
+
 /// Why the caller stopped the relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopCause {
@@ -349,6 +353,8 @@ where
     // Once `stop` has resolved: why, and until when the backend's current
     // response may go on.
     let mut stopping: Option<(StopCause, Pin<Box<tokio::time::Sleep>>)> = None;
+    // When the shadow inflater of a compressed session may be parked.
+    let mut park_at: Option<Instant> = None;
 
     let end = poll_fn(|cx| {
         if stopping.is_none() {
@@ -386,7 +392,17 @@ where
             }
         }
         if !down.done() {
-            match down.poll(cx, &mut backend, &mut client, &mut active, &mut watch) {
+            let before = down.total;
+            let polled = down.poll(cx, &mut backend, &mut client, &mut active, &mut watch);
+            if down.total != before && watch.inflating() {
+                // The backend spoke: park its shadow once it is quiet.
+                let at = Instant::now() + PARK_AFTER;
+                if park_at.is_none() && at < timer.deadline() {
+                    timer.as_mut().reset(at);
+                }
+                park_at = Some(at);
+            }
+            match polled {
                 Poll::Pending => {}
                 Poll::Ready(PumpEnd::Eof | PumpEnd::Boundary) => {
                     closed.get_or_insert(RelayEnd::BackendClosed);
@@ -422,15 +438,22 @@ where
         }
         // The timer is reset only when it fires, not on every byte.
         while timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            if park_at.is_some_and(|at| now >= at) {
+                // Not at a flushed boundary (a response stalled): later.
+                park_at = (!watch.park() && watch.inflating()).then(|| now + PARK_AFTER);
+            }
             let deadline = last_activity + limit;
-            if Instant::now() >= deadline {
+            if now >= deadline {
                 return Poll::Ready(closed.unwrap_or(if backend_write_failed {
                     RelayEnd::BackendError
                 } else {
                     RelayEnd::IdleTimeout
                 }));
             }
-            timer.as_mut().reset(deadline);
+            timer
+                .as_mut()
+                .reset(park_at.map_or(deadline, |at| at.min(deadline)));
         }
         Poll::Pending
     })
@@ -895,6 +918,47 @@ mod tests {
         assert_eq!(outcome.end, RelayEnd::BackendClosed);
         assert!(outcome.compressed);
         assert_eq!(outcome.farewell.as_str(), "silent");
+    }
+
+    /// A compressed session quiet for longer than PARK_AFTER (its shadow
+    /// parked) is followed as before when the backend speaks again, and a
+    /// stop while parked still ends in a deflate BYE.
+    #[tokio::test(start_paused = true)]
+    async fn a_compressed_session_is_followed_across_quiet_periods() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(1 << 16);
+        client_far
+            .write_all(b"c COMPRESS DEFLATE\r\n")
+            .await
+            .unwrap();
+        let mut asked = [0u8; 20];
+        backend_far.read_exact(&mut asked).await.unwrap();
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let text: Vec<u8> = (0..500)
+            .flat_map(|i| format!("* {i} FETCH (FLAGS (\\Seen))\r\n").into_bytes())
+            .collect();
+        let mut sent = b"c OK\r\n".to_vec();
+        sent.extend(deflate_flushed(&mut z, &text));
+        backend_far.write_all(&sent).await.unwrap();
+        let mut got = vec![0u8; sent.len()];
+        client_far.read_exact(&mut got).await.unwrap();
+        for _ in 0..2 {
+            tokio::time::sleep(PARK_AFTER * 2).await;
+            // The same lines again: deflate refers into the parked window.
+            let more = deflate_flushed(&mut z, &text);
+            backend_far.write_all(&more).await.unwrap();
+            let mut again = vec![0u8; more.len()];
+            client_far.read_exact(&mut again).await.unwrap();
+            got.extend(again);
+        }
+        tokio::time::sleep(PARK_AFTER * 2).await;
+        stop.send(StopCause::Shutdown).unwrap();
+        let (end, kind, after) = farewell_and_read(relay, client_far, b"* BYE bye\r\n").await;
+        assert_eq!(end, RelayEnd::Stopped(StopCause::Shutdown));
+        assert_eq!(kind, "deflate");
+        got.extend(after);
+        let mut expected = [&text[..], &text, &text].concat();
+        expected.extend_from_slice(b"* BYE bye\r\n");
+        assert_eq!(inflate(&got[6..]), expected);
     }
 
     #[tokio::test(start_paused = true)]

@@ -16,8 +16,11 @@
 //! after an `OK` the backend's stream is raw deflate from the byte after
 //! the answer's CRLF, and a shadow [`Inflater`] decodes a copy of it to go
 //! on framing responses. Only a compressed session pays for that: its
-//! inflate state (about 43 KiB with miniz_oxide) is made when the backend
-//! says `OK`, never before.
+//! inflate state and a copy of the 32 KiB window (about 79 KiB) are made
+//! when the backend says `OK`, never before, and while the backend is quiet
+//! the relay parks them ([`Watch::park`]): at a sync flush all a shadow
+//! needs is its window, kept deflated (a few KiB) until the backend speaks
+//! again, when a fresh inflater takes it as its dictionary.
 //!
 //! The watch never changes a byte; it only answers two questions: "was the
 //! backend's last word a `* BYE`?" and "may Postern write to the client
@@ -271,22 +274,102 @@ fn is_bye(head: &[u8]) -> bool {
 /// responses inside it.
 pub struct Inflater {
     state: Decompress,
+    /// The last [`WINDOW`] bytes inflated (a ring from `ring_at`), all that
+    /// later data may refer back to: what a parked shadow keeps.
+    ring: Box<[u8; WINDOW]>,
+    ring_at: usize,
+    ring_full: bool,
     /// The compressed stream's last bytes, to see a sync flush at its end.
     last: [u8; 4],
     /// Output was left in the inflater when the last input ended.
     pending: bool,
 }
 
+/// How far back deflate data may refer (RFC 1951: 32 KiB).
+const WINDOW: usize = 32 * 1024;
+
 /// Bytes inflated at a time, on the stack.
 const INFLATE_OUT: usize = 16 * 1024;
+
+thread_local! {
+    /// One deflater per thread for parking shadows (made on first use).
+    static PARKER: std::cell::RefCell<Option<flate2::Compress>> =
+        const { std::cell::RefCell::new(None) };
+}
 
 impl Inflater {
     fn new() -> Box<Inflater> {
         Box::new(Inflater {
             state: Decompress::new(false),
+            ring: Box::new([0; WINDOW]),
+            ring_at: 0,
+            ring_full: false,
             last: [1; 4],
             pending: false,
         })
+    }
+
+    /// Remembers inflated bytes in the ring.
+    fn remember(&mut self, mut out: &[u8]) {
+        if out.len() >= WINDOW {
+            out = &out[out.len() - WINDOW..];
+        }
+        let first = out.len().min(WINDOW - self.ring_at);
+        self.ring[self.ring_at..self.ring_at + first].copy_from_slice(&out[..first]);
+        self.ring[..out.len() - first].copy_from_slice(&out[first..]);
+        let end = self.ring_at + out.len();
+        self.ring_full |= end >= WINDOW;
+        self.ring_at = end % WINDOW;
+    }
+
+    /// The window, oldest byte first.
+    fn window(&self) -> Vec<u8> {
+        let mut w = Vec::with_capacity(WINDOW);
+        if self.ring_full {
+            w.extend_from_slice(&self.ring[self.ring_at..]);
+        }
+        w.extend_from_slice(&self.ring[..self.ring_at]);
+        w
+    }
+
+    /// At a sync flush, the shadow's whole state is its window: kept
+    /// deflated until the backend speaks again. `None` if deflating fails.
+    fn park(&self) -> Option<Box<[u8]>> {
+        let window = self.window();
+        PARKER.with(|parker| {
+            let mut parker = parker.borrow_mut();
+            let z = parker
+                .get_or_insert_with(|| flate2::Compress::new(flate2::Compression::new(6), false));
+            z.reset();
+            let mut out = Vec::with_capacity(window.len() / 2 + 64);
+            loop {
+                let before = z.total_in() as usize;
+                let status = z
+                    .compress_vec(&window[before..], &mut out, flate2::FlushCompress::Finish)
+                    .ok()?;
+                if status == Status::StreamEnd {
+                    return Some(out.into_boxed_slice());
+                }
+                out.reserve(out.capacity().max(1024));
+            }
+        })
+    }
+
+    /// A shadow again, from a parked window.
+    fn unpark(parked: &[u8]) -> Option<Box<Inflater>> {
+        let mut window = Vec::with_capacity(WINDOW);
+        let mut d = Decompress::new(false);
+        match d.decompress_vec(parked, &mut window, FlushDecompress::Finish) {
+            Ok(Status::StreamEnd) => {}
+            _ => return None,
+        }
+        let mut inflater = Inflater::new();
+        if !window.is_empty() {
+            inflater.state.set_dictionary(&window).ok()?;
+        }
+        inflater.remember(&window);
+        inflater.last = SYNC_FLUSH;
+        Some(inflater)
     }
 
     /// Inflates `input`, handing each piece of output to `out`. Fails on
@@ -304,6 +387,7 @@ impl Inflater {
             let made = (self.state.total_out() - out_before) as usize;
             used += consumed;
             if made > 0 {
+                self.remember(&buf[..made]);
                 out(&buf[..made]);
             }
             if status == Status::StreamEnd {
@@ -362,13 +446,22 @@ enum Compress {
     On,
 }
 
+/// The shadow of a compressed stream.
+enum Shadow {
+    None,
+    Active(Box<Inflater>),
+    /// Parked at a sync flush while the backend is quiet: the window,
+    /// deflated (a few KiB instead of the inflater's 47).
+    Parked(Box<[u8]>),
+}
+
 /// Both directions of one relayed IMAP session, as far as the relay needs.
 pub struct Watch {
     commands: Lines<COMMAND_HEAD>,
     responses: Lines<RESPONSE_HEAD>,
     compress: Compress,
     /// The backend's stream, inflated, when it is compressed.
-    inflater: Option<Box<Inflater>>,
+    shadow: Shadow,
     /// The backend said `* BYE`: its end of stream is orderly.
     bye: bool,
     /// The stream could not be followed: never write into it.
@@ -381,7 +474,7 @@ impl Default for Watch {
             commands: Lines::default(),
             responses: Lines::default(),
             compress: Compress::Plain,
-            inflater: None,
+            shadow: Shadow::None,
             bye: false,
             lost: false,
         }
@@ -439,9 +532,10 @@ impl Watch {
     pub fn at_boundary(&self) -> bool {
         !self.lost
             && self.responses.at_boundary()
-            && match (&self.compress, &self.inflater) {
-                (Compress::On, Some(inflater)) => inflater.flushed(),
-                (Compress::On, None) => false,
+            && match (&self.compress, &self.shadow) {
+                (Compress::On, Shadow::Active(inflater)) => inflater.flushed(),
+                (Compress::On, Shadow::Parked(_)) => true,
+                (Compress::On, Shadow::None) => false,
                 _ => true,
             }
     }
@@ -451,9 +545,36 @@ impl Watch {
         if !self.at_boundary() {
             return Farewell::Silent;
         }
-        match self.inflater.take() {
-            Some(inflater) => Farewell::Deflate(inflater),
-            None => Farewell::Plain,
+        match std::mem::replace(&mut self.shadow, Shadow::None) {
+            Shadow::Active(inflater) => Farewell::Deflate(inflater),
+            Shadow::Parked(window) => {
+                Inflater::unpark(&window).map_or(Farewell::Silent, Farewell::Deflate)
+            }
+            Shadow::None => Farewell::Plain,
+        }
+    }
+
+    /// Whether a shadow inflater is held (and could be parked).
+    pub fn inflating(&self) -> bool {
+        matches!(self.shadow, Shadow::Active(_))
+    }
+
+    /// Parks the shadow inflater while the backend is quiet, if the stream
+    /// stands at a response boundary after a sync flush; whether it did.
+    /// The next bytes from the backend bring it back.
+    pub fn park(&mut self) -> bool {
+        let Shadow::Active(inflater) = &self.shadow else {
+            return false;
+        };
+        if !(inflater.flushed() && self.responses.at_boundary()) {
+            return false;
+        }
+        match inflater.park() {
+            Some(window) => {
+                self.shadow = Shadow::Parked(window);
+                true
+            }
+            None => false,
         }
     }
 
@@ -487,20 +608,30 @@ impl Watch {
         if self.lost {
             return None;
         }
-        let compressed_from = match self.inflater {
-            Some(_) => 0,
-            None => match self.follow_plain(chunk, stop_at_boundary) {
+        let compressed_from = match self.shadow {
+            Shadow::None => match self.follow_plain(chunk, stop_at_boundary) {
                 Ok(cut) => return cut,
                 Err(from) => from,
             },
+            _ => 0,
         };
-        let mut inflater = self.inflater.take().unwrap_or_else(Inflater::new);
+        let mut inflater = match std::mem::replace(&mut self.shadow, Shadow::None) {
+            Shadow::Active(inflater) => inflater,
+            Shadow::Parked(window) => match Inflater::unpark(&window) {
+                Some(inflater) => inflater,
+                None => {
+                    self.give_up();
+                    return None;
+                }
+            },
+            Shadow::None => Inflater::new(),
+        };
         let mut followed = true;
         let fed = inflater.feed(&chunk[compressed_from..], |plain| {
             followed &= self.follow_plain(plain, false).is_ok();
         });
         if fed.is_ok() && followed {
-            self.inflater = Some(inflater);
+            self.shadow = Shadow::Active(inflater);
         } else {
             self.give_up();
         }
@@ -524,13 +655,10 @@ impl Watch {
             }
             if let Compress::Asked(tag, len) = self.compress {
                 match tagged_answer(head, &tag[..len as usize]) {
-                    Some(Answer::Ok) if self.inflater.is_none() => {
+                    Some(Answer::Ok) => {
                         self.compress = Compress::On;
                         return Err(pos);
                     }
-                    // Already inflating: the client asked twice; the
-                    // backend's word is not followed further.
-                    Some(Answer::Ok) => return Err(pos),
                     Some(Answer::Refused) => self.compress = Compress::Plain,
                     None => {}
                 }
@@ -544,7 +672,7 @@ impl Watch {
 
     fn give_up(&mut self) {
         self.lost = true;
-        self.inflater = None;
+        self.shadow = Shadow::None;
     }
 }
 
@@ -825,6 +953,52 @@ mod tests {
             out,
             b"* 1 FETCH (FLAGS (\\Seen))\r\n* BYE [UNAVAILABLE] Server shutting down\r\n"
         );
+    }
+
+    /// A quiet compressed session parks its shadow at a sync flush and
+    /// takes it up again when the backend speaks: later data, which refers
+    /// back into the parked window, is followed as before.
+    #[test]
+    fn a_parked_shadow_follows_on() {
+        let (mut watch, mut z) = compressed_session();
+        watch.backend_sent(b"Z7 OK\r\n", false);
+        let mut mail = Vec::new();
+        for i in 0..2000 {
+            mail.extend_from_slice(format!("line {i} of a message\r\n").as_bytes());
+        }
+        let mut fetch = format!("* 1 FETCH (BODY[] {{{}}}\r\n", mail.len()).into_bytes();
+        fetch.extend_from_slice(&mail);
+        fetch.extend_from_slice(b")\r\n");
+        // Half a response: not parked.
+        let (first, second) = fetch.split_at(fetch.len() / 2);
+        watch.backend_sent(&deflated(&mut z, &[first]), false);
+        assert!(!watch.park());
+        watch.backend_sent(&deflated(&mut z, &[second]), false);
+        assert!(watch.park());
+        assert!(!watch.inflating());
+        assert!(watch.at_boundary());
+        // The same text again: deflate refers back into the window.
+        watch.backend_sent(&deflated(&mut z, &[&fetch]), false);
+        assert!(watch.inflating() && watch.at_boundary());
+        assert!(watch.park());
+        watch.backend_sent(&deflated(&mut z, &[b"* BYE Logging out\r\n"]), false);
+        assert!(watch.bye_seen());
+        // Parked, the farewell is still deflate data the client reads.
+        assert!(watch.park());
+        let mut plain = Vec::new();
+        let wire = {
+            let mut all = z.get_ref().clone();
+            let Farewell::Deflate(inflater) = watch.farewell() else {
+                panic!("a parked shadow stands at a flushed boundary");
+            };
+            all.extend(Farewell::Deflate(inflater).encode(b"* BYE x\r\n").unwrap());
+            all
+        };
+        let mut d = flate2::write::DeflateDecoder::new(&mut plain);
+        d.write_all(&wire).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        assert!(plain.ends_with(b"* BYE Logging out\r\n* BYE x\r\n"));
     }
 
     #[test]
