@@ -62,6 +62,8 @@ pub struct Lines<const HEAD: usize> {
     at_start: bool,
     /// Still in the line's first segment (no literal yet).
     first: bool,
+    /// The literal due is synchronizing and none of it came yet.
+    sync: bool,
     /// Where the current line's first segment lies in the chunk being
     /// followed (start, end), when it lies there whole; otherwise its
     /// first bytes are in `head`.
@@ -86,6 +88,7 @@ impl<const HEAD: usize> Default for Lines<HEAD> {
             literal: 0,
             at_start: true,
             first: true,
+            sync: false,
             in_chunk: None,
             segment_here: true,
             last: None,
@@ -143,6 +146,7 @@ impl<const HEAD: usize> Lines<HEAD> {
             if self.literal > 0 {
                 let skip = self.literal.min((chunk.len() - pos) as u64);
                 self.literal -= skip;
+                self.sync = false;
                 pos += skip as usize;
                 continue;
             }
@@ -160,6 +164,8 @@ impl<const HEAD: usize> Lines<HEAD> {
                 let segment = &chunk[start..];
                 if self.first {
                     self.keep_head(segment);
+                } else {
+                    self.save_head(chunk);
                 }
                 self.keep_tail(segment);
                 return None;
@@ -184,9 +190,10 @@ impl<const HEAD: usize> Lines<HEAD> {
                 _ => None,
             };
             match marker {
-                Some(n) if literal_allowed(self.head(chunk)) => {
+                Some((n, sync)) if literal_allowed(self.head(chunk)) => {
                     // The line goes on after the literal, in a new segment.
                     self.literal = n;
+                    self.sync = sync && n > 0;
                     self.first = false;
                     self.tail_len = 0;
                     self.segment_here = true;
@@ -197,7 +204,40 @@ impl<const HEAD: usize> Lines<HEAD> {
                 }
             }
         }
+        // The chunk ended in a literal.
+        self.save_head(chunk);
         None
+    }
+
+    /// Whether the line waits for a synchronizing literal (`{n}` from a
+    /// client) none of whose bytes came yet: the server answers `+`, or
+    /// refuses the command and the client sends no literal.
+    pub fn awaits_literal(&self) -> bool {
+        self.sync
+    }
+
+    /// The server refused the command whose literal was awaited: the
+    /// client will not send it, and its next bytes start a line.
+    pub fn literal_refused(&mut self) {
+        self.literal = 0;
+        self.sync = false;
+        self.at_start = true;
+    }
+
+    /// The first bytes of the current line, kept when the chunk it began
+    /// in ended (valid between chunks).
+    pub fn kept_head(&self) -> &[u8] {
+        &self.head[..self.head_len as usize]
+    }
+
+    /// Keeps the head of a line whose first segment lay in `chunk`, as the
+    /// chunk ends.
+    fn save_head(&mut self, chunk: &[u8]) {
+        if let Some((start, end)) = self.in_chunk.take() {
+            let take = (end - start).min(HEAD);
+            self.head[..take].copy_from_slice(&chunk[start..start + take]);
+            self.head_len = take as u8;
+        }
     }
 
     /// Appends to the kept head what fits of `segment`.
@@ -230,22 +270,24 @@ impl<const HEAD: usize> Lines<HEAD> {
 }
 
 /// The literal a line segment announces at its end (the bytes before its
-/// LF): `{n}`, `{n+}`, `{n-}` or `~{n}`, then CR.
-fn literal_marker(segment: &[u8]) -> Option<u64> {
+/// LF): `{n}`, `{n+}`, `{n-}` or `~{n}`, then CR; and whether it is
+/// synchronizing (`{n}`, `~{n}`).
+fn literal_marker(segment: &[u8]) -> Option<(u64, bool)> {
     let s = segment.strip_suffix(b"\r").unwrap_or(segment);
     let s = s.strip_suffix(b"}")?;
-    let s = s
-        .strip_suffix(b"+")
-        .or_else(|| s.strip_suffix(b"-"))
-        .unwrap_or(s);
+    let (s, sync) = match s.strip_suffix(b"+").or_else(|| s.strip_suffix(b"-")) {
+        Some(s) => (s, false),
+        None => (s, true),
+    };
     let digits = s.iter().rev().take_while(|b| b.is_ascii_digit()).count();
     if digits == 0 || digits > 19 || s.len() == digits || s[s.len() - digits - 1] != b'{' {
         return None;
     }
-    std::str::from_utf8(&s[s.len() - digits..])
+    let n = std::str::from_utf8(&s[s.len() - digits..])
         .ok()?
         .parse()
-        .ok()
+        .ok()?;
+    Some((n, sync))
 }
 
 /// Whether a response with this head may carry literals: untagged data
@@ -653,6 +695,14 @@ impl Watch {
             if is_bye(head) {
                 self.bye = true;
             }
+            if self.commands.awaits_literal() {
+                // A refused command sends no literal (RFC 9051 7.5).
+                let tag = self.commands.kept_head();
+                let tag = &tag[..tag.iter().position(|&b| b == b' ').unwrap_or(tag.len())];
+                if !tag.is_empty() && matches!(tagged_answer(head, tag), Some(Answer::Refused)) {
+                    self.commands.literal_refused();
+                }
+            }
             if let Compress::Asked(tag, len) = self.compress {
                 match tagged_answer(head, &tag[..len as usize]) {
                     Some(Answer::Ok) => {
@@ -739,7 +789,9 @@ mod tests {
             let mut pieces = Vec::new();
             let mut at = 0;
             while at < stream.len() {
-                let n = 1 + rng.below(17.min(stream.len() - at).max(1));
+                let n = 1 + rng
+                    .below(if ways.len() % 2 == 0 { 17 } else { 80 })
+                    .min(stream.len() - at - 1);
                 pieces.push(&stream[at..at + n]);
                 at += n;
             }
@@ -798,12 +850,12 @@ mod tests {
 
     #[test]
     fn literal_markers() {
-        assert_eq!(literal_marker(b"* 1 FETCH (BODY[] {5}\r"), Some(5));
-        assert_eq!(literal_marker(b"a APPEND x {12+}\r"), Some(12));
-        assert_eq!(literal_marker(b"a APPEND x {12-}"), Some(12));
+        assert_eq!(literal_marker(b"* 1 FETCH (BODY[] {5}\r"), Some((5, true)));
+        assert_eq!(literal_marker(b"a APPEND x {12+}\r"), Some((12, false)));
+        assert_eq!(literal_marker(b"a APPEND x {12-}"), Some((12, false)));
         assert_eq!(
             literal_marker(b"~{9223372036854775807}\r"),
-            Some(i64::MAX as u64)
+            Some((i64::MAX as u64, true))
         );
         assert_eq!(literal_marker(b"{}\r"), None);
         assert_eq!(literal_marker(b"{12345678901234567890}\r"), None);
@@ -999,6 +1051,32 @@ mod tests {
         d.flush().unwrap();
         drop(d);
         assert!(plain.ends_with(b"* BYE Logging out\r\n* BYE x\r\n"));
+    }
+
+    /// A synchronizing literal the server refuses is never sent: the
+    /// client's next bytes are a command again. One it accepts is skipped.
+    #[test]
+    fn a_refused_synchronizing_literal_is_not_awaited() {
+        for pieces in splits(b"a1 APPEND INBOX {30}\r\n", 13) {
+            let mut watch = Watch::new();
+            for piece in &pieces {
+                watch.client_sent(piece);
+            }
+            watch.backend_sent(b"* 3 EXISTS\r\na1 NO [TOOBIG] too big\r\n", false);
+            watch.client_sent(b"z COMPRESS DEFLATE\r\n");
+            assert!(matches!(watch.compress, Compress::Asked(..)), "{pieces:?}");
+        }
+        let mut watch = Watch::new();
+        watch.client_sent(b"a1 APPEND INBOX {20}\r\n");
+        watch.backend_sent(b"+ go ahead\r\n", false);
+        watch.client_sent(b"z COMPRESS DEFLATE\r\n");
+        assert!(watch.compress == Compress::Plain);
+        // Another command's refusal does not end the wait.
+        let mut watch = Watch::new();
+        watch.client_sent(b"a1 APPEND INBOX {20}\r\n");
+        watch.backend_sent(b"a0 NO earlier\r\n", false);
+        watch.client_sent(b"z COMPRESS DEFLATE\r\n");
+        assert!(watch.compress == Compress::Plain);
     }
 
     #[test]
