@@ -144,8 +144,8 @@ fn run(
             relay(
                 client_near,
                 backend_near,
-                b"",
-                b"",
+                Vec::new(),
+                Vec::new(),
                 Duration::from_secs(60),
                 &counters,
                 std::future::pending::<StopCause>(),

@@ -201,7 +201,8 @@ impl Pump {
         loop {
             match &mut self.state {
                 State::Reading => {
-                    if self.stopping && watch.at_boundary() {
+                    // After the backend's own BYE, its stream runs to its end.
+                    if self.stopping && watch.at_boundary() && !watch.bye_seen() {
                         return Poll::Ready(self.finish(PumpEnd::Boundary));
                     }
                     let mut buf = take_buffer();
@@ -324,8 +325,8 @@ impl Pump {
 pub async fn relay<C, B, S>(
     mut client: C,
     mut backend: B,
-    backend_said: &[u8],
-    client_said: &[u8],
+    backend_said: Vec<u8>,
+    client_said: Vec<u8>,
     idle: Duration,
     counters: &Counters,
     stop: S,
@@ -340,8 +341,10 @@ where
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
     let mut watch = Watch::new();
-    watch.backend_sent(backend_said, false);
-    watch.client_sent(client_said);
+    watch.backend_sent(&backend_said, false);
+    watch.client_sent(&client_said);
+    // Not kept: the client's may be the pre-auth read buffer.
+    drop((backend_said, client_said));
     let mut limit = idle;
     let mut last_activity = Instant::now();
     let timer = tokio::time::sleep(limit);
@@ -366,8 +369,12 @@ where
         if let Some((cause, finish)) = &mut stopping {
             // The client's commands are no longer read; the backend's
             // response in flight finishes, to its boundary, or time runs out.
+            if closed == Some(RelayEnd::BackendClosed) {
+                // The backend had already ended in order.
+                return Poll::Ready(RelayEnd::BackendClosed);
+            }
             let end = RelayEnd::Stopped(*cause);
-            if down.done() || finish.as_mut().poll(cx).is_ready() {
+            if down.done() || !watch.following() || finish.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(end);
             }
             let mut active = false;
@@ -431,7 +438,10 @@ where
             // would otherwise wait for the idle deadline first.
             limit = LINGER;
             last_activity = Instant::now();
-            timer.as_mut().reset(last_activity + limit);
+            let deadline = last_activity + limit;
+            timer
+                .as_mut()
+                .reset(park_at.map_or(deadline, |at| at.min(deadline)));
         }
         if active {
             last_activity = Instant::now();
@@ -486,8 +496,8 @@ mod tests {
         relay(
             client,
             backend,
-            b"",
-            b"",
+            Vec::new(),
+            Vec::new(),
             idle,
             &counters(),
             std::future::pending(),
@@ -564,8 +574,8 @@ mod tests {
                 let outcome = relay(
                     &mut client_near,
                     backend_near,
-                    said,
-                    b"",
+                    said.to_vec(),
+                    Vec::new(),
                     Duration::from_secs(60),
                     &c,
                     std::future::pending(),
@@ -744,8 +754,8 @@ mod tests {
             let outcome = relay(
                 &mut client_near,
                 backend_near,
-                b"",
-                b"",
+                Vec::new(),
+                Vec::new(),
                 Duration::from_secs(60),
                 &counters(),
                 async move { stopped.await.unwrap() },
@@ -805,6 +815,30 @@ mod tests {
             assert_eq!(rest, b"56789)\r\n* BYE kicked\r\n", "room {room}");
             drop(backend.await.unwrap());
         }
+    }
+
+    /// Stopped between the backend's BYE and its tagged answer to LOGOUT:
+    /// the client gets the answer and the backend's close, no second BYE.
+    #[tokio::test]
+    async fn a_stop_after_the_backends_bye_lets_it_finish() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+        backend_far
+            .write_all(b"* BYE Logging out\r\n")
+            .await
+            .unwrap();
+        let mut got = [0u8; 19];
+        client_far.read_exact(&mut got).await.unwrap();
+        stop.send(StopCause::Shutdown).unwrap();
+        tokio::task::yield_now().await;
+        backend_far
+            .write_all(b"Z OK Logout completed.\r\n")
+            .await
+            .unwrap();
+        drop(backend_far);
+        let (end, kind, rest) = farewell_and_read(relay, client_far, b"* BYE no\r\n").await;
+        assert_eq!(end, RelayEnd::Stopped(StopCause::Shutdown));
+        assert_eq!(kind, "silent");
+        assert_eq!(rest, b"Z OK Logout completed.\r\n");
     }
 
     /// A response that does not finish within FINISH: the client's stream

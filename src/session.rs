@@ -269,23 +269,24 @@ impl Session {
                     None => std::future::pending().await,
                 }
             };
+            // When several hold at once, the one the client hears first.
             tokio::select! {
-                cause = backend_closing => cause,
+                biased;
                 _ = shutdown.sessions_closing() => StopCause::Shutdown,
                 _ = kick.kicked() => StopCause::Kicked,
+                cause = backend_closing => cause,
             }
         };
         let outcome = relay::relay(
             &mut stream,
             &mut backend_stream,
-            &backend_said,
-            &client_said,
+            backend_said,
+            client_said,
             limits.idle_timeout,
             &counters,
             stop,
         )
         .await;
-        drop((backend_said, client_said));
         drop(registration);
         // Shutting down, or ended by an administrator: the client is told
         // at once. The backend went down or away under the session: say so

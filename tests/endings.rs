@@ -199,6 +199,7 @@ fn mbsync_syncs_both_ways_with_compress_through_both_listeners() {
             |n| *n > before,
         );
         let took = synced.elapsed();
+        println!("{ssl}: the session ended {took:?} after mbsync exited");
         assert!(
             took < Duration::from_secs(5),
             "ended {took:?} after mbsync exited, not after the 60 s jitter"

@@ -158,6 +158,9 @@ impl<const HEAD: usize> Lines<HEAD> {
                 self.in_chunk = Some((pos, pos));
                 self.segment_here = true;
             }
+            // A byte after a literal's announcement: whatever it was, it
+            // is no longer awaited (a `{0}` literal is over at once).
+            self.sync = false;
             let start = pos;
             let Some(nl) = memchr::memchr(b'\n', &chunk[start..]) else {
                 // The line goes on in the next read: keep what it needs.
@@ -193,7 +196,7 @@ impl<const HEAD: usize> Lines<HEAD> {
                 Some((n, sync)) if literal_allowed(self.head(chunk)) => {
                     // The line goes on after the literal, in a new segment.
                     self.literal = n;
-                    self.sync = sync && n > 0;
+                    self.sync = sync;
                     self.first = false;
                     self.tail_len = 0;
                     self.segment_here = true;
@@ -233,6 +236,11 @@ impl<const HEAD: usize> Lines<HEAD> {
     /// Keeps the head of a line whose first segment lay in `chunk`, as the
     /// chunk ends.
     fn save_head(&mut self, chunk: &[u8]) {
+        if self.at_start {
+            // The line is over; the next one starts afresh.
+            self.in_chunk = None;
+            return;
+        }
         if let Some((start, end)) = self.in_chunk.take() {
             let take = (end - start).min(HEAD);
             self.head[..take].copy_from_slice(&chunk[start..start + take]);
@@ -304,6 +312,30 @@ fn response_has_literals(head: &[u8]) -> bool {
         .any(|status| word.eq_ignore_ascii_case(status.as_bytes()))
 }
 
+/// Whether a line with this head can start a response: untagged (`* `),
+/// a continuation request (`+`), or a tag (printable, no atom-specials)
+/// and a status word. A head cut short by its size is given the benefit.
+fn plausible_response(head: &[u8]) -> bool {
+    match head {
+        [b'*', b' ', ..] | [b'+', ..] => true,
+        _ => {
+            let Some(space) = head.iter().position(|&b| b == b' ') else {
+                return head.len() >= RESPONSE_HEAD && head.iter().all(|&b| is_tag_char(b));
+            };
+            let (tag, rest) = head.split_at(space);
+            !tag.is_empty()
+                && tag.iter().all(|&b| is_tag_char(b))
+                && (tagged_answer(head, tag).is_some()
+                    || (head.len() >= RESPONSE_HEAD && rest.len() < " BAD ".len()))
+        }
+    }
+}
+
+/// A character of a tag (RFC 9051: ASTRING-CHAR except `+`).
+fn is_tag_char(b: u8) -> bool {
+    b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b)
+}
+
 /// Whether a response line with this head is an untagged BYE.
 fn is_bye(head: &[u8]) -> bool {
     head.len() >= BYE.len()
@@ -346,7 +378,8 @@ impl Inflater {
             ring: Box::new([0; WINDOW]),
             ring_at: 0,
             ring_full: false,
-            last: [1; 4],
+            // A deflate stream starts on a block boundary, as after a flush.
+            last: SYNC_FLUSH,
             pending: false,
         })
     }
@@ -564,6 +597,11 @@ impl Watch {
         self.bye
     }
 
+    /// Whether the streams are still followed (the watch has not given up).
+    pub fn following(&self) -> bool {
+        !self.lost
+    }
+
     /// Whether the backend's stream is compressed.
     pub fn compressed(&self) -> bool {
         self.compress == Compress::On
@@ -692,6 +730,12 @@ impl Watch {
         while let Some(end) = self.responses.next_line(plain, pos, response_has_literals) {
             pos = end;
             let head = self.responses.head(plain);
+            if !plausible_response(head) {
+                // Not a response: the framing is out of step (or the
+                // stream is not what it seems). Nothing more is judged.
+                self.give_up();
+                return Ok(None);
+            }
             if is_bye(head) {
                 self.bye = true;
             }
@@ -713,7 +757,9 @@ impl Watch {
                     None => {}
                 }
             }
-            if stop_at_boundary {
+            // After the backend's own BYE its stream runs to its close
+            // (the tagged answer to LOGOUT follows): no cut, no word.
+            if stop_at_boundary && !self.bye {
                 return Ok(Some(pos));
             }
         }
@@ -899,6 +945,26 @@ mod tests {
         }
     }
 
+    /// A line no response can start with: the watch gives up, and so
+    /// never speaks into that stream.
+    #[test]
+    fn a_line_that_is_no_response_makes_the_watch_give_up() {
+        for stream in [
+            &b"\x8b\x02garbage\r\n"[..],
+            b"\r\n",
+            b"a1 FETCH done\r\n",
+            b"(x) OK\r\n",
+        ] {
+            let mut watch = fed(&[b"* 1 EXISTS\r\na OK\r\n+ go\r\n"]);
+            assert!(watch.following() && watch.at_boundary());
+            watch.backend_sent(stream, false);
+            assert!(!watch.following(), "{stream:?}");
+            assert!(matches!(watch.farewell(), Farewell::Silent));
+        }
+        let long_tag = format!("{} OK done\r\n", "t".repeat(RESPONSE_HEAD));
+        assert!(fed(&[long_tag.as_bytes()]).following());
+    }
+
     #[test]
     fn stopping_cuts_at_the_first_boundary() {
         let mut watch = Watch::new();
@@ -914,6 +980,14 @@ mod tests {
         let mut watch = Watch::new();
         watch.backend_sent(b"* 1 FETCH (BODY[] {4}\r\nab", false);
         assert!(matches!(watch.farewell(), Farewell::Silent));
+        // After the backend's own BYE, nothing is cut: its tagged answer
+        // and its close follow.
+        let mut watch = Watch::new();
+        assert_eq!(
+            watch.backend_sent(b"* BYE Logging out\r\nZ OK Logout completed.\r\n", true),
+            None
+        );
+        assert!(watch.bye_seen());
     }
 
     /// What a COMPRESS backend sends: each response deflated, then a sync
@@ -1071,6 +1145,12 @@ mod tests {
         watch.backend_sent(b"+ go ahead\r\n", false);
         watch.client_sent(b"z COMPRESS DEFLATE\r\n");
         assert!(watch.compress == Compress::Plain);
+        // An empty synchronizing literal waits for its `+` as well.
+        let mut watch = Watch::new();
+        watch.client_sent(b"a1 APPEND INBOX {0}\r\n");
+        watch.backend_sent(b"a1 NO [TOOBIG] empty\r\n", false);
+        watch.client_sent(b"z COMPRESS DEFLATE\r\n");
+        assert!(matches!(watch.compress, Compress::Asked(..)));
         // Another command's refusal does not end the wait.
         let mut watch = Watch::new();
         watch.client_sent(b"a1 APPEND INBOX {20}\r\n");
