@@ -893,19 +893,29 @@ mod tests {
         out
     }
 
-    /// After COMPRESS DEFLATE, a stop in the middle of a response (even
-    /// at a sync flush) waits for its end; the BYE is then a deflate block
-    /// the client inflates after the backend's responses.
-    #[tokio::test]
-    async fn a_stop_on_a_compressed_stream_ends_in_deflate() {
-        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+    /// The client sends `c COMPRESS DEFLATE` through the relay; the
+    /// backend's deflater, for after its OK.
+    async fn compress_asked(
+        client_far: &mut tokio::io::DuplexStream,
+        backend_far: &mut tokio::io::DuplexStream,
+    ) -> flate2::write::DeflateEncoder<Vec<u8>> {
         client_far
             .write_all(b"c COMPRESS DEFLATE\r\n")
             .await
             .unwrap();
         let mut asked = [0u8; 20];
         backend_far.read_exact(&mut asked).await.unwrap();
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        assert_eq!(&asked, b"c COMPRESS DEFLATE\r\n");
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6))
+    }
+
+    /// After COMPRESS DEFLATE, a stop in the middle of a response (even
+    /// at a sync flush) waits for its end; the BYE is then a deflate block
+    /// the client inflates after the backend's responses.
+    #[tokio::test]
+    async fn a_stop_on_a_compressed_stream_ends_in_deflate() {
+        let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
+        let mut z = compress_asked(&mut client_far, &mut backend_far).await;
         let mut sent = b"c OK DEFLATE active\r\n".to_vec();
         sent.extend(deflate_flushed(&mut z, b"* 1 FETCH (BODY[] {10}\r\n01234"));
         backend_far.write_all(&sent).await.unwrap();
@@ -932,13 +942,7 @@ mod tests {
     #[tokio::test]
     async fn a_compressed_bye_then_close_is_an_orderly_end() {
         let (mut client_far, mut backend_far, _stop, relay) = stoppable(4096);
-        client_far
-            .write_all(b"c COMPRESS DEFLATE\r\n")
-            .await
-            .unwrap();
-        let mut asked = [0u8; 20];
-        backend_far.read_exact(&mut asked).await.unwrap();
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let mut z = compress_asked(&mut client_far, &mut backend_far).await;
         let mut sent = b"c OK\r\n".to_vec();
         sent.extend(deflate_flushed(&mut z, b"* BYE Logging out\r\n"));
         sent.extend(deflate_flushed(&mut z, b"l OK Logout completed.\r\n"));
@@ -960,13 +964,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_compressed_session_is_followed_across_quiet_periods() {
         let (mut client_far, mut backend_far, stop, relay) = stoppable(1 << 16);
-        client_far
-            .write_all(b"c COMPRESS DEFLATE\r\n")
-            .await
-            .unwrap();
-        let mut asked = [0u8; 20];
-        backend_far.read_exact(&mut asked).await.unwrap();
-        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::new(6));
+        let mut z = compress_asked(&mut client_far, &mut backend_far).await;
         let text: Vec<u8> = (0..500)
             .flat_map(|i| format!("* {i} FETCH (FLAGS (\\Seen))\r\n").into_bytes())
             .collect();

@@ -309,6 +309,16 @@ impl Script {
     }
 }
 
+/// The lines the script read after "ready" (literal data aside).
+fn after_lines(report: &serde_json::Value) -> Vec<&str> {
+    report["after"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect()
+}
+
 /// A compressed session in IDLE hears Postern's BYE as deflate data when
 /// it is kicked, when Postern shuts down, and when its backend is killed;
 /// the client inflates it cleanly after the backend's last response.
@@ -343,12 +353,7 @@ fn a_compressed_idle_session_hears_every_ending_in_deflate() {
         };
         let report = script.report();
         assert_eq!(report["clean"], true, "{how}: {report}");
-        let after: Vec<&str> = report["after"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l.as_str().unwrap())
-            .collect();
+        let after = after_lines(&report);
         assert_eq!(after.last(), Some(&bye), "{how}: {report}");
         let line = session_ended(&p, &["compressed=true", reason]);
         assert!(!line.contains("backend_closed"), "{how}: {line}");
@@ -411,12 +416,7 @@ fn a_kick_or_backend_kill_mid_fetch_never_writes_into_the_literal() {
                 Some(expected.as_str()),
                 "{what}"
             );
-            let after: Vec<&str> = report["after"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l.as_str().unwrap())
-                .collect();
+            let after = after_lines(&report);
             if literal["complete"] == true {
                 // The response's end, then at most the FETCH's tagged OK
                 // (in the same compressed flush) and a BYE.
