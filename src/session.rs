@@ -294,26 +294,30 @@ impl Session {
         // reconnect at once. Nothing is written where the client would not
         // read it as a new response (mid-literal, inside a compressed
         // stream that is not at a flush): it is only closed.
-        let bye: Option<&[u8]> = match outcome.end {
+        let (bye, after_jitter): (Option<&[u8]>, bool) = match outcome.end {
             RelayEnd::Stopped(StopCause::Shutdown) => {
-                Some(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+                (Some(b"* BYE [UNAVAILABLE] Server shutting down\r\n"), false)
             }
             RelayEnd::Stopped(StopCause::Kicked) => {
-                Some(b"* BYE Session ended by the administrator\r\n")
+                (Some(b"* BYE Session ended by the administrator\r\n"), false)
             }
             RelayEnd::Stopped(StopCause::Drained | StopCause::BackendDown)
             | RelayEnd::BackendLost
-            | RelayEnd::BackendError => {
-                drop(backend_stream);
-                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
-                Some(b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n")
-            }
-            _ => None,
+            | RelayEnd::BackendError => (
+                Some(b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n"),
+                true,
+            ),
+            _ => (None, false),
         };
         if let Some(bye) = bye {
             let farewell = outcome.farewell.as_str();
+            // Encoded before any wait: a shadow inflater is freed now.
             let said = outcome.farewell.encode(bye);
             tracing::debug!(farewell, said = said.is_some(), "relay stopped");
+            if after_jitter {
+                drop(backend_stream);
+                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+            }
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 if let Some(said) = said {
                     send(&mut stream, &said).await?;
