@@ -56,17 +56,8 @@ fn ten_mebibyte_message_round_trips_intact() {
         .last()
         .unwrap()
         .starts_with("s OK"));
-    c.send(b"f FETCH 1 BODY.PEEK[]\r\n");
-    let head = c.line();
-    let size: usize = head
-        .rsplit_once('{')
-        .and_then(|(_, n)| n.strip_suffix('}'))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("FETCH literal header: {head}"));
-    assert_eq!(size, message.len());
-    let body = c.bytes(size);
-    assert_eq!(c.line(), ")");
-    assert!(c.until_tagged("f").last().unwrap().starts_with("f OK"));
+    let body = c.fetch_first_message();
+    assert_eq!(body.len(), message.len());
     assert_eq!(
         Sha256::digest(&body),
         sent_hash,

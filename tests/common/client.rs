@@ -260,6 +260,24 @@ impl Client {
         }
     }
 
+    /// `FETCH 1 BODY.PEEK[]` in the selected mailbox: the message, read
+    /// as the literal it comes in, after which the response must end and
+    /// the command succeed.
+    pub fn fetch_first_message(&mut self) -> Vec<u8> {
+        self.send(b"f FETCH 1 BODY.PEEK[]\r\n");
+        let head = self.line();
+        let size: usize = head
+            .rsplit_once('{')
+            .and_then(|(_, n)| n.strip_suffix('}'))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("FETCH literal header: {head}"));
+        let body = self.bytes(size);
+        assert_eq!(self.line(), ")");
+        let done = self.until_tagged("f");
+        assert!(done.last().unwrap().starts_with("f OK"), "{done:?}");
+        body
+    }
+
     /// Selects INBOX and enters IDLE, up to the server's `+`.
     pub fn select_and_idle(&mut self) {
         let selected = self.command("s", "SELECT INBOX");
