@@ -485,6 +485,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::imap::watch::tests::{deflated, inflate};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// The relay with fresh counters, nothing said before it, no stop.
@@ -875,24 +876,6 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(10));
     }
 
-    fn deflate_flushed(z: &mut flate2::write::DeflateEncoder<Vec<u8>>, text: &[u8]) -> Vec<u8> {
-        use std::io::Write;
-        let before = z.get_ref().len();
-        z.write_all(text).unwrap();
-        z.flush().unwrap();
-        z.get_ref()[before..].to_vec()
-    }
-
-    fn inflate(compressed: &[u8]) -> Vec<u8> {
-        use std::io::Write;
-        let mut out = Vec::new();
-        let mut d = flate2::write::DeflateDecoder::new(&mut out);
-        d.write_all(compressed).unwrap();
-        d.flush().unwrap();
-        drop(d);
-        out
-    }
-
     /// The client sends `c COMPRESS DEFLATE` through the relay; the
     /// backend's deflater, for after its OK.
     async fn compress_asked(
@@ -917,13 +900,13 @@ mod tests {
         let (mut client_far, mut backend_far, stop, relay) = stoppable(4096);
         let mut z = compress_asked(&mut client_far, &mut backend_far).await;
         let mut sent = b"c OK DEFLATE active\r\n".to_vec();
-        sent.extend(deflate_flushed(&mut z, b"* 1 FETCH (BODY[] {10}\r\n01234"));
+        sent.extend(deflated(&mut z, &[b"* 1 FETCH (BODY[] {10}\r\n01234"]));
         backend_far.write_all(&sent).await.unwrap();
         let mut got = vec![0u8; sent.len()];
         client_far.read_exact(&mut got).await.unwrap();
         stop.send(StopCause::Drained).unwrap();
         tokio::task::yield_now().await;
-        let rest = deflate_flushed(&mut z, b"56789)\r\n");
+        let rest = deflated(&mut z, &[b"56789)\r\n"]);
         backend_far.write_all(&rest).await.unwrap();
         let bye = b"* BYE [UNAVAILABLE] reconnect\r\n";
         let (end, kind, after) = farewell_and_read(relay, client_far, bye).await;
@@ -944,8 +927,8 @@ mod tests {
         let (mut client_far, mut backend_far, _stop, relay) = stoppable(4096);
         let mut z = compress_asked(&mut client_far, &mut backend_far).await;
         let mut sent = b"c OK\r\n".to_vec();
-        sent.extend(deflate_flushed(&mut z, b"* BYE Logging out\r\n"));
-        sent.extend(deflate_flushed(&mut z, b"l OK Logout completed.\r\n"));
+        sent.extend(deflated(&mut z, &[b"* BYE Logging out\r\n"]));
+        sent.extend(deflated(&mut z, &[b"l OK Logout completed.\r\n"]));
         backend_far.write_all(&sent).await.unwrap();
         drop(backend_far);
         let mut got = Vec::new();
@@ -969,14 +952,14 @@ mod tests {
             .flat_map(|i| format!("* {i} FETCH (FLAGS (\\Seen))\r\n").into_bytes())
             .collect();
         let mut sent = b"c OK\r\n".to_vec();
-        sent.extend(deflate_flushed(&mut z, &text));
+        sent.extend(deflated(&mut z, &[&text]));
         backend_far.write_all(&sent).await.unwrap();
         let mut got = vec![0u8; sent.len()];
         client_far.read_exact(&mut got).await.unwrap();
         for _ in 0..2 {
             tokio::time::sleep(PARK_AFTER * 2).await;
             // The same lines again: deflate refers into the parked window.
-            let more = deflate_flushed(&mut z, &text);
+            let more = deflated(&mut z, &[&text]);
             backend_far.write_all(&more).await.unwrap();
             let mut again = vec![0u8; more.len()];
             client_far.read_exact(&mut again).await.unwrap();

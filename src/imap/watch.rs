@@ -809,7 +809,7 @@ fn ends_compress(tail: &[u8]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use flate2::write::DeflateEncoder;
     use flate2::Compression;
@@ -992,13 +992,23 @@ mod tests {
 
     /// What a COMPRESS backend sends: each response deflated, then a sync
     /// flush, all in one stream.
-    fn deflated(z: &mut DeflateEncoder<Vec<u8>>, responses: &[&[u8]]) -> Vec<u8> {
+    pub(crate) fn deflated(z: &mut DeflateEncoder<Vec<u8>>, responses: &[&[u8]]) -> Vec<u8> {
         let before = z.get_ref().len();
         for r in responses {
             z.write_all(r).unwrap();
             z.flush().unwrap();
         }
         z.get_ref()[before..].to_vec()
+    }
+
+    /// What a client's inflater makes of a raw deflate stream.
+    pub(crate) fn inflate(compressed: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut d = flate2::write::DeflateDecoder::new(&mut out);
+        d.write_all(compressed).unwrap();
+        d.flush().unwrap();
+        drop(d);
+        out
     }
 
     fn compressed_session() -> (Watch, DeflateEncoder<Vec<u8>>) {
@@ -1070,13 +1080,8 @@ mod tests {
         wire.extend_from_slice(&body);
         let compressed_from = 7;
         wire.extend_from_slice(&block);
-        let mut out = Vec::new();
-        let mut d = flate2::write::DeflateDecoder::new(&mut out);
-        d.write_all(&wire[compressed_from..]).unwrap();
-        d.flush().unwrap();
-        drop(d);
         assert_eq!(
-            out,
+            inflate(&wire[compressed_from..]),
             b"* 1 FETCH (FLAGS (\\Seen))\r\n* BYE [UNAVAILABLE] Server shutting down\r\n"
         );
     }
@@ -1111,7 +1116,6 @@ mod tests {
         assert!(watch.bye_seen());
         // Parked, the farewell is still deflate data the client reads.
         assert!(watch.park());
-        let mut plain = Vec::new();
         let wire = {
             let mut all = z.get_ref().clone();
             let Farewell::Deflate(inflater) = watch.farewell() else {
@@ -1120,11 +1124,7 @@ mod tests {
             all.extend(Farewell::Deflate(inflater).encode(b"* BYE x\r\n").unwrap());
             all
         };
-        let mut d = flate2::write::DeflateDecoder::new(&mut plain);
-        d.write_all(&wire).unwrap();
-        d.flush().unwrap();
-        drop(d);
-        assert!(plain.ends_with(b"* BYE Logging out\r\n* BYE x\r\n"));
+        assert!(inflate(&wire).ends_with(b"* BYE Logging out\r\n* BYE x\r\n"));
     }
 
     /// A synchronizing literal the server refuses is never sent: the
