@@ -234,6 +234,10 @@ pub struct Auth {
     /// Growing delays per network and user, blocks per network.
     #[serde(default)]
     pub brute_force: BruteForce,
+    /// Tell the client why a disabled account may not log in (the users
+    /// file's or the directory's `reason`); off: the plain failure answer.
+    #[serde(default)]
+    pub show_disabled_reason: bool,
     /// How long a failed login waits, counted from when the credentials arrived.
     #[serde(default = "default_failure_delay", deserialize_with = "duration")]
     pub failure_delay: Duration,

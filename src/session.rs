@@ -956,7 +956,11 @@ impl Session {
                 rt.auth.name(),
                 match &answer {
                     Ok(_) => "success",
-                    Err(AuthError::Rejected | AuthError::Refused { .. }) => "failure",
+                    Err(
+                        AuthError::Rejected
+                        | AuthError::Refused { .. }
+                        | AuthError::Disabled { .. },
+                    ) => "failure",
                     Err(AuthError::Unavailable(_) | AuthError::Busy(_)) => "unavailable",
                 },
             ])
@@ -968,6 +972,17 @@ impl Session {
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), "authentication failed");
                 return self
                     .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, Some(&user))
+                    .await;
+            }
+            Err(AuthError::Disabled { reason }) => {
+                self.count_auth(mechanism, "disabled");
+                tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), reason = reason.as_deref().unwrap_or("-"), "login refused: account disabled");
+                let response = match reason.filter(|_| auth.show_disabled_reason) {
+                    Some(reason) => format!("NO [AUTHENTICATIONFAILED] {reason}"),
+                    None => AUTHENTICATION_FAILED.to_owned(),
+                };
+                return self
+                    .auth_failed(stream, tag, received, &response, Some(&user))
                     .await;
             }
             Err(AuthError::Refused { text, wait }) => {

@@ -75,6 +75,13 @@ pub enum AuthError {
     /// like `Unavailable`, but not held against the source.
     #[error("authentication source busy: {0}")]
     Busy(String),
+    /// The password was right but the account may not log in (Dovecot's
+    /// `nologin`): answered like a wrong password, after the same delay;
+    /// `reason` reaches the client only where `auth.show_disabled_reason`
+    /// allows it. Sources return it only for a correct password, so it
+    /// tells a guesser nothing.
+    #[error("account disabled")]
+    Disabled { reason: Option<String> },
     /// The source refused with its own words for the client. With `wait`,
     /// the answer is delayed that long and the client may try again;
     /// without, the connection closes after the answer.
@@ -157,6 +164,7 @@ mod tests {
             negative_cache_ttl: Duration::ZERO,
             circuit_breaker: Default::default(),
             brute_force: Default::default(),
+            show_disabled_reason: false,
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
             default_domain: domain.map(str::to_owned),
