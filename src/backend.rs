@@ -41,6 +41,12 @@ pub enum BackendError {
     Rejected(String),
     #[error("backend protocol error: {0}")]
     Protocol(String),
+    /// This login cannot be made at this backend for reasons of the user
+    /// (a name holding the master separator) or of how the two fit (no
+    /// `AUTH=PLAIN` for an authorization identity): not a fault of the
+    /// backend, so never held against its health.
+    #[error("login unsuitable for this backend: {0}")]
+    Unsuitable(String),
     #[error("backend TLS: {0}")]
     Tls(String),
     #[error("backend connection failed: {0}")]
@@ -57,6 +63,7 @@ impl BackendError {
             BackendError::Rejected(_) => "rejected",
             BackendError::Tls(_) => "tls_error",
             BackendError::Protocol(_) | BackendError::Io(_) => "protocol_error",
+            BackendError::Unsuitable(_) => "unsuitable",
         }
     }
 }
@@ -320,7 +327,7 @@ async fn login(
             // The backend splits at the separator: a name holding it would
             // log in as someone else.
             if req.user.contains(m.separator.as_str()) {
-                return Err(BackendError::Protocol(format!(
+                return Err(BackendError::Unsuitable(format!(
                     "user name contains the master separator `{}`",
                     m.separator
                 )));
@@ -344,7 +351,7 @@ async fn login(
             segments.push(Secret::new(line));
         }
     } else if !authzid.is_empty() {
-        return Err(BackendError::Protocol(
+        return Err(BackendError::Unsuitable(
             "backend offers no AUTH=PLAIN for a master login with an authorization identity \
              (use master_user.form: separator)"
                 .into(),

@@ -234,6 +234,13 @@ pub struct Auth {
     /// Growing delays per network and user, blocks per network.
     #[serde(default)]
     pub brute_force: BruteForce,
+    /// Forwarders whose clients' addresses are believed: from these
+    /// networks (a webmail server, another proxy) the `x-originating-ip`
+    /// and `x-originating-port` of an `ID` sent before login replace the
+    /// connection's address for the defence, limits, logs and the backend
+    /// (Dovecot's `login_trusted_networks`). Elsewhere they are only logged.
+    #[serde(default)]
+    pub trusted_forwarders: Vec<crate::proxy_protocol::Network>,
     /// Tell the client why a disabled account may not log in (the users
     /// file's or the directory's `reason`); off: the plain failure answer.
     #[serde(default)]
@@ -421,7 +428,8 @@ impl Default for CircuitBreaker {
     }
 }
 
-/// Brute-force defence: see `auth::guard`.
+/// The login defence: see `auth::guard` for the model and the guess
+/// budget it allows.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BruteForce {
@@ -433,15 +441,31 @@ pub struct BruteForce {
     /// The longest an answer to a failed login waits.
     #[serde(deserialize_with = "duration")]
     pub max_delay: Duration,
-    /// Failures from one network, within `window`, that block it; 0: never.
+    /// Failures for this many distinct user names from one network, within
+    /// `window`, block it; 0: never.
     pub block_after: u32,
     #[serde(deserialize_with = "duration")]
     pub block_for: Duration,
     /// A record is forgotten this long after its last failure.
     #[serde(deserialize_with = "duration")]
     pub window: Duration,
-    /// Networks and users remembered at once, at most.
+    /// Networks and users with failures remembered at once, at most.
     pub max_entries: usize,
+    /// Credential checks at once from one network, failures' delays
+    /// included.
+    pub max_checks_per_network: u32,
+    /// Credential checks at once for one user (from networks where they
+    /// are not familiar), failures' delays included.
+    pub max_checks_per_user: u32,
+    /// How long a login waits for a place before `NO [UNAVAILABLE]`.
+    #[serde(deserialize_with = "duration")]
+    pub queue_wait: Duration,
+    /// How long a successful login makes its user familiar on its network;
+    /// `0s` turns familiar pairs off.
+    #[serde(deserialize_with = "duration")]
+    pub familiar_for: Duration,
+    /// Familiar pairs remembered at once, at most.
+    pub max_familiar: usize,
 }
 
 impl Default for BruteForce {
@@ -451,10 +475,15 @@ impl Default for BruteForce {
             ipv4_prefix: 32,
             ipv6_prefix: 64,
             max_delay: Duration::from_secs(30),
-            block_after: 20,
+            block_after: 10,
             block_for: Duration::from_secs(15 * 60),
             window: Duration::from_secs(15 * 60),
             max_entries: 100_000,
+            max_checks_per_network: 8,
+            max_checks_per_user: 2,
+            queue_wait: Duration::from_secs(10),
+            familiar_for: Duration::from_secs(14 * 24 * 3600),
+            max_familiar: 250_000,
         }
     }
 }
@@ -1296,6 +1325,19 @@ impl Config {
         }
         if bf.max_entries < 16 {
             return Err("key `auth.brute_force.max_entries`: at least 16".into());
+        }
+        if bf.max_checks_per_network == 0 || bf.max_checks_per_user == 0 {
+            return Err("key `auth.brute_force.max_checks_per_network`/`max_checks_per_user`: at least 1 (each is a number of checks at once)".into());
+        }
+        if bf.block_after > 1000 {
+            return Err(
+                "key `auth.brute_force.block_after`: at most 1000 distinct user names".into(),
+            );
+        }
+        if bf.queue_wait > self.limits.preauth_timeout {
+            return Err(
+                "key `auth.brute_force.queue_wait`: at most `limits.preauth_timeout`".into(),
+            );
         }
         if let Some(m) = &self.backends.master_user {
             if m.user.is_empty() || m.user.chars().any(|c| c.is_control() || c == ' ') {

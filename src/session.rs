@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::auth::guard::{Full, Key, Slot};
+use crate::auth::guard::{Full, Key, Lane, LaneFull, Slot, Ticket};
 use crate::auth::oauth::TokenError;
 use crate::auth::{normalise_username, AuthContext, AuthError, Identity};
 use crate::backend::{
@@ -92,6 +92,8 @@ pub async fn run(
             auth_failures: 0,
             handed_over: (0, 0),
             lease: None,
+            own_waits: Arc::default(),
+            forwarder: None,
             network_slot: None,
             user_slot: None,
             shutdown,
@@ -159,6 +161,12 @@ struct Session {
     handed_over: (u64, u64),
     /// The relayed session's place in the pool, from the backend login on.
     lease: Option<Lease>,
+    /// The pre-auth phase's time spent in Postern's own waits (a lane's
+    /// queue, a failure's delay): not held against the client.
+    own_waits: Arc<OwnWaits>,
+    /// The trusted forwarder's address, when the client's own came from
+    /// its `ID` (then `peer` is the client's).
+    forwarder: Option<SocketAddr>,
     /// Places in the per-network and per-user session limits.
     network_slot: Option<Slot>,
     user_slot: Option<Slot>,
@@ -214,14 +222,15 @@ impl Session {
             },
             ListenerTls::Starttls => ClientStream::Plain(tcp),
         };
+        let own_waits = Arc::clone(&self.own_waits);
         let preauth = Box::pin(self.preauth(&mut stream));
-        let logged_in = match tokio::time::timeout_at(deadline, preauth).await {
-            Ok(Ok(l)) => l,
-            Ok(Err(reason)) => {
+        let logged_in = match within(deadline, &own_waits, preauth).await {
+            Some(Ok(l)) => l,
+            Some(Err(reason)) => {
                 let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
                 return reason.into();
             }
-            Err(_) => {
+            None => {
                 let bye = b"* BYE Autologout; pre-authentication time limit reached\r\n";
                 let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, bye)).await;
                 return "preauth_timeout".into();
@@ -391,6 +400,7 @@ impl Session {
             user = self.user.as_deref().unwrap_or("-"),
             backend = %route.backend.name,
             client_id = ?self.client_id,
+            forwarder = ?self.forwarder,
             "logged in"
         );
         Ok((backend_stream, pending, client_pending))
@@ -540,6 +550,7 @@ impl Session {
                 PreauthCommand::Id(fields) => {
                     tracing::debug!(client_id = ?fields, "client ID");
                     self.client_id = fields;
+                    self.take_forwarded_address();
                     reply(
                         stream,
                         format!("* ID (\"name\" \"Postern\")\r\n{tag} OK ID completed\r\n"),
@@ -795,21 +806,22 @@ impl Session {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "token login refused: invalid user name");
                 return self
-                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None)
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None, None)
                     .await;
             }
         };
-        if let Some(refused) = self
-            .refuse_if_blocked(stream, tag, mechanism, named.as_deref(), received)
+        let ticket = match self
+            .admit(stream, tag, mechanism, named.as_deref(), received)
             .await
         {
-            return refused;
-        }
-        self.wait_out_penalty(named.as_deref(), received).await;
+            Ok(ticket) => ticket,
+            Err(answered) => return answered,
+        };
         let oauth = rt.oauth.clone().expect("checked by the caller");
         let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
         let checked = oauth.check(token).await;
         if checked == Err(TokenError::NoKeys) {
+            settle(ticket, Some(received + auth.failure_delay));
             self.count_auth(mechanism, "unavailable");
             tracing::warn!(client = %self.peer, "token login: the provider's keys or introspection are unavailable");
             return self.auth_unavailable(stream, tag).await;
@@ -829,6 +841,7 @@ impl Session {
             });
         match verdict {
             Ok(user) => {
+                settle(ticket, None);
                 self.succeeded(mechanism, &user);
                 let identity = Identity {
                     user,
@@ -858,6 +871,7 @@ impl Session {
                     received,
                     AUTHENTICATION_FAILED,
                     named.as_deref(),
+                    ticket,
                 )
                 .await
             }
@@ -916,7 +930,7 @@ impl Session {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "login refused: invalid user name");
                 return self
-                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None)
+                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, None, None)
                     .await;
             }
         };
@@ -931,17 +945,18 @@ impl Session {
                         received,
                         "NO [AUTHORIZATIONFAILED] Logging in as another user is not permitted",
                         None,
+                        None,
                     )
                     .await;
             }
         }
-        if let Some(refused) = self
-            .refuse_if_blocked(stream, tag, mechanism, Some(&user), received)
+        let ticket = match self
+            .admit(stream, tag, mechanism, Some(&user), received)
             .await
         {
-            return refused;
-        }
-        self.wait_out_penalty(Some(&user), received).await;
+            Ok(ticket) => ticket,
+            Err(answered) => return answered,
+        };
         let password = creds.password;
         let asked = Instant::now();
         let ctx = AuthContext {
@@ -971,7 +986,14 @@ impl Session {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), "authentication failed");
                 return self
-                    .auth_failed(stream, tag, received, AUTHENTICATION_FAILED, Some(&user))
+                    .auth_failed(
+                        stream,
+                        tag,
+                        received,
+                        AUTHENTICATION_FAILED,
+                        Some(&user),
+                        ticket,
+                    )
                     .await;
             }
             Err(AuthError::Disabled { reason }) => {
@@ -982,24 +1004,22 @@ impl Session {
                     None => AUTHENTICATION_FAILED.to_owned(),
                 };
                 return self
-                    .auth_failed(stream, tag, received, &response, Some(&user))
+                    .auth_failed(stream, tag, received, &response, Some(&user), ticket)
                     .await;
             }
             Err(AuthError::Refused { text, wait }) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = self.rt.auth.name(), reason = text, "authentication refused");
                 let response = format!("NO [AUTHENTICATIONFAILED] {text}");
+                // The source's delay, or ours if longer.
                 let penalty = self.penalty(Some(&user), received);
+                let at = received + wait.unwrap_or_default().max(penalty);
+                settle(ticket, Some(at));
                 return match wait {
-                    // The source's delay, or ours if longer.
-                    Some(wait) => {
-                        let delay = wait.max(penalty);
-                        self.auth_failed_after(stream, tag, received + delay, &response)
-                            .await
-                    }
+                    Some(_) => self.auth_failed_after(stream, tag, at, &response).await,
                     // No retry: the answer, then the connection closes.
                     None => {
-                        tokio::time::sleep_until(received + penalty).await;
+                        self.own_wait(tokio::time::sleep_until(at)).await;
                         let out = format!(
                             "{tag} {}\r\n* BYE Authentication refused\r\n",
                             printable(&response, 200)
@@ -1012,9 +1032,13 @@ impl Session {
             Err(AuthError::Unavailable(cause) | AuthError::Busy(cause)) => {
                 self.count_auth(mechanism, "unavailable");
                 tracing::warn!(client = %self.peer, user, source = self.rt.auth.name(), cause, "authentication source unavailable");
+                // An attempt all the same: its places are held as a
+                // failure's would be, so "unavailable" costs a guesser too.
+                settle(ticket, Some(received + auth.failure_delay));
                 return self.auth_unavailable(stream, tag).await;
             }
         };
+        settle(ticket, None);
         self.succeeded(mechanism, &user);
         self.enter(stream, tag, identity, Some(password), received)
             .await
@@ -1117,9 +1141,12 @@ impl Session {
                 .backend_logins
                 .with_label_values(&[&route.backend.name, label])
                 .inc();
-            // A refused password still reached a working backend.
-            let reached = matches!(result, Ok(_) | Err(BackendError::Rejected(_)));
-            rt.pool.report(&route.backend, reached);
+            // A refused password still reached a working backend; a login
+            // unsuitable for it says nothing of its health either way.
+            if !matches!(result, Err(BackendError::Unsuitable(_))) {
+                let reached = matches!(result, Ok(_) | Err(BackendError::Rejected(_)));
+                rt.pool.report(&route.backend, reached);
+            }
             match result {
                 Ok(session) => {
                     self.backend = Some(route.backend.name.clone());
@@ -1151,6 +1178,10 @@ impl Session {
                                 "backend refused a login that Postern accepted: the auth source and the backend disagree"
                             );
                             "Mail server refused the login, try again later"
+                        }
+                        BackendError::Unsuitable(_) => {
+                            tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "login cannot be made at this backend");
+                            "This account cannot log in to its mail server, contact support"
                         }
                         BackendError::Connect { .. } | BackendError::Timeout("connecting") => {
                             tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable");
@@ -1188,8 +1219,11 @@ impl Session {
         received: Instant,
         response: &str,
         user: Option<&str>,
+        ticket: Option<Ticket>,
     ) -> Step<Option<LoggedIn>> {
         let at = received + self.penalty(user, received);
+        // The attempt's places are held until its answer is due.
+        settle(ticket, Some(at));
         self.auth_failed_after(stream, tag, at, response).await
     }
 
@@ -1234,67 +1268,145 @@ impl Session {
         p.delay
     }
 
-    /// A blocked network's logins are refused without asking the source:
-    /// `Some(answer)` when this one was.
-    async fn refuse_if_blocked(
+    /// The login defence before the source is asked (see `auth::guard`):
+    /// a blocked network's logins are refused unless the user is familiar
+    /// there, and every check takes its places in its lanes, waiting for
+    /// them up to `queue_wait`. `Err` carries the answer already given.
+    async fn admit(
         &mut self,
         stream: &mut ClientStream,
         tag: &str,
         mechanism: &'static str,
         user: Option<&str>,
         received: Instant,
-    ) -> Option<Step<Option<LoggedIn>>> {
+    ) -> Result<Option<Ticket>, Step<Option<LoggedIn>>> {
         let rt = Arc::clone(&self.rt);
         let auth = &rt.config.auth;
-        if !auth.brute_force.enabled {
-            return None;
+        let bf = &auth.brute_force;
+        if !bf.enabled {
+            return Ok(None);
         }
-        let left = rt.guard.blocked(&self.network(), received)?;
-        rt.metrics.auth_refused_blocked.inc();
-        self.count_auth(mechanism, "blocked");
-        tracing::info!(client = %self.peer, user = user.unwrap_or("-"), remaining_s = left.as_secs(), "login refused: network blocked after failed logins");
-        Some(
-            self.auth_failed_after(
-                stream,
-                tag,
-                received + auth.failure_delay,
-                "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
-            )
-            .await,
-        )
+        let guard = &rt.guard;
+        let network = self.network();
+        let familiar = user.is_some_and(|u| guard.familiar(u, &network, received));
+        let lanes: Vec<(Lane, u32)> = match user {
+            Some(u) if familiar => {
+                rt.metrics.auth_familiar.inc();
+                tracing::debug!(client = %self.peer, user = u, "familiar user and network");
+                vec![(guard.pair_lane(u, &network), bf.max_checks_per_user)]
+            }
+            _ => {
+                if let Some(left) = guard.blocked(&network, received) {
+                    rt.metrics.auth_refused_blocked.inc();
+                    self.count_auth(mechanism, "blocked");
+                    tracing::info!(client = %self.peer, user = user.unwrap_or("-"), remaining_s = left.as_secs(), "login refused: network blocked after failed logins");
+                    return Err(self
+                        .auth_failed_after(
+                            stream,
+                            tag,
+                            received + auth.failure_delay,
+                            "NO [UNAVAILABLE] Too many failed logins from your network, try again later",
+                        )
+                        .await);
+                }
+                let mut lanes = vec![(guard.network_lane(&network), bf.max_checks_per_network)];
+                lanes.extend(user.map(|u| (guard.user_lane(u), bf.max_checks_per_user)));
+                lanes
+            }
+        };
+        let waited = |lane: Lane| {
+            rt.metrics
+                .auth_queued
+                .with_label_values(&[lane.scope()])
+                .inc();
+        };
+        let give_up = Instant::now() + bf.queue_wait;
+        let admitted = guard.admit(&lanes, give_up, auth.failure_delay, waited);
+        match self.own_wait(admitted).await {
+            Ok(ticket) => Ok(Some(ticket)),
+            Err(LaneFull(lane)) => {
+                let scope = lane.scope();
+                rt.metrics.auth_lane_full.with_label_values(&[scope]).inc();
+                self.count_auth(mechanism, "busy");
+                tracing::info!(client = %self.peer, user = user.unwrap_or("-"), scope, waited_s = bf.queue_wait.as_secs(), "login refused: too many logins at once");
+                let text = match lane {
+                    Lane::Network(_) => "Too many logins at once from your network",
+                    Lane::User(_) | Lane::Pair(_) => "Too many logins at once for this account",
+                };
+                let out = format!("{tag} NO [UNAVAILABLE] {text}, try again later\r\n");
+                Err(reply(stream, out).await.map(|_| None))
+            }
+        }
     }
 
-    /// A successful authentication: counted, and the user's failure
-    /// record cleared.
+    /// A successful authentication: counted, and the user made familiar on
+    /// the client's network.
     fn succeeded(&self, mechanism: &str, user: &str) {
         self.count_auth(mechanism, "success");
-        if self.rt.config.auth.brute_force.enabled {
-            self.rt.guard.succeeded(user);
+        let bf = &self.rt.config.auth.brute_force;
+        if bf.enabled {
+            self.rt
+                .guard
+                .remember(user, &self.network(), bf, Instant::now());
             self.track_guard_size();
         }
     }
 
-    /// With failures on record for this network or user, waits what the
-    /// next failure would cost before the source is asked.
-    async fn wait_out_penalty(&self, user: Option<&str>, received: Instant) {
-        let auth = &self.rt.config.auth;
-        if auth.brute_force.enabled {
-            let pending = self.rt.guard.pending(
-                &self.network(),
-                user,
-                auth.failure_delay,
-                &auth.brute_force,
-                received,
-            );
-            tokio::time::sleep_until(received + pending).await;
+    /// Runs one of Postern's own waits, moving the pre-auth deadline later
+    /// by as long as it takes, up to a bound: `max_auth_failures` times the
+    /// longest failure delay and queue wait.
+    async fn own_wait<F: std::future::Future>(&self, wait: F) -> F::Output {
+        let bf = &self.rt.config.auth.brute_force;
+        let most = (bf.max_delay.max(self.rt.config.auth.failure_delay) + bf.queue_wait)
+            .saturating_mul(self.rt.config.limits.max_auth_failures.max(1));
+        let started = self.own_waits.begin();
+        let out = wait.await;
+        self.own_waits.end(started, most);
+        out
+    }
+
+    /// From a trusted forwarder (`auth.trusted_forwarders`), the client's
+    /// own address as its `ID` states it (`x-originating-ip`, and
+    /// `x-originating-port`) replaces the forwarder's, once. From anywhere
+    /// else the fields are only logged.
+    fn take_forwarded_address(&mut self) {
+        let Some(fields) = &self.client_id else {
+            return;
+        };
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| v.as_deref())
+        };
+        let Some(stated) = field("x-originating-ip") else {
+            return;
+        };
+        let trusted = &self.rt.config.auth.trusted_forwarders;
+        if self.forwarder.is_some() || !trusted.iter().any(|n| n.contains(self.peer.ip())) {
+            tracing::debug!(client = %self.peer, stated = printable(stated, 64), "x-originating-ip from an untrusted client ignored");
+            return;
         }
+        let ip = stated.trim_start_matches('[').trim_end_matches(']');
+        let Ok(ip) = ip.parse::<std::net::IpAddr>() else {
+            tracing::info!(forwarder = %self.peer, stated = printable(stated, 64), "trusted forwarder's x-originating-ip is not an address");
+            return;
+        };
+        let port = field("x-originating-port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let client = SocketAddr::new(ip.to_canonical(), port);
+        tracing::info!(client = %client, forwarder = %self.peer, "client address from a trusted forwarder");
+        self.rt.metrics.auth_forwarded.inc();
+        self.forwarder = Some(std::mem::replace(&mut self.peer, client));
     }
 
     fn track_guard_size(&self) {
-        let (networks, users) = self.rt.guard.tracked();
+        let (networks, users, familiar) = self.rt.guard.tracked();
         let m = &self.rt.metrics.auth_tracked;
         m.with_label_values(&["network"]).set(networks as i64);
         m.with_label_values(&["user"]).set(users as i64);
+        m.with_label_values(&["familiar"]).set(familiar as i64);
     }
 
     /// Answers a failed login at `at`; too many failures end the session.
@@ -1307,7 +1419,7 @@ impl Session {
     ) -> Step<Option<LoggedIn>> {
         let m = &self.rt.metrics;
         m.auth_penalties.inc();
-        tokio::time::sleep_until(at).await;
+        self.own_wait(tokio::time::sleep_until(at)).await;
         self.auth_failures += 1;
         let mut out = format!("{tag} {}\r\n", printable(response, 200));
         if self.auth_failures >= self.rt.config.limits.max_auth_failures {
@@ -1320,6 +1432,66 @@ impl Session {
         }
         reply(stream, out).await?;
         Ok(None)
+    }
+}
+
+/// Gives a credential check's places back: now, or when its answer is due.
+fn settle(ticket: Option<Ticket>, until: Option<Instant>) {
+    if let Some(ticket) = ticket {
+        ticket.release(until);
+    }
+}
+
+/// Postern's own waits in the pre-auth phase: how far they have moved its
+/// deadline, and when the one running now began.
+#[derive(Default)]
+struct OwnWaits(std::sync::Mutex<(Duration, Option<Instant>)>);
+
+impl OwnWaits {
+    fn get(&self) -> (Duration, Option<Instant>) {
+        *self.0.lock().unwrap()
+    }
+
+    fn begin(&self) -> Instant {
+        let now = Instant::now();
+        self.0.lock().unwrap().1.get_or_insert(now);
+        now
+    }
+
+    fn end(&self, started: Instant, most: Duration) {
+        let mut state = self.0.lock().unwrap();
+        state.0 = (state.0 + started.elapsed()).min(most);
+        state.1 = None;
+    }
+}
+
+/// Runs the pre-auth phase until `deadline`, moved later by Postern's own
+/// waits. `None` when the time ran out.
+async fn within<F: std::future::Future>(
+    deadline: Instant,
+    waits: &OwnWaits,
+    preauth: F,
+) -> Option<F::Output> {
+    tokio::pin!(preauth);
+    loop {
+        let (moved, running) = waits.get();
+        let until = match running {
+            None => deadline + moved,
+            // The time left when the wait began is still left after it.
+            Some(began) => {
+                let left = (deadline + moved).saturating_duration_since(began);
+                Instant::now() + left.max(Duration::from_millis(100))
+            }
+        };
+        tokio::select! {
+            out = &mut preauth => return Some(out),
+            _ = tokio::time::sleep_until(until) => {
+                let (moved, running) = waits.get();
+                if running.is_none() && Instant::now() >= deadline + moved {
+                    return None;
+                }
+            }
+        }
     }
 }
 

@@ -1,16 +1,50 @@
-//! Brute-force defence and per-address / per-user session limits, shared
-//! by every worker thread and kept across reloads.
+//! The login defence, and per-address / per-user session limits, shared by
+//! every worker thread and kept across reloads.
 //!
-//! [`Guard`] remembers failed logins per client network (an IPv4 address,
-//! an IPv6 /64 by default) and per user name. Each failure's answer waits
-//! longer: `failure_delay`, doubled with every failure on record for the
-//! address or the user, up to `max_delay`. After `block_after` failures an
-//! address is blocked for `block_for`: its logins are refused without
-//! asking the auth source. Users are never blocked, only slowed, so an
-//! attacker cannot lock a victim out. Entries expire `window` after their
-//! last failure; a successful login clears the user's entry (not the
-//! address's: one known account must not reset a stuffing run). Memory is
-//! bounded by `max_entries`; past it the stalest entry goes.
+//! The defence has to stop password guessing without ever locking out the
+//! people behind the address it watches: a carrier-grade NAT, an office, a
+//! webmail server. It rests on four rules.
+//!
+//! 1. **Attempts are counted before they are checked.** A credential check
+//!    takes a place in its network's lane and in its user's lane
+//!    ([`Guard::admit`]; at most `max_checks_per_network` and
+//!    `max_checks_per_user` at once) before the source is asked. A failed
+//!    attempt keeps its places until its answer is due (`failure_delay`,
+//!    doubled for every failure on record for the network or the user, up
+//!    to `max_delay`), an unavailable or busy answer for `failure_delay`,
+//!    and a check whose client went away keeps them as if it had failed:
+//!    hanging up early frees nothing. A login that finds a lane full waits
+//!    for a place (up to `queue_wait`), then gets `NO [UNAVAILABLE]`.
+//! 2. **Right passwords are answered at once**, whatever else is on record
+//!    for the network or the user. The timing this reveals (an answer now
+//!    means right, none yet means wrong) buys nothing: a guess holds its
+//!    places for its whole delay whether or not the client waits. So one
+//!    network gets at most `max_checks_per_network` guesses per
+//!    `failure_delay` (defaults: 8 per 2 s, 4 a second), falling towards 8
+//!    per `max_delay` (8 per 30 s, about 960 an hour) as its failures pile
+//!    up; one user, from all networks together, at most
+//!    `max_checks_per_user` per `max_delay` once guessed at (2 per 30 s:
+//!    240 an hour), plus a familiar pair's lane for an attacker who shares
+//!    the victim's own address. A success does not clear the user's
+//!    record, so the victim's own logins do not reset an attacker's budget.
+//! 3. **Familiar pairs.** A user who logged in from a network within
+//!    `familiar_for` is familiar there: their logins from it skip the
+//!    network's block and both lanes above, taking a lane of their own
+//!    for the pair (`max_checks_per_user` wide), so an attacker behind the
+//!    same address never queues in front of them. Pairs are kept as keyed
+//!    64-bit fingerprints (no user name or address is stored), at most
+//!    `max_familiar` (about 40 bytes each); past it the soonest to expire
+//!    goes.
+//! 4. **Network blocks are for spraying.** A network is blocked for
+//!    `block_for` once failures for `block_after` distinct user names are
+//!    on record for it within `window`: one phone retrying an old password
+//!    never blocks its NAT, one address trying many accounts does. A block
+//!    refuses logins without asking the source, except familiar pairs'.
+//!
+//! Failure records (per network, per user) expire `window` after their
+//! last failure; memory is bounded by `max_entries`, past it the stalest
+//! goes. Postern's own waits (a lane's queue, a failure's delay) do not
+//! count against the pre-auth time limit (see `session.rs`).
 //!
 //! [`Slots`] counts live sessions per network and per user against the
 //! configured maxima; a [`Slot`] gives its place back when dropped.
@@ -23,11 +57,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::config::BruteForce;
 
 const SHARDS: usize = 16;
+
+/// Lanes with no place taken are dropped at least this often.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// A client network or a user name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -69,6 +107,9 @@ struct Entry {
     failures: u32,
     last: Instant,
     blocked_until: Option<Instant>,
+    /// For a network: fingerprints of the distinct user names that failed
+    /// from it, up to `block_after`.
+    users: Vec<u64>,
 }
 
 /// What a failed login costs.
@@ -82,12 +123,93 @@ pub struct Penalty {
     pub scope: &'static str,
 }
 
+/// A lane of credential checks: a network's, a user's, or a familiar
+/// pair's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Lane {
+    Network(u64),
+    User(u64),
+    Pair(u64),
+}
+
+impl Lane {
+    /// Bounded label for metrics and logs.
+    pub fn scope(&self) -> &'static str {
+        match self {
+            Lane::Network(_) => "network",
+            Lane::User(_) => "user",
+            Lane::Pair(_) => "pair",
+        }
+    }
+}
+
+/// Places taken in a lane: checks running, and answers not yet due.
+#[derive(Default)]
+struct Places {
+    checking: u32,
+    held_until: Vec<Instant>,
+}
+
+impl Places {
+    fn taken(&mut self, now: Instant) -> usize {
+        self.held_until.retain(|u| *u > now);
+        self.checking as usize + self.held_until.len()
+    }
+}
+
+struct Lanes {
+    places: HashMap<Lane, Places>,
+    /// Sweep the lanes no place is held in once there are this many, or
+    /// at the latest at `sweep_by`.
+    sweep_at: usize,
+    sweep_by: Option<Instant>,
+}
+
+/// Every place in a lane stayed taken for as long as a login may wait.
+#[derive(Debug, PartialEq, Eq)]
+pub struct LaneFull(pub Lane);
+
+/// Places in one or two lanes, held for one credential check. Give them
+/// back with [`Ticket::release`]; dropped unreleased (the session went
+/// away mid-check) they stay taken for `hold_on_drop`, as a failure's
+/// would.
+pub struct Ticket {
+    guard: Arc<Guard>,
+    lanes: [Option<Lane>; 2],
+    hold_on_drop: Duration,
+    released: bool,
+}
+
+impl Ticket {
+    /// Frees the places now (`None`: a right password) or at `until` (a
+    /// failure's answer, due then).
+    pub fn release(mut self, until: Option<Instant>) {
+        self.released = true;
+        self.guard.give_back(&self.lanes, until);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.released {
+            let until = Instant::now() + self.hold_on_drop;
+            self.guard.give_back(&self.lanes, Some(until));
+        }
+    }
+}
+
 pub struct Guard {
     shards: Vec<Mutex<HashMap<Key, Entry>>>,
     hasher: RandomState,
     /// Entries held, by kind, kept as they change (read for the metrics).
     networks: AtomicUsize,
     users: AtomicUsize,
+    /// Familiar pairs: fingerprint → when it is forgotten.
+    familiar: Vec<Mutex<HashMap<u64, Instant>>>,
+    familiar_count: AtomicUsize,
+    lanes: Mutex<Lanes>,
+    /// Woken whenever places are given back at once.
+    freed: Notify,
 }
 
 impl Default for Guard {
@@ -97,6 +219,14 @@ impl Default for Guard {
             hasher: RandomState::new(),
             networks: AtomicUsize::new(0),
             users: AtomicUsize::new(0),
+            familiar: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            familiar_count: AtomicUsize::new(0),
+            lanes: Mutex::new(Lanes {
+                places: HashMap::new(),
+                sweep_at: 1024,
+                sweep_by: None,
+            }),
+            freed: Notify::new(),
         }
     }
 }
@@ -104,6 +234,152 @@ impl Default for Guard {
 impl Guard {
     fn shard(&self, key: &Key) -> &Mutex<HashMap<Key, Entry>> {
         &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+    }
+
+    /// A keyed fingerprint: the key is this process's, so fingerprints
+    /// cannot be made to collide from outside.
+    fn fingerprint<T: std::hash::Hash>(&self, value: T) -> u64 {
+        self.hasher.hash_one(value)
+    }
+
+    /// The lane of `network`'s checks.
+    pub fn network_lane(&self, network: &Key) -> Lane {
+        Lane::Network(self.fingerprint(("network", network)))
+    }
+
+    /// The lane of `user`'s checks from networks where they are not familiar.
+    pub fn user_lane(&self, user: &str) -> Lane {
+        Lane::User(self.fingerprint(("user", user)))
+    }
+
+    /// The lane of `user`'s checks from `network`, where they are familiar.
+    pub fn pair_lane(&self, user: &str, network: &Key) -> Lane {
+        Lane::Pair(self.pair(user, network))
+    }
+
+    fn pair(&self, user: &str, network: &Key) -> u64 {
+        self.fingerprint(("pair", user, network))
+    }
+
+    /// Takes a place in each of `lanes` (each with its width), waiting
+    /// until `give_up` for places to free. `waited` is told which lane was
+    /// full the first time one is.
+    pub async fn admit(
+        self: &Arc<Self>,
+        lanes: &[(Lane, u32)],
+        give_up: Instant,
+        hold_on_drop: Duration,
+        mut waited: impl FnMut(Lane),
+    ) -> Result<Ticket, LaneFull> {
+        let mut told = false;
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let now = Instant::now();
+            // The lane that is full and, if its places free by themselves,
+            // when the first does.
+            let full = {
+                let mut state = self.lanes.lock().unwrap();
+                let full = lanes.iter().find_map(|(lane, width)| {
+                    let places = state.places.entry(*lane).or_default();
+                    (places.taken(now) >= *width as usize)
+                        .then(|| (*lane, places.held_until.iter().min().copied()))
+                });
+                match full {
+                    None => {
+                        for (lane, _) in lanes {
+                            state.places.entry(*lane).or_default().checking += 1;
+                        }
+                        let mut taken = [None; 2];
+                        for (slot, (lane, _)) in taken.iter_mut().zip(lanes) {
+                            *slot = Some(*lane);
+                        }
+                        if state.places.len() >= state.sweep_at
+                            || state.sweep_by.is_none_or(|by| by <= now)
+                        {
+                            state.places.retain(|_, p| p.taken(now) > 0);
+                            state.sweep_at = (state.places.len() * 2).max(1024);
+                            state.sweep_by = Some(now + SWEEP_EVERY);
+                        }
+                        return Ok(Ticket {
+                            guard: Arc::clone(self),
+                            lanes: taken,
+                            hold_on_drop,
+                            released: false,
+                        });
+                    }
+                    Some(full) => full,
+                }
+            };
+            let (lane, frees_at) = full;
+            if now >= give_up {
+                return Err(LaneFull(lane));
+            }
+            if !told {
+                told = true;
+                waited(lane);
+            }
+            let wake = frees_at.map_or(give_up, |at| at.min(give_up));
+            tokio::select! {
+                _ = freed => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    fn give_back(&self, lanes: &[Option<Lane>; 2], until: Option<Instant>) {
+        let now = Instant::now();
+        let mut state = self.lanes.lock().unwrap();
+        for lane in lanes.iter().flatten() {
+            if let Some(places) = state.places.get_mut(lane) {
+                places.checking = places.checking.saturating_sub(1);
+                match until {
+                    Some(until) if until > now => places.held_until.push(until),
+                    _ => {}
+                }
+                if places.taken(now) == 0 {
+                    state.places.remove(lane);
+                }
+            }
+        }
+        drop(state);
+        if until.is_none_or(|u| u <= now) {
+            self.freed.notify_waiters();
+        }
+    }
+
+    /// Whether `user` logged in from `network` within `familiar_for`.
+    pub fn familiar(&self, user: &str, network: &Key, now: Instant) -> bool {
+        let pair = self.pair(user, network);
+        let shard = self.familiar[pair as usize % SHARDS].lock().unwrap();
+        shard.get(&pair).is_some_and(|until| *until > now)
+    }
+
+    /// Remembers that `user` logged in from `network`.
+    pub fn remember(&self, user: &str, network: &Key, policy: &BruteForce, now: Instant) {
+        if policy.max_familiar == 0 || policy.familiar_for.is_zero() {
+            return;
+        }
+        let pair = self.pair(user, network);
+        let mut shard = self.familiar[pair as usize % SHARDS].lock().unwrap();
+        let limit = (policy.max_familiar / SHARDS).max(1);
+        if !shard.contains_key(&pair) {
+            if shard.len() >= limit {
+                let before = shard.len();
+                shard.retain(|_, until| *until > now);
+                if shard.len() == before {
+                    let soonest = shard.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k);
+                    if let Some(soonest) = soonest {
+                        shard.remove(&soonest);
+                    }
+                }
+                self.familiar_count
+                    .fetch_sub(before - shard.len(), Ordering::Relaxed);
+            }
+            self.familiar_count.fetch_add(1, Ordering::Relaxed);
+        }
+        shard.insert(pair, now + policy.familiar_for);
     }
 
     /// How much longer `network` is blocked, if it is.
@@ -127,6 +403,7 @@ impl Guard {
         let mut scope = "network";
         let mut blocked = false;
         let user_key = user.map(|u| Key::User(u.to_owned()));
+        let who = user.map(|u| self.fingerprint(("failed", u)));
         for key in std::iter::once(network).chain(user_key.as_ref()) {
             let mut shard = self.shard(key).lock().unwrap();
             let limit = (policy.max_entries / SHARDS).max(1);
@@ -142,10 +419,14 @@ impl Guard {
                 failures: 0,
                 last: now,
                 blocked_until: None,
+                users: Vec::new(),
             });
             if now.saturating_duration_since(entry.last) > policy.window {
                 entry.failures = 0;
-                entry.blocked_until = None;
+                entry.users.clear();
+                if entry.blocked_until.is_some_and(|u| u <= now) {
+                    entry.blocked_until = None;
+                }
             }
             entry.failures = entry.failures.saturating_add(1);
             entry.last = now;
@@ -157,13 +438,15 @@ impl Guard {
                     "network"
                 };
             }
-            if matches!(key, Key::Network(..))
-                && policy.block_after > 0
-                && entry.failures >= policy.block_after
-                && entry.blocked_until.is_none_or(|u| u <= now)
-            {
-                entry.blocked_until = Some(now + policy.block_for);
-                blocked = true;
+            if let (Key::Network(..), Some(who)) = (key, who) {
+                let wanted = policy.block_after as usize;
+                if wanted > 0 && entry.users.len() < wanted && !entry.users.contains(&who) {
+                    entry.users.push(who);
+                    if entry.users.len() == wanted && entry.blocked_until.is_none_or(|u| u <= now) {
+                        entry.blocked_until = Some(now + policy.block_for);
+                        blocked = true;
+                    }
+                }
             }
         }
         Penalty {
@@ -173,48 +456,12 @@ impl Guard {
         }
     }
 
-    /// How long a login from `network` for `user` waits before the source
-    /// is asked: what its failure would cost, if either has failures on
-    /// record; nothing otherwise. So a guesser cannot learn the answer
-    /// sooner by dropping the connection.
-    pub fn pending(
-        &self,
-        network: &Key,
-        user: Option<&str>,
-        base: Duration,
-        policy: &BruteForce,
-        now: Instant,
-    ) -> Duration {
-        let user_key = user.map(|u| Key::User(u.to_owned()));
-        let mut worst = 0;
-        for key in std::iter::once(network).chain(user_key.as_ref()) {
-            let shard = self.shard(key).lock().unwrap();
-            if let Some(e) = shard.get(key) {
-                if now.saturating_duration_since(e.last) <= policy.window {
-                    worst = worst.max(e.failures);
-                }
-            }
-        }
-        if worst == 0 {
-            Duration::ZERO
-        } else {
-            delay(base, worst + 1, policy.max_delay)
-        }
-    }
-
-    /// A successful login: the user's record goes.
-    pub fn succeeded(&self, user: &str) {
-        let key = Key::User(user.to_owned());
-        if self.shard(&key).lock().unwrap().remove(&key).is_some() {
-            self.users.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Entries held: (networks, users).
-    pub fn tracked(&self) -> (usize, usize) {
+    /// Entries held: (networks, users, familiar pairs).
+    pub fn tracked(&self) -> (usize, usize, usize) {
         (
             self.networks.load(Ordering::Relaxed),
             self.users.load(Ordering::Relaxed),
+            self.familiar_count.load(Ordering::Relaxed),
         )
     }
 
@@ -316,14 +563,11 @@ mod tests {
 
     fn policy() -> BruteForce {
         BruteForce {
-            enabled: true,
-            ipv4_prefix: 32,
-            ipv6_prefix: 64,
-            max_delay: Duration::from_secs(30),
             block_after: 5,
             block_for: Duration::from_secs(600),
             window: Duration::from_secs(900),
             max_entries: 1600,
+            ..BruteForce::default()
         }
     }
 
@@ -348,13 +592,12 @@ mod tests {
     }
 
     #[test]
-    fn delays_double_up_to_the_cap_then_the_network_is_blocked() {
+    fn delays_double_up_to_the_cap_and_many_names_block_the_network() {
         let g = Guard::default();
         let p = policy();
         let net = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
         let now = Instant::now();
         let base = Duration::from_secs(2);
-        assert_eq!(g.pending(&net, None, base, &p, now), Duration::ZERO);
         let delays: Vec<u64> = (0..5)
             .map(|i| {
                 let penalty = g.failed(&net, Some(&format!("user{i}")), base, &p, now);
@@ -363,21 +606,6 @@ mod tests {
             })
             .collect();
         assert_eq!(delays, [2, 4, 8, 16, 30]);
-        assert_eq!(
-            g.pending(&net, None, base, &p, now),
-            Duration::from_secs(30)
-        );
-        assert_eq!(
-            g.pending(
-                &net,
-                None,
-                base,
-                &p,
-                now + p.window + Duration::from_secs(1)
-            ),
-            Duration::ZERO,
-            "expired records cost nothing"
-        );
         assert_eq!(g.blocked(&net, now), Some(Duration::from_secs(600)));
         assert_eq!(g.blocked(&net, now + Duration::from_secs(601)), None);
         let other = Key::network("192.0.2.8".parse().unwrap(), 32, 64);
@@ -385,7 +613,42 @@ mod tests {
     }
 
     #[test]
-    fn users_are_slowed_from_any_network_and_cleared_by_success() {
+    fn one_user_failing_again_and_again_never_blocks_the_network() {
+        let g = Guard::default();
+        let p = policy();
+        let net = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert!(
+                !g.failed(&net, Some("phone"), Duration::from_secs(1), &p, now)
+                    .blocked
+            );
+        }
+        // Nameless failures (a name no account could have) count for the
+        // delay but name nobody.
+        for _ in 0..100 {
+            assert!(
+                !g.failed(&net, None, Duration::from_secs(1), &p, now)
+                    .blocked
+            );
+        }
+        assert_eq!(g.blocked(&net, now), None);
+        // A window later the names are forgotten too.
+        let later = now + p.window + Duration::from_secs(1);
+        for i in 0..4 {
+            g.failed(
+                &net,
+                Some(&format!("u{i}")),
+                Duration::from_secs(1),
+                &p,
+                later,
+            );
+        }
+        assert_eq!(g.blocked(&net, later), None, "4 names, block_after 5");
+    }
+
+    #[test]
+    fn users_are_slowed_from_any_network_and_success_clears_nothing() {
         let g = Guard::default();
         let p = policy();
         let now = Instant::now();
@@ -399,10 +662,11 @@ mod tests {
                 "distributed guessing still slows alice"
             );
         }
-        g.succeeded("alice");
         let net = Key::network(IpAddr::from([198, 51, 100, 9]), 32, 64);
-        assert_eq!(g.failed(&net, Some("alice"), base, &p, now).delay, base);
-        assert_eq!(g.tracked(), (4, 1));
+        g.remember("alice", &net, &p, now);
+        let d = g.failed(&net, Some("alice"), base, &p, now).delay;
+        assert_eq!(d, Duration::from_secs(8));
+        assert_eq!(g.tracked(), (4, 1, 1));
     }
 
     #[test]
@@ -426,8 +690,138 @@ mod tests {
             let ip = IpAddr::from(i.to_be_bytes());
             g.failed(&Key::network(ip, 32, 64), None, base, &small, later);
         }
-        let (networks, _) = g.tracked();
+        let (networks, _, _) = g.tracked();
         assert!(networks <= 32 + SHARDS, "{networks}");
+    }
+
+    #[test]
+    fn familiar_pairs_are_remembered_for_a_time_and_bounded() {
+        let g = Guard::default();
+        let p = BruteForce {
+            familiar_for: Duration::from_secs(3600),
+            max_familiar: 64,
+            ..policy()
+        };
+        let home = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
+        let away = Key::network("192.0.2.8".parse().unwrap(), 32, 64);
+        let now = Instant::now();
+        assert!(!g.familiar("alice", &home, now));
+        g.remember("alice", &home, &p, now);
+        assert!(g.familiar("alice", &home, now));
+        assert!(!g.familiar("alice", &away, now), "only where she logged in");
+        assert!(!g.familiar("bob", &home, now), "only for her");
+        assert!(!g.familiar("alice", &home, now + Duration::from_secs(3601)));
+        for i in 0..10_000u32 {
+            g.remember(&format!("u{i}"), &home, &p, now);
+        }
+        let (_, _, familiar) = g.tracked();
+        assert!(familiar <= 64 + SHARDS, "{familiar}");
+        let off = BruteForce {
+            familiar_for: Duration::ZERO,
+            ..policy()
+        };
+        g.remember("carol", &home, &off, now);
+        assert!(!g.familiar("carol", &home, now));
+    }
+
+    fn lanes(g: &Guard, user: &str) -> Vec<(Lane, u32)> {
+        let net = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
+        vec![(g.network_lane(&net), 3), (g.user_lane(user), 2)]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lane_admits_its_width_and_failures_hold_their_places() {
+        let g = Arc::new(Guard::default());
+        let hold = Duration::from_secs(2);
+        let soon = || Instant::now() + Duration::from_secs(10);
+        let a = g
+            .admit(&lanes(&g, "alice"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        let b = g
+            .admit(&lanes(&g, "alice"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        // alice's lane (2) is full; bob still has the network's third place.
+        let now = Instant::now();
+        let full = g.admit(&lanes(&g, "alice"), now, hold, |_| {}).await;
+        assert!(matches!(full, Err(LaneFull(Lane::User(_)))));
+        let c = g
+            .admit(&lanes(&g, "bob"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        let full = g.admit(&lanes(&g, "carol"), now, hold, |_| {}).await;
+        assert!(matches!(full, Err(LaneFull(Lane::Network(_)))));
+        // A right password frees its places at once: a waiter gets in.
+        let mut told = None;
+        let waiter = {
+            let g = Arc::clone(&g);
+            let lanes = lanes(&g, "carol");
+            tokio::spawn(async move {
+                let t = g
+                    .admit(&lanes, soon(), hold, |l| told = Some(l.scope()))
+                    .await;
+                (t.map(|t| t.release(None)).is_ok(), Instant::now(), told)
+            })
+        };
+        tokio::task::yield_now().await;
+        let released = Instant::now();
+        a.release(None);
+        let (ok, at, told) = waiter.await.unwrap();
+        assert!(ok);
+        assert_eq!(at, released, "admitted as soon as the place was free");
+        assert_eq!(told, Some("network"));
+        // A failure holds its places until its answer is due.
+        b.release(Some(Instant::now() + Duration::from_secs(5)));
+        let d = g
+            .admit(&lanes(&g, "carol"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let e = g
+            .admit(&lanes(&g, "dave"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(Instant::now() - started, Duration::from_secs(5));
+        // Checks dropped unreleased (the client went away) hold for
+        // `hold_on_drop`, as a failure would.
+        drop((c, d, e));
+        let started = Instant::now();
+        let f = g
+            .admit(&lanes(&g, "erin"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        assert_eq!(Instant::now() - started, hold);
+        let h = g
+            .admit(&lanes(&g, "frank"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        let i = g
+            .admit(&lanes(&g, "gina"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        // Waiting is bounded.
+        let started = Instant::now();
+        let give_up = started + Duration::from_secs(3);
+        let full = g.admit(&lanes(&g, "hal"), give_up, hold, |_| {}).await;
+        assert!(matches!(full, Err(LaneFull(Lane::Network(_)))));
+        assert_eq!(Instant::now(), give_up);
+        for t in [f, h, i] {
+            t.release(None);
+        }
+        // Lanes whose places have all come free are swept away.
+        for i in 0..3000 {
+            let lane = [(g.user_lane(&format!("u{i}")), 1)];
+            let t = g.admit(&lane, soon(), hold, |_| {}).await.unwrap();
+            t.release(Some(Instant::now() + Duration::from_secs(1)));
+        }
+        assert!(g.lanes.lock().unwrap().places.len() >= 3000);
+        tokio::time::sleep(SWEEP_EVERY).await;
+        let _ = g
+            .admit(&lanes(&g, "gina"), soon(), hold, |_| {})
+            .await
+            .unwrap();
+        assert!(g.lanes.lock().unwrap().places.len() <= 2);
     }
 
     #[test]

@@ -118,6 +118,8 @@ pub enum UsernameError {
     NotUtf8,
     #[error("user name contains control characters")]
     ControlCharacters,
+    #[error("user name has leading, trailing or doubled spaces")]
+    Spaces,
 }
 
 /// Applies the configured normalisation: lower-casing and a default domain.
@@ -133,6 +135,11 @@ pub fn normalise_username(raw: &[u8], config: &AuthConfig) -> Result<String, Use
     let text = std::str::from_utf8(raw).map_err(|_| UsernameError::NotUtf8)?;
     if text.chars().any(char::is_control) {
         return Err(UsernameError::ControlCharacters);
+    }
+    // A directory would match ` alice` as `alice`: one mailbox must not
+    // have two names.
+    if text.starts_with(' ') || text.ends_with(' ') || text.contains("  ") {
+        return Err(UsernameError::Spaces);
     }
     let mut user = if config.lowercase_usernames {
         text.to_lowercase()
@@ -164,6 +171,7 @@ mod tests {
             negative_cache_ttl: Duration::ZERO,
             circuit_breaker: Default::default(),
             brute_force: Default::default(),
+            trusted_forwarders: Vec::new(),
             show_disabled_reason: false,
             failure_delay: Duration::ZERO,
             lowercase_usernames: lower,
@@ -207,5 +215,8 @@ mod tests {
             normalise_username(&[b'a'; 300], &c),
             Err(UsernameError::TooLong)
         );
+        for spaced in [&b" alice"[..], b"alice ", b"al  ice"] {
+            assert_eq!(normalise_username(spaced, &c), Err(UsernameError::Spaces));
+        }
     }
 }

@@ -190,6 +190,7 @@ mod tests {
             negative_cache_ttl: Duration::ZERO,
             circuit_breaker: Default::default(),
             brute_force: Default::default(),
+            trusted_forwarders: Vec::new(),
             show_disabled_reason: false,
             failure_delay: Duration::ZERO,
             lowercase_usernames: true,
