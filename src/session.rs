@@ -821,7 +821,7 @@ impl Session {
         let token = std::str::from_utf8(bearer.token.expose()).unwrap_or_default();
         let checked = oauth.check(token).await;
         if checked == Err(TokenError::NoKeys) {
-            settle(ticket, Some(received + auth.failure_delay));
+            settle(ticket, Some(auth.failure_delay));
             self.count_auth(mechanism, "unavailable");
             tracing::warn!(client = %self.peer, "token login: the provider's keys or introspection are unavailable");
             return self.auth_unavailable(stream, tag).await;
@@ -1013,8 +1013,9 @@ impl Session {
                 let response = format!("NO [AUTHENTICATIONFAILED] {text}");
                 // The source's delay, or ours if longer.
                 let penalty = self.penalty(Some(&user), received);
-                let at = received + wait.unwrap_or_default().max(penalty);
-                settle(ticket, Some(at));
+                let delay = wait.unwrap_or_default().max(penalty);
+                settle(ticket, Some(delay));
+                let at = received + delay;
                 return match wait {
                     Some(_) => self.auth_failed_after(stream, tag, at, &response).await,
                     // No retry: the answer, then the connection closes.
@@ -1034,7 +1035,7 @@ impl Session {
                 tracing::warn!(client = %self.peer, user, source = self.rt.auth.name(), cause, "authentication source unavailable");
                 // An attempt all the same: its places are held as a
                 // failure's would be, so "unavailable" costs a guesser too.
-                settle(ticket, Some(received + auth.failure_delay));
+                settle(ticket, Some(auth.failure_delay));
                 return self.auth_unavailable(stream, tag).await;
             }
         };
@@ -1221,10 +1222,11 @@ impl Session {
         user: Option<&str>,
         ticket: Option<Ticket>,
     ) -> Step<Option<LoggedIn>> {
-        let at = received + self.penalty(user, received);
-        // The attempt's places are held until its answer is due.
-        settle(ticket, Some(at));
-        self.auth_failed_after(stream, tag, at, response).await
+        let delay = self.penalty(user, received);
+        // The attempt's places are held for as long as its answer waits.
+        settle(ticket, Some(delay));
+        self.auth_failed_after(stream, tag, received + delay, response)
+            .await
     }
 
     /// The client's network, as brute-force records and limits count it.
@@ -1435,10 +1437,11 @@ impl Session {
     }
 }
 
-/// Gives a credential check's places back: now, or when its answer is due.
-fn settle(ticket: Option<Ticket>, until: Option<Instant>) {
+/// Gives a credential check's places back: now (`None`), or held for as
+/// long as a failure's answer waits.
+fn settle(ticket: Option<Ticket>, hold: Option<Duration>) {
     if let Some(ticket) = ticket {
-        ticket.release(until);
+        ticket.release(hold);
     }
 }
 

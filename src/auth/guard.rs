@@ -9,11 +9,12 @@
 //!    takes a place in its network's lane and in its user's lane
 //!    ([`Guard::admit`]; at most `max_checks_per_network` and
 //!    `max_checks_per_user` at once) before the source is asked. A failed
-//!    attempt keeps its places until its answer is due (`failure_delay`,
-//!    doubled for every failure on record for the network or the user, up
-//!    to `max_delay`), an unavailable or busy answer for `failure_delay`,
-//!    and a check whose client went away keeps them as if it had failed:
-//!    hanging up early frees nothing. A login that finds a lane full waits
+//!    attempt keeps its places for its delay (`failure_delay`, doubled for
+//!    every failure on record for the network or the user, up to
+//!    `max_delay`), counted from when it got them, so queueing shortens
+//!    nothing; an unavailable or busy answer keeps them for
+//!    `failure_delay`, and a check whose client went away keeps them as if
+//!    it had failed: hanging up early frees nothing. A login that finds a lane full waits
 //!    for a place (up to `queue_wait`), then gets `NO [UNAVAILABLE]`.
 //! 2. **Right passwords are answered at once**, whatever else is on record
 //!    for the network or the user. The timing this reveals (an answer now
@@ -176,15 +177,19 @@ pub struct LaneFull(pub Lane);
 pub struct Ticket {
     guard: Arc<Guard>,
     lanes: [Option<Lane>; 2],
+    admitted: Instant,
     hold_on_drop: Duration,
     released: bool,
 }
 
 impl Ticket {
-    /// Frees the places now (`None`: a right password) or at `until` (a
-    /// failure's answer, due then).
-    pub fn release(mut self, until: Option<Instant>) {
+    /// Frees the places now (`None`: a right password) or `hold` after they
+    /// were taken (a failure's delay). Counted from the admission, not from
+    /// when the credentials arrived: time spent queueing must not shorten
+    /// what a failure costs its lanes.
+    pub fn release(mut self, hold: Option<Duration>) {
         self.released = true;
+        let until = hold.map(|h| self.admitted + h);
         self.guard.give_back(&self.lanes, until);
     }
 }
@@ -305,6 +310,7 @@ impl Guard {
                         return Ok(Ticket {
                             guard: Arc::clone(self),
                             lanes: taken,
+                            admitted: now,
                             hold_on_drop,
                             released: false,
                         });
@@ -772,7 +778,7 @@ mod tests {
         assert_eq!(at, released, "admitted as soon as the place was free");
         assert_eq!(told, Some("network"));
         // A failure holds its places until its answer is due.
-        b.release(Some(Instant::now() + Duration::from_secs(5)));
+        b.release(Some(Duration::from_secs(5)));
         let d = g
             .admit(&lanes(&g, "carol"), soon(), hold, |_| {})
             .await
@@ -813,7 +819,7 @@ mod tests {
         for i in 0..3000 {
             let lane = [(g.user_lane(&format!("u{i}")), 1)];
             let t = g.admit(&lane, soon(), hold, |_| {}).await.unwrap();
-            t.release(Some(Instant::now() + Duration::from_secs(1)));
+            t.release(Some(Duration::from_secs(1)));
         }
         assert!(g.lanes.lock().unwrap().places.len() >= 3000);
         tokio::time::sleep(SWEEP_EVERY).await;

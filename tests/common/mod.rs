@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests; each test binary uses a subset.
 #![allow(dead_code)]
 
+pub mod auth_http;
 pub mod backend;
 pub mod client;
 pub mod ldap;

@@ -46,6 +46,8 @@ pub struct Setup<'a> {
     pub tls: &'a str,
     /// More `backends.pool` entries (YAML list lines), e.g. a scripted backend.
     pub pool_lines: &'a str,
+    /// `auth.failure_delay`; empty for 200ms.
+    pub failure_delay: &'a str,
 }
 
 /// The password every test user has on the test backends.
@@ -75,7 +77,7 @@ impl Postern {
             let config = format!(
                 "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
                  {tls}\n\
-                 auth:\n{source}  failure_delay: 200ms\n{auth}\n\
+                 auth:\n{source}  failure_delay: {failure_delay}\n{auth}\n\
                  backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n{backend_options}\n  pool:\n{pool}\
                  metrics:\n  bind: \"127.0.0.1:{metrics}\"\n\
                  log:\n  level: debug\n{extra}\n",
@@ -84,6 +86,7 @@ impl Postern {
                 auth = indent(setup.auth_options),
                 source = if setup.auth_source.is_empty() { "  source: static\n  static: { users_file: users.yaml }\n".to_owned() } else { format!("{}\n", setup.auth_source.trim_end()) },
                 backend_options = indent(setup.backend_options),
+                failure_delay = if setup.failure_delay.is_empty() { "200ms" } else { setup.failure_delay },
                 extra = setup.extra,
                 tls = if setup.tls.is_empty() { "tls:\n  self_signed: { dir: tls, names: [localhost] }" } else { setup.tls },
             );
