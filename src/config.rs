@@ -955,13 +955,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text.split_at(split);
     let value: f64 = number
         .parse()
-        .map_err(|_| format!("`{text}` is not a duration (use 500ms, 10s, 31m, 2h)"))?;
+        .map_err(|_| format!("`{text}` is not a duration (use 500ms, 10s, 31m, 2h, 14d)"))?;
     let seconds = match unit.trim() {
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` (use ms, s, m, h)")),
+        "d" => value * 86400.0,
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` (use ms, s, m, h, d)"
+            ))
+        }
     };
     if !(0.0..=1e9).contains(&seconds) {
         return Err(format!("duration `{text}` is out of range"));
@@ -1332,11 +1337,6 @@ impl Config {
         if bf.block_after > 1000 {
             return Err(
                 "key `auth.brute_force.block_after`: at most 1000 distinct user names".into(),
-            );
-        }
-        if bf.queue_wait > self.limits.preauth_timeout {
-            return Err(
-                "key `auth.brute_force.queue_wait`: at most `limits.preauth_timeout`".into(),
             );
         }
         if let Some(m) = &self.backends.master_user {

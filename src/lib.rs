@@ -10,7 +10,9 @@
 //! - [`session`]: one client, from greeting through pre-auth to the relay.
 //! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL;
 //!   after login, the watch over response boundaries and COMPRESS.
-//! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password hashes.
+//! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password
+//!   hashes, and the login defence ([`auth::guard`]: lanes of checks per
+//!   network and user, failure delays, familiar users, network blocks).
 //! - [`route`]: pools and backend selection (directory, stickiness,
 //!   weighted rendezvous hashing, failover, bounded load), health checks
 //!   and DNS discovery.

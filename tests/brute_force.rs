@@ -173,6 +173,38 @@ fn a_network_is_blocked_for_guessing_many_names_but_not_for_its_familiar_users()
     });
 }
 
+/// Postern's own waits are not held against the client: a failure's delay
+/// longer than the pre-auth time limit is answered, not cut off, while a
+/// client that just sits there is still ended at the limit.
+#[test]
+fn delays_never_run_into_the_preauth_time_limit() {
+    let (_b, p) = start(
+        "bf-preauth",
+        &["alice"],
+        "brute_force: { max_delay: 4s, block_after: 0 }",
+        "limits:\n  preauth_timeout: 2s\n",
+        "",
+    );
+    let mut waited = Duration::ZERO;
+    while waited < Duration::from_secs(3) {
+        let (answer, took) = timed_login(p.imaps, "alice", "wrong");
+        assert!(
+            answer.starts_with("L1 NO [AUTHENTICATIONFAILED]"),
+            "after {took:?}: {answer}"
+        );
+        waited = took;
+    }
+    // Right passwords are answered at once anyway.
+    assert!(timed_login(p.imaps, "alice", PASSWORD)
+        .0
+        .starts_with("L1 OK"));
+    let (mut idle, _) = Client::imaps(p.imaps);
+    assert_eq!(
+        idle.line(),
+        "* BYE Autologout; pre-authentication time limit reached"
+    );
+}
+
 /// IPv6 clients, as a trusted load balancer states them, count per /64.
 #[test]
 fn ipv6_clients_are_grouped_by_their_64() {

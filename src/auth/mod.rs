@@ -2,8 +2,10 @@
 //! source implements, the [`Identity`] it returns, and username
 //! normalisation. A wrong password stops here; the backend never sees it.
 //!
-//! Sources: [`static_users`] (a YAML users file or a Dovecot passwd-file)
-//! and [`http`] (a service speaking nginx's `auth_http` protocol).
+//! Sources: [`static_users`] (a YAML users file or a Dovecot passwd-file),
+//! [`ldap`] (a directory) and [`http`] (a service speaking nginx's
+//! `auth_http` protocol); [`oauth`] checks bearer tokens. Around them:
+//! [`cache`], [`breaker`] and the login defence in [`guard`].
 //! Password checks run on the blocking thread pool, never on the async
 //! workers that carry other sessions.
 
