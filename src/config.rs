@@ -383,6 +383,12 @@ pub struct OAuthConfig {
     /// The claim that names the user (e.g. `email`, `preferred_username`).
     #[serde(default = "default_user_claim")]
     pub user_claim: String,
+    /// With `user_claim: email`, take tokens whose `email_verified` is
+    /// missing (still never one that says false). Off: a provider that
+    /// lets users edit their address would hand out other people's
+    /// mailboxes, and token logins reach the backend as the master user.
+    #[serde(default)]
+    pub allow_unverified_email: bool,
     /// Clock skew allowed for `exp` and `nbf`.
     #[serde(default = "default_oauth_leeway", deserialize_with = "duration")]
     pub leeway: Duration,

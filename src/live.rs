@@ -129,6 +129,7 @@ impl Runtime {
                     issuer: o.issuer.clone(),
                     audience: o.audience.clone(),
                     user_claim: o.user_claim.clone(),
+                    allow_unverified_email: o.allow_unverified_email,
                     leeway: o.leeway,
                 };
                 let tls = |url: &str| -> Result<_, String> {
