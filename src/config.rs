@@ -318,6 +318,19 @@ pub struct LdapAuth {
     /// The attribute naming the user's backend (e.g. `mailHost`).
     #[serde(default)]
     pub backend_attribute: Option<String>,
+    /// The attribute whose value is the user's one name, whatever alias
+    /// they typed (`uid` when the entry lacks it); normalised like a typed
+    /// name.
+    #[serde(default = "default_ldap_user_attribute")]
+    pub user_attribute: String,
+    /// The attribute that marks a disabled account (e.g. `accountStatus`,
+    /// `employeeType`); unset: no account is disabled by the directory.
+    #[serde(default)]
+    pub disabled_attribute: Option<String>,
+    /// Values of `disabled_attribute` that disable the account, compared
+    /// without regard to case.
+    #[serde(default = "default_ldap_disabled_values")]
+    pub disabled_values: Vec<String>,
     #[serde(default = "default_ldap_pool_size")]
     pub pool_size: usize,
     /// For each step: connect, bind, search.
@@ -327,6 +340,16 @@ pub struct LdapAuth {
 
 fn default_ldap_filter() -> String {
     "(&(objectClass=inetOrgPerson)(|(mail=%u)(uid=%u)))".into()
+}
+
+fn default_ldap_user_attribute() -> String {
+    "mail".into()
+}
+
+fn default_ldap_disabled_values() -> Vec<String> {
+    ["disabled", "inactive", "locked", "suspended", "closed"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_ldap_pool_size() -> usize {
@@ -367,6 +390,12 @@ pub struct OAuthConfig {
     /// The claim that names the user (e.g. `email`, `preferred_username`).
     #[serde(default = "default_user_claim")]
     pub user_claim: String,
+    /// With `user_claim: email`, take tokens whose `email_verified` is
+    /// missing (still never one that says false). Off: a provider that
+    /// lets users edit their address would hand out other people's
+    /// mailboxes, and token logins reach the backend as the master user.
+    #[serde(default)]
+    pub allow_unverified_email: bool,
     /// Clock skew allowed for `exp` and `nbf`.
     #[serde(default = "default_oauth_leeway", deserialize_with = "duration")]
     pub leeway: Duration,
@@ -1242,19 +1271,24 @@ impl Config {
                         l.url
                     ));
                 }
+                use crate::auth::ldap::{check_dn, check_dn_template, check_filter_template};
                 match (&l.bind_dn, &l.user_dn) {
-                    (Some(_), None) => {
-                        if l.bind_password_file.is_none() || l.base_dn.is_none() {
+                    (Some(bind_dn), None) => {
+                        let (Some(_), Some(base_dn)) = (&l.bind_password_file, &l.base_dn) else {
                             return Err("key `auth.ldap`: search-then-bind (`bind_dn`) needs `bind_password_file` and `base_dn`".into());
-                        }
-                        if !(l.filter.contains("%u") || l.filter.contains("%n")) {
-                            return Err("key `auth.ldap.filter`: must contain %u or %n".into());
-                        }
+                        };
+                        check_dn(bind_dn).map_err(|e| {
+                            format!("key `auth.ldap.bind_dn`: `{bind_dn}` is not a DN: {e}")
+                        })?;
+                        check_dn(base_dn).map_err(|e| {
+                            format!("key `auth.ldap.base_dn`: `{base_dn}` is not a DN: {e}")
+                        })?;
+                        check_filter_template(&l.filter)
+                            .map_err(|e| format!("key `auth.ldap.filter`: {e}"))?;
                     }
                     (None, Some(dn)) => {
-                        if !(dn.contains("%u") || dn.contains("%n")) {
-                            return Err("key `auth.ldap.user_dn`: must contain %u or %n".into());
-                        }
+                        check_dn_template(dn)
+                            .map_err(|e| format!("key `auth.ldap.user_dn`: {e}"))?;
                     }
                     _ => {
                         return Err("key `auth.ldap`: set `bind_dn` (search, then bind as the user) or `user_dn` (bind directly), one of them".into())
@@ -1262,6 +1296,27 @@ impl Config {
                 }
                 if !(1..=256).contains(&l.pool_size) {
                     return Err("key `auth.ldap.pool_size`: 1 to 256".into());
+                }
+                let attributes = [
+                    ("user_attribute", Some(&l.user_attribute)),
+                    ("backend_attribute", l.backend_attribute.as_ref()),
+                    ("disabled_attribute", l.disabled_attribute.as_ref()),
+                ];
+                for (key, name) in attributes {
+                    if let Some(name) = name {
+                        let descr = name.starts_with(|c: char| c.is_ascii_alphabetic())
+                            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                        if !descr {
+                            return Err(format!(
+                                "key `auth.ldap.{key}`: `{name}` is not an attribute name"
+                            ));
+                        }
+                    }
+                }
+                if l.disabled_attribute.is_some()
+                    && l.disabled_values.iter().all(|v| v.trim().is_empty())
+                {
+                    return Err("key `auth.ldap.disabled_values`: `disabled_attribute` needs at least one value".into());
                 }
             }
             AuthSource::Http => {
@@ -1656,6 +1711,7 @@ backends:
             "{err}"
         );
         assert!(ldap("  ldap: { url: \"ldaps://h\", user_dn: \"uid=%n,dc=x\" }\n").is_ok());
+        assert!(ldap("  ldap: { url: \"ldaps://h\", user_dn: \"uid=%n,dc=x\", user_attribute: uid, disabled_attribute: employeeType }\n").is_ok());
         for (block, key) in [
             ("", "auth.ldap"),
             (
@@ -1678,6 +1734,30 @@ backends:
             (
                 "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%n\", bind_dn: cn=p }\n",
                 "one of them",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%n;dc=x\" }\n",
+                "auth.ldap.user_dn",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%N,dc=x\" }\n",
+                "auth.ldap.user_dn",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", bind_dn: cn=p, bind_password_file: p.pw, base_dn: \"dc=x\", filter: \"(&(uid=%n)\" }\n",
+                "auth.ldap.filter",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", bind_dn: cn=p, bind_password_file: p.pw, base_dn: \"dc=x,\" }\n",
+                "auth.ldap.base_dn",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%n,dc=x\", user_attribute: \"mail)\" }\n",
+                "auth.ldap.user_attribute",
+            ),
+            (
+                "  ldap: { url: \"ldap://localhost\", user_dn: \"uid=%n,dc=x\", disabled_attribute: employeeType, disabled_values: [] }\n",
+                "auth.ldap.disabled_values",
             ),
         ] {
             let err = ldap(block).unwrap_err();

@@ -129,6 +129,7 @@ impl Runtime {
                     issuer: o.issuer.clone(),
                     audience: o.audience.clone(),
                     user_claim: o.user_claim.clone(),
+                    allow_unverified_email: o.allow_unverified_email,
                     leeway: o.leeway,
                 };
                 let tls = |url: &str| -> Result<_, String> {
@@ -276,7 +277,7 @@ fn secret_file(config: &Config, key: &str, file: &Path) -> Result<Secret, String
 /// The `ldap` source, with the service password read and, for ldaps or
 /// StartTLS, a TLS client that trusts the configured CAs or the system's.
 fn ldap_auth(config: &Config, l: &crate::config::LdapAuth) -> Result<LdapAuth, String> {
-    use crate::auth::ldap::Mode;
+    use crate::auth::ldap::{Mode, Reading};
     let mode = match (&l.bind_dn, &l.user_dn) {
         (Some(bind_dn), _) => Mode::Search {
             bind_dn: bind_dn.clone(),
@@ -307,7 +308,13 @@ fn ldap_auth(config: &Config, l: &crate::config::LdapAuth) -> Result<LdapAuth, S
         tls,
         l.starttls,
         mode,
-        l.backend_attribute.clone(),
+        Reading {
+            user_attribute: l.user_attribute.clone(),
+            backend_attribute: l.backend_attribute.clone(),
+            disabled_attribute: l.disabled_attribute.clone(),
+            disabled_values: l.disabled_values.clone(),
+            naming: config.auth.clone(),
+        },
         l.pool_size,
         l.timeout,
     ))

@@ -2,7 +2,8 @@
 //! by a test key (ES256), checked against a JWKS file; XOAUTH2 and
 //! OAUTHBEARER (RFC 7628), with and without an initial response, a token of
 //! several KiB, the JSON error challenge on failure, and tokens refused for
-//! expiry, issuer, audience, signature, algorithm and a mismatched user.
+//! expiry, issuer, audience, signature, algorithm, an unverified email
+//! and a mismatched user.
 //! Token users reach Dovecot through its master user.
 
 mod common;
@@ -51,6 +52,11 @@ fn world(name: &str) -> World {
 /// With `keys`, the `oauth:` keys that say where tokens are checked
 /// (`jwks_url: …`, `introspection: {…}`) instead of the JWKS file.
 fn world_with(name: &str, keys: Option<&str>) -> World {
+    world_options(name, keys, "")
+}
+
+/// [`world_with`] with more `oauth:` keys (`, key: value` each).
+fn world_options(name: &str, keys: Option<&str>, more: &str) -> World {
     common::backend::ensure_installed();
     let b = DovecotBackend::start_with_users(
         &format!("oauth-{name}"),
@@ -82,7 +88,7 @@ fn world_with(name: &str, keys: Option<&str>) -> World {
         None => format!("jwks_file: {}", dir.join("jwks.json").display()),
     };
     let auth = format!(
-        "oauth: {{ {keys}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email }}\nbrute_force: {{ max_delay: 300ms, block_after: 0 }}"
+        "oauth: {{ {keys}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email{more} }}\nbrute_force: {{ max_delay: 300ms, block_after: 0 }}"
     );
     let backend = format!(
         "master_user: {{ user: proxymaster, password_file: {} }}",
@@ -120,7 +126,8 @@ fn es256() -> Header {
 }
 
 fn claims(email: &str) -> serde_json::Value {
-    serde_json::json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 300, "email": email })
+    serde_json::json!({ "iss": ISSUER, "aud": AUDIENCE, "exp": now() + 300, "email": email,
+        "email_verified": true })
 }
 
 fn xoauth2(user: &str, token: &str) -> String {
@@ -173,6 +180,38 @@ fn oauthbearer_with_a_continuation_and_a_token_of_several_kib() {
     c.send(format!("{}\r\n", oauthbearer("alice@example.com", &token)).as_bytes());
     let lines = c.until_tagged("A1");
     assert!(lines.last().unwrap().starts_with("A1 OK"), "{lines:?}");
+}
+
+/// With `user_claim: email` the address must be verified: a token without
+/// `email_verified` is refused, unless `allow_unverified_email` says the
+/// provider's addresses can be trusted as they are; `false` never does.
+#[test]
+fn an_email_needs_email_verified_unless_allowed() {
+    let mut missing = claims("alice@example.com");
+    missing.as_object_mut().unwrap().remove("email_verified");
+    let mut unverified = claims("alice@example.com");
+    unverified["email_verified"] = false.into();
+    let login = |w: &World, claims: &serde_json::Value| {
+        let token = token_with(&w.key, es256(), claims.clone());
+        token_login(
+            w.p.imaps,
+            &format!("XOAUTH2 {}", xoauth2("alice@example.com", &token)),
+        )
+    };
+    let w = world("unverified-default");
+    for claims in [&missing, &unverified] {
+        assert_eq!(
+            login(&w, claims),
+            "A1 NO [AUTHENTICATIONFAILED] Authentication failed.",
+            "{claims}"
+        );
+    }
+    w.p.wait_for_log("no email_verified claim");
+    let w = world_options("unverified-allowed", None, ", allow_unverified_email: true");
+    assert!(login(&w, &unverified).starts_with("A1 NO [AUTHENTICATIONFAILED]"));
+    let answer = login(&w, &missing);
+    assert!(answer.starts_with("A1 OK"), "{answer}");
+    assert_eq!(w.b.wait_logins_of("alice@example.com", 1), 1);
 }
 
 /// RFC 7628 3.2.2: a refusal is a JSON error challenge, the client sends a
@@ -389,8 +428,8 @@ fn keys_from_a_jwks_url_and_a_rotation() {
 fn opaque_tokens_by_introspection() {
     let dir = std::env::temp_dir().join(format!("postern-test-introspect-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let good = serde_json::json!({ "active": true, "email": "alice@example.com", "iss": ISSUER,
-        "aud": [AUDIENCE, "webmail"], "exp": now() + 300 });
+    let good = serde_json::json!({ "active": true, "email": "alice@example.com",
+        "email_verified": true, "iss": ISSUER, "aud": [AUDIENCE, "webmail"], "exp": now() + 300 });
     let config = serde_json::json!({
         "client": "postern:intro-secret",
         "tokens": {

@@ -12,8 +12,12 @@
 //! configured extra headers (a shared secret read from a file, say).
 //!
 //! The answer is in the response headers; the body is ignored. Any 2xx
-//! status is an answer; other statuses, timeouts and unreachable services
-//! make the login `NO [UNAVAILABLE]`.
+//! status is an answer, and so is a 4xx that carries `Auth-Status` (a
+//! refusal, as nginx reads it, which ignores the status code). A 4xx
+//! without `Auth-Status` is the service refusing this request: a failure
+//! of this login, answered like a wrong password, and not held against
+//! the service by the circuit breaker. 5xx and other statuses, timeouts
+//! and unreachable services make the login `NO [UNAVAILABLE]`.
 //! - `Auth-Status: OK` with `Auth-Server` and `Auth-Port`: the user is in.
 //!   The server must be a configured backend, matched by its address
 //!   (`Auth-Server:Auth-Port`) or by its name; `Auth-User` and `Auth-Pass`,
@@ -95,9 +99,13 @@ impl HttpAuth {
         user: &str,
         password: &Secret,
         ctx: &AuthContext,
-    ) -> Result<Answer, String> {
+    ) -> Result<Answer, AuthError> {
         let request = self.request(user, password, ctx);
-        let response = self.endpoint.exchange(&request, 0).await?;
+        let response = self
+            .endpoint
+            .exchange(&request, 0)
+            .await
+            .map_err(AuthError::Unavailable)?;
         answer(&response)
     }
 }
@@ -113,17 +121,35 @@ struct Answer {
     wait: Option<String>,
 }
 
-fn answer(response: &Response) -> Result<Answer, String> {
-    if !(200..300).contains(&response.code) {
-        return Err(format!("the auth service answered HTTP {}", response.code));
-    }
+/// The answer in `response`; a 4xx without `Auth-Status` is a failure of
+/// this login, any other status but 2xx and 4xx the service's failure.
+fn answer(response: &Response) -> Result<Answer, AuthError> {
     let text = |name: &str| {
         response
             .header(name)
             .map(|v| String::from_utf8_lossy(v).trim().to_owned())
     };
+    let status = text("Auth-Status");
+    match (response.code, &status) {
+        (200..=299, _) => {}
+        // A refusal with the service's words, whatever the status code.
+        (400..=499, Some(s)) if s != "OK" => {}
+        (400..=499, None) => {
+            tracing::info!(
+                code = response.code,
+                "the auth service refused the request without Auth-Status; login failed"
+            );
+            return Err(AuthError::Rejected);
+        }
+        (code, _) => {
+            return Err(AuthError::Unavailable(format!(
+                "the auth service answered HTTP {code}"
+            )))
+        }
+    }
     Ok(Answer {
-        status: text("Auth-Status").ok_or("no Auth-Status header in the answer")?,
+        status: status
+            .ok_or_else(|| AuthError::Unavailable("no Auth-Status header in the answer".into()))?,
         server: text("Auth-Server"),
         port: text("Auth-Port"),
         user: text("Auth-User"),
@@ -146,8 +172,7 @@ impl Authenticator for HttpAuth {
                 .await
                 .map_err(|_| {
                     AuthError::Unavailable(format!("no answer within {:?}", self.timeout))
-                })?
-                .map_err(AuthError::Unavailable)?;
+                })??;
             decide(user, answer)
         })
     }
@@ -287,6 +312,64 @@ mod tests {
             decide("alice", answer("OK")),
             Err(AuthError::Unavailable(_))
         ));
+    }
+
+    fn response(code: u16, headers: &[(&str, &str)]) -> Response {
+        Response {
+            code,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), Secret::new(v.as_bytes().to_vec())))
+                .collect(),
+            body: Secret::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn statuses_are_classified_by_cause() {
+        let ok = [
+            ("Auth-Status", "OK"),
+            ("Auth-Server", "192.0.2.1"),
+            ("Auth-Port", "143"),
+        ];
+        assert_eq!(super::answer(&response(200, &ok)).unwrap().status, "OK");
+        // A 4xx refusal in nginx's words is a refusal like a 200 one.
+        let refusal = [("Auth-Status", "Invalid login"), ("Auth-Wait", "2")];
+        for code in [200, 403] {
+            let a = super::answer(&response(code, &refusal)).unwrap();
+            assert!(
+                matches!(decide("alice", a), Err(AuthError::Refused { ref text, .. }) if text == "Invalid login"),
+                "{code}"
+            );
+        }
+        // A 4xx without Auth-Status fails this login only.
+        for code in [400, 401, 403, 404, 422, 429] {
+            assert!(
+                matches!(
+                    super::answer(&response(code, &[])),
+                    Err(AuthError::Rejected)
+                ),
+                "{code}"
+            );
+        }
+        // The service's own failures, and answers that contradict
+        // themselves, are "unavailable".
+        for (code, headers) in [
+            (500, &[][..]),
+            (502, &[][..]),
+            (503, &refusal[..]),
+            (302, &[][..]),
+            (403, &ok[..]),
+            (200, &[][..]),
+        ] {
+            assert!(
+                matches!(
+                    super::answer(&response(code, headers)),
+                    Err(AuthError::Unavailable(_))
+                ),
+                "{code} {headers:?}"
+            );
+        }
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub struct OAuth {
     issuer: String,
     audience: String,
     user_claim: String,
+    allow_unverified_email: bool,
     leeway: Duration,
 }
 
@@ -78,6 +79,8 @@ pub struct Claims {
     pub issuer: String,
     pub audience: String,
     pub user_claim: String,
+    /// Take an `email` claim without `email_verified: true`.
+    pub allow_unverified_email: bool,
     pub leeway: Duration,
 }
 
@@ -132,6 +135,7 @@ impl OAuth {
             issuer: claims.issuer,
             audience: claims.audience,
             user_claim: claims.user_claim,
+            allow_unverified_email: claims.allow_unverified_email,
             leeway: claims.leeway,
         }
     }
@@ -286,15 +290,23 @@ impl OAuth {
         self.user_of(answer)
     }
 
-    /// The user the claims name. An `email` claim must not come with
-    /// `email_verified` other than true: some providers let users set any
-    /// address.
+    /// The user the claims name. An `email` claim needs `email_verified:
+    /// true` beside it: some providers let users set any address, and a
+    /// token login reaches the backend as the master user, so an
+    /// unverified address would be anyone's mailbox. With
+    /// `allow_unverified_email` a missing `email_verified` is taken, one
+    /// that is not true never.
     fn user_of(&self, claims: &serde_json::Value) -> Result<String, TokenError> {
         if self.user_claim == "email" {
-            if let Some(verified) = claims.get("email_verified") {
-                if verified != &serde_json::Value::Bool(true) {
-                    return Err(TokenError::Invalid("email_verified is not true".into()));
+            match claims.get("email_verified") {
+                Some(serde_json::Value::Bool(true)) => {}
+                None if self.allow_unverified_email => {}
+                None => {
+                    return Err(TokenError::Invalid(
+                        "no email_verified claim (see auth.oauth.allow_unverified_email)".into(),
+                    ))
                 }
+                Some(_) => return Err(TokenError::Invalid("email_verified is not true".into())),
             }
         }
         claims

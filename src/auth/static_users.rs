@@ -1,8 +1,18 @@
 //! The `static` source: users, password hashes and optional backends from a
 //! file, held in memory. Two formats: Postern's YAML
-//! (`users: [{ user, password, backend }]`) and Dovecot's passwd-file
-//! (`user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]`, only the first two
-//! fields read), so an existing Dovecot file can be used as it is.
+//! (`users: [{ user, password, backend, pool, disabled, reason }]`) and
+//! Dovecot's passwd-file (`user:{SCHEME}hash[:uid:gid:gecos:home:shell:extra]`,
+//! the user, the hash and the extra fields read), so an existing Dovecot
+//! file can be used as it is.
+//!
+//! Disabled accounts: `disabled: true` (with an optional `reason`) in the
+//! YAML, or Dovecot's `nologin` extra field (`nologin`, `nologin=y`; a
+//! value of `n`, `no`, `false` or `0` leaves the account enabled) with an
+//! optional `reason=…` in the passwd-file. Extra fields are separated by
+//! spaces, as Dovecot splits them, so a passwd-file reason is one word.
+//! A disabled user's password is checked like anyone's, at the same cost;
+//! only when it is right is the answer [`AuthError::Disabled`], so the
+//! answer tells a guesser nothing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -20,6 +30,8 @@ struct Entry {
     hash: Arc<PasswordHash>,
     backend: Option<String>,
     pool: Option<String>,
+    /// The account may not log in, for this reason if one is given.
+    disabled: Option<Option<String>>,
 }
 
 /// Users loaded from one file; immutable once built.
@@ -46,6 +58,13 @@ struct UserRecord {
     backend: Option<String>,
     #[serde(default)]
     pool: Option<String>,
+    /// The account may not log in.
+    #[serde(default)]
+    disabled: bool,
+    /// Why, for the log and, where `auth.show_disabled_reason` allows, the
+    /// client.
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 impl StaticUsers {
@@ -93,10 +112,28 @@ impl StaticUsers {
                     )));
                 }
             }
+            let reason = record
+                .reason
+                .map(|r| r.trim().to_owned())
+                .filter(|r| !r.is_empty());
+            if reason
+                .as_deref()
+                .is_some_and(|r| r.chars().any(char::is_control))
+            {
+                return Err(fail(format!(
+                    "user `{user}`: the reason holds control characters"
+                )));
+            }
+            if reason.is_some() && !record.disabled {
+                return Err(fail(format!(
+                    "user `{user}`: a reason without `disabled: true`"
+                )));
+            }
             let entry = Entry {
                 hash: Arc::new(hash),
                 backend: record.backend,
                 pool: record.pool,
+                disabled: record.disabled.then_some(reason),
             };
             if users.insert(user.clone(), entry).is_some() {
                 return Err(fail(format!("user `{user}` is listed twice")));
@@ -126,9 +163,11 @@ fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
         .map(|(n, line)| {
-            let mut fields = line.splitn(3, ':');
+            let mut fields = line.splitn(8, ':');
             let user = fields.next().unwrap_or_default().to_owned();
             let password = fields.next().unwrap_or_default().to_owned();
+            let extra = fields.nth(5).unwrap_or_default();
+            let (disabled, reason) = nologin(extra);
             (
                 format!("line {}", n + 1),
                 UserRecord {
@@ -136,10 +175,32 @@ fn parse_passwd_file(text: &str) -> Vec<(String, UserRecord)> {
                     password,
                     backend: None,
                     pool: None,
+                    disabled,
+                    reason: reason.filter(|_| disabled),
                 },
             )
         })
         .collect()
+}
+
+/// Dovecot's `nologin` and `reason` in a passwd-file line's extra fields
+/// (space-separated `key` or `key=value`).
+fn nologin(extra: &str) -> (bool, Option<String>) {
+    let mut disabled = false;
+    let mut reason = None;
+    for field in extra.split(' ').filter(|f| !f.is_empty()) {
+        let (key, value) = field.split_once('=').unwrap_or((field, ""));
+        match key {
+            "nologin" => {
+                disabled = !["n", "no", "false", "0"]
+                    .iter()
+                    .any(|off| value.eq_ignore_ascii_case(off))
+            }
+            "reason" if !value.is_empty() => reason = Some(value.to_owned()),
+            _ => {}
+        }
+    }
+    (disabled, reason)
 }
 
 impl Authenticator for StaticUsers {
@@ -158,6 +219,13 @@ impl Authenticator for StaticUsers {
                 .await
                 .map_err(AuthError::Unavailable)?;
             match entry {
+                // Only a right password learns that the account is disabled.
+                Some(Entry {
+                    disabled: Some(reason),
+                    ..
+                }) if ok => Err(AuthError::Disabled {
+                    reason: reason.clone(),
+                }),
                 Some(entry) if ok => Ok(Identity {
                     user: user.to_owned(),
                     backend: entry.backend.clone(),
@@ -300,6 +368,68 @@ mod tests {
             )
             .await
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn disabled_accounts_are_refused_only_with_the_right_password() {
+        async fn login_as(
+            users: &StaticUsers,
+            user: &str,
+            pw: &[u8],
+        ) -> Result<Identity, AuthError> {
+            users
+                .authenticate(user, Secret::new(pw.to_vec()), &super::AuthContext::test())
+                .await
+        }
+        let f = write("users:\n  - { user: carol, password: \"{PLAIN}pw\", disabled: true, reason: \"Account closed, ask support\" }\n  - { user: dan, password: \"{PLAIN}pw\", disabled: true }\n  - { user: erin, password: \"{PLAIN}pw\", disabled: false }\n");
+        let users =
+            StaticUsers::load(&f.0, UsersFormat::Yaml, &auth(), &|_| true, &|_| true).unwrap();
+        match login_as(&users, "carol", b"pw").await {
+            Err(AuthError::Disabled { reason }) => {
+                assert_eq!(reason.as_deref(), Some("Account closed, ask support"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            login_as(&users, "carol", b"wrong").await,
+            Err(AuthError::Rejected)
+        ));
+        assert!(matches!(
+            login_as(&users, "dan", b"pw").await,
+            Err(AuthError::Disabled { reason: None })
+        ));
+        assert!(login_as(&users, "erin", b"pw").await.is_ok());
+
+        let f = write("carol:{PLAIN}pw:1000:1000::/home/carol::nologin reason=Closed\ndan:{PLAIN}pw::::::userdb_quota_rule=*:storage=1G nologin=y\nerin:{PLAIN}pw::::::nologin=n reason=unused\nfrank:{PLAIN}pw\n");
+        let users = StaticUsers::load(&f.0, UsersFormat::PasswdFile, &auth(), &|_| true, &|_| true)
+            .unwrap();
+        match login_as(&users, "carol", b"pw").await {
+            Err(AuthError::Disabled { reason }) => assert_eq!(reason.as_deref(), Some("Closed")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            login_as(&users, "carol", b"nope").await,
+            Err(AuthError::Rejected)
+        ));
+        assert!(matches!(
+            login_as(&users, "dan", b"pw").await,
+            Err(AuthError::Disabled { reason: None })
+        ));
+        assert!(login_as(&users, "erin", b"pw").await.is_ok());
+        assert!(login_as(&users, "frank", b"pw").await.is_ok());
+    }
+
+    #[test]
+    fn nologin_is_read_as_dovecot_writes_it() {
+        assert_eq!(nologin(""), (false, None));
+        assert_eq!(nologin("nologin"), (true, None));
+        assert_eq!(nologin("nologin=Y"), (true, None));
+        assert_eq!(nologin("nologin=no"), (false, None));
+        assert_eq!(
+            nologin("  userdb_home=/x  nologin reason=Moved "),
+            (true, Some("Moved".into()))
+        );
+        assert_eq!(nologin("nologinx reason="), (false, None));
     }
 
     #[test]

@@ -42,9 +42,15 @@ pub fn person(uid: &str, mail: &str, password: &str, mail_host: Option<&str>) ->
     let host = mail_host
         .map(|h| format!("mailHost: {h}\n"))
         .unwrap_or_default();
+    person_with(uid, mail, password, &host)
+}
+
+/// Like [`person`], with more attribute lines (`employeeType: disabled\n`;
+/// attributes of inetOrgPerson or inetLocalMailRecipient).
+pub fn person_with(uid: &str, mail: &str, password: &str, lines: &str) -> String {
     format!(
         "dn: uid={uid},ou=people,{BASE}\nobjectClass: inetOrgPerson\nobjectClass: inetLocalMailRecipient\n\
-         uid: {uid}\ncn: {uid}\nsn: {uid}\nmail: {mail}\nuserPassword: {password}\n{host}\n"
+         uid: {uid}\ncn: {uid}\nsn: {uid}\nmail: {mail}\nuserPassword: {password}\n{lines}\n"
     )
 }
 
