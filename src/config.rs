@@ -471,7 +471,7 @@ pub struct BruteForce {
     #[serde(deserialize_with = "duration")]
     pub max_delay: Duration,
     /// Failures for this many distinct user names from one network, within
-    /// `window`, block it; 0: never.
+    /// a sliding `window`, block it (familiar users excepted); 0: never.
     pub block_after: u32,
     #[serde(deserialize_with = "duration")]
     pub block_for: Duration,
@@ -1388,6 +1388,16 @@ impl Config {
         }
         if bf.max_checks_per_network == 0 || bf.max_checks_per_user == 0 {
             return Err("key `auth.brute_force.max_checks_per_network`/`max_checks_per_user`: at least 1 (each is a number of checks at once)".into());
+        }
+        if let Some(all) = self
+            .auth
+            .trusted_forwarders
+            .iter()
+            .position(|n| n.prefix() == 0)
+        {
+            return Err(format!(
+                "key `auth.trusted_forwarders[{all}]`: a /0 would believe every client's stated address; name the forwarders' own networks"
+            ));
         }
         if bf.block_after > 1000 {
             return Err(

@@ -279,6 +279,11 @@ impl<'de> serde::Deserialize<'de> for Network {
 }
 
 impl Network {
+    /// The prefix length: 0 is every address of the family.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
     /// Whether `ip` is in the network; IPv4-mapped IPv6 addresses (from a
     /// dual-stack listener) count as IPv4.
     pub fn contains(&self, ip: IpAddr) -> bool {

@@ -2,8 +2,10 @@
 //! listeners), greeting, the pre-auth command loop with STARTTLS, the
 //! credentials check, routing, backend login, then the relay.
 //!
-//! The whole pre-auth phase runs under one deadline (`preauth_timeout`), and
-//! every limit ends in `* BYE` with its reason. What the client reads is
+//! The whole pre-auth phase runs under one deadline (`preauth_timeout`),
+//! moved later only by Postern's own waits (the login defence's queues and
+//! failure delays, within a bound), and every limit ends in `* BYE` with
+//! its reason. What the client reads is
 //! chosen here apart from what the log records: causes go to the log, the
 //! client gets a response code and a short reason. One line is logged when a
 //! session ends.
@@ -854,6 +856,10 @@ impl Session {
             Err(why) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user = named.as_deref().unwrap_or("-"), mechanism, reason = why, "token refused");
+                // Recorded, and the places held, before the client is asked
+                // anything more: hanging up now must not undo the failure.
+                let delay = self.penalty(named.as_deref(), received);
+                settle(ticket, Some(delay));
                 let error = if xoauth2 {
                     r#"{"status":"401","schemes":"bearer"}"#
                 } else {
@@ -865,15 +871,8 @@ impl Session {
                 if let Err(e) = reader.read_line(stream, self.max_line()).await {
                     return Err(self.framing_failed(stream, e).await);
                 }
-                self.auth_failed(
-                    stream,
-                    tag,
-                    received,
-                    AUTHENTICATION_FAILED,
-                    named.as_deref(),
-                    ticket,
-                )
-                .await
+                self.auth_failed_after(stream, tag, received + delay, AUTHENTICATION_FAILED)
+                    .await
             }
         }
     }
@@ -1295,7 +1294,10 @@ impl Session {
             Some(u) if familiar => {
                 rt.metrics.auth_familiar.inc();
                 tracing::debug!(client = %self.peer, user = u, "familiar user and network");
-                vec![(guard.pair_lane(u, &network), bf.max_checks_per_user)]
+                vec![
+                    (guard.familiar_lane(&network), bf.max_checks_per_network),
+                    (guard.pair_lane(u, &network), bf.max_checks_per_user),
+                ]
             }
             _ => {
                 if let Some(left) = guard.blocked(&network, received) {
@@ -1332,7 +1334,9 @@ impl Session {
                 self.count_auth(mechanism, "busy");
                 tracing::info!(client = %self.peer, user = user.unwrap_or("-"), scope, waited_s = bf.queue_wait.as_secs(), "login refused: too many logins at once");
                 let text = match lane {
-                    Lane::Network(_) => "Too many logins at once from your network",
+                    Lane::Network(_) | Lane::Familiar(_) => {
+                        "Too many logins at once from your network"
+                    }
                     Lane::User(_) | Lane::Pair(_) => "Too many logins at once for this account",
                 };
                 let out = format!("{tag} NO [UNAVAILABLE] {text}, try again later\r\n");
@@ -1356,10 +1360,14 @@ impl Session {
 
     /// Runs one of Postern's own waits, moving the pre-auth deadline later
     /// by as long as it takes, up to a bound: `max_auth_failures` times the
-    /// longest failure delay and queue wait.
+    /// longest failure delay (or a source's `Auth-Wait`) and queue wait.
     async fn own_wait<F: std::future::Future>(&self, wait: F) -> F::Output {
         let bf = &self.rt.config.auth.brute_force;
-        let most = (bf.max_delay.max(self.rt.config.auth.failure_delay) + bf.queue_wait)
+        let longest_delay = bf
+            .max_delay
+            .max(self.rt.config.auth.failure_delay)
+            .max(crate::auth::http::MAX_WAIT);
+        let most = (longest_delay + bf.queue_wait)
             .saturating_mul(self.rt.config.limits.max_auth_failures.max(1));
         let started = self.own_waits.begin();
         let out = wait.await;
@@ -1385,7 +1393,11 @@ impl Session {
             return;
         };
         let trusted = &self.rt.config.auth.trusted_forwarders;
-        if self.forwarder.is_some() || !trusted.iter().any(|n| n.contains(self.peer.ip())) {
+        if self.forwarder.is_some() {
+            tracing::debug!(client = %self.peer, stated = printable(stated, 64), "x-originating-ip ignored: the forwarder stated an address already");
+            return;
+        }
+        if !trusted.iter().any(|n| n.contains(self.peer.ip())) {
             tracing::debug!(client = %self.peer, stated = printable(stated, 64), "x-originating-ip from an untrusted client ignored");
             return;
         }

@@ -296,6 +296,12 @@ fn every_alias_reaches_one_identity() {
                 "{name}: {user}"
             );
         }
+        // A name with a leading space is no fourth spelling.
+        let answer = login(&w.p, " alice@example.com", PASSWORD);
+        assert!(
+            answer.starts_with("L1 NO [AUTHENTICATIONFAILED]"),
+            "{answer}"
+        );
         assert_eq!(w.b.wait_logins_of("alice@example.com", 3), 3, "{name}");
         let ended = |log: &str| {
             log.lines()

@@ -13,11 +13,12 @@
 //!    every failure on record for the network or the user, up to
 //!    `max_delay`), counted from when it got them, so queueing shortens
 //!    nothing; an unavailable or busy answer keeps them for
-//!    `failure_delay`, and a check whose client went away keeps them as if
-//!    it had failed: hanging up early frees nothing. A login that finds a lane full waits
-//!    for a place (up to `queue_wait`), then gets `NO [UNAVAILABLE]`.
-//! 2. **Right passwords are answered at once**, whatever else is on record
-//!    for the network or the user. The timing this reveals (an answer now
+//!    `failure_delay`, and so does a check abandoned midway (the session
+//!    ended during it): hanging up early frees nothing. A login that finds
+//!    a lane full waits for a place (up to `queue_wait`), then gets
+//!    `NO [UNAVAILABLE]`.
+//! 2. **Right passwords are answered at once**, whatever failures are on
+//!    record for the network or the user. The timing this reveals (an answer now
 //!    means right, none yet means wrong) buys nothing: a guess holds its
 //!    places for its whole delay whether or not the client waits. So one
 //!    network gets at most `max_checks_per_network` guesses per
@@ -25,22 +26,30 @@
 //!    per `max_delay` (8 per 30 s, about 960 an hour) as its failures pile
 //!    up; one user, from all networks together, at most
 //!    `max_checks_per_user` per `max_delay` once guessed at (2 per 30 s:
-//!    240 an hour), plus a familiar pair's lane for an attacker who shares
-//!    the victim's own address. A success does not clear the user's
-//!    record, so the victim's own logins do not reset an attacker's budget.
+//!    240 an hour), plus three tries from each network where the user is
+//!    familiar. Users are counted by the name as typed (normalised): a
+//!    mailbox with several names has each name's budget. A success does
+//!    not clear the user's record, so the victim's own logins do not reset
+//!    an attacker's budget.
 //! 3. **Familiar pairs.** A user who logged in from a network within
 //!    `familiar_for` is familiar there: their logins from it skip the
-//!    network's block and both lanes above, taking a lane of their own
-//!    for the pair (`max_checks_per_user` wide), so an attacker behind the
-//!    same address never queues in front of them. Pairs are kept as keyed
-//!    64-bit fingerprints (no user name or address is stored), at most
-//!    `max_familiar` (about 40 bytes each); past it the soonest to expire
-//!    goes.
+//!    network's block and both lanes above, taking instead a lane of their
+//!    own for the pair (`max_checks_per_user` wide) and one lane shared by
+//!    all familiar pairs of that network (`max_checks_per_network`), so an
+//!    attacker behind the same address never queues in front of them, and
+//!    the names familiar there add one network's width, not one each.
+//!    After [`FAMILIAR_FAILURES`] failures since its last success a pair is
+//!    a stranger again: a familiar name buys a guesser three tries, not a
+//!    way around the block. Pairs are kept as keyed 64-bit fingerprints
+//!    (no user name or address is stored), at most `max_familiar` (about
+//!    40 bytes each); past it the soonest to expire goes.
 //! 4. **Network blocks are for spraying.** A network is blocked for
 //!    `block_for` once failures for `block_after` distinct user names are
-//!    on record for it within `window`: one phone retrying an old password
-//!    never blocks its NAT, one address trying many accounts does. A block
-//!    refuses logins without asking the source, except familiar pairs'.
+//!    on record for it within a sliding `window`: one phone retrying an old
+//!    password never blocks its NAT, one address trying many accounts does.
+//!    A block refuses logins without asking the source, except familiar
+//!    pairs'; it starts the count afresh, so a network that sprays on after
+//!    its block ends is blocked again.
 //!
 //! Failure records (per network, per user) expire `window` after their
 //! last failure; memory is bounded by `max_entries`, past it the stalest
@@ -64,6 +73,10 @@ use tokio::time::Instant;
 use crate::config::BruteForce;
 
 const SHARDS: usize = 16;
+
+/// Failures after which a familiar pair is treated as a stranger until its
+/// next success: a familiar name is not a way around the network's block.
+pub const FAMILIAR_FAILURES: u8 = 3;
 
 /// Lanes with no place taken are dropped at least this often.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -109,8 +122,9 @@ struct Entry {
     last: Instant,
     blocked_until: Option<Instant>,
     /// For a network: fingerprints of the distinct user names that failed
-    /// from it, up to `block_after`.
-    users: Vec<u64>,
+    /// from it within `window`, with their last failure, up to
+    /// `block_after`.
+    users: Vec<(u64, Instant)>,
 }
 
 /// What a failed login costs.
@@ -131,6 +145,7 @@ pub enum Lane {
     Network(u64),
     User(u64),
     Pair(u64),
+    Familiar(u64),
 }
 
 impl Lane {
@@ -140,6 +155,7 @@ impl Lane {
             Lane::Network(_) => "network",
             Lane::User(_) => "user",
             Lane::Pair(_) => "pair",
+            Lane::Familiar(_) => "familiar",
         }
     }
 }
@@ -209,8 +225,9 @@ pub struct Guard {
     /// Entries held, by kind, kept as they change (read for the metrics).
     networks: AtomicUsize,
     users: AtomicUsize,
-    /// Familiar pairs: fingerprint → when it is forgotten.
-    familiar: Vec<Mutex<HashMap<u64, Instant>>>,
+    /// Familiar pairs: fingerprint → when it is forgotten, and failures
+    /// since its last success.
+    familiar: Vec<Mutex<HashMap<u64, (Instant, u8)>>>,
     familiar_count: AtomicUsize,
     lanes: Mutex<Lanes>,
     /// Woken whenever places are given back at once.
@@ -276,6 +293,7 @@ impl Guard {
         hold_on_drop: Duration,
         mut waited: impl FnMut(Lane),
     ) -> Result<Ticket, LaneFull> {
+        debug_assert!(lanes.len() <= 2, "a ticket holds two lanes at most");
         let mut told = false;
         loop {
             let freed = self.freed.notified();
@@ -350,16 +368,35 @@ impl Guard {
             }
         }
         drop(state);
-        if until.is_none_or(|u| u <= now) {
-            self.freed.notify_waiters();
-        }
+        // Also when the places become holds: a waiter that saw only checks
+        // running learns when they free.
+        self.freed.notify_waiters();
     }
 
-    /// Whether `user` logged in from `network` within `familiar_for`.
+    /// Whether `user` logged in from `network` within `familiar_for` and
+    /// has failed there fewer than [`FAMILIAR_FAILURES`] times since.
     pub fn familiar(&self, user: &str, network: &Key, now: Instant) -> bool {
         let pair = self.pair(user, network);
         let shard = self.familiar[pair as usize % SHARDS].lock().unwrap();
-        shard.get(&pair).is_some_and(|until| *until > now)
+        shard
+            .get(&pair)
+            .is_some_and(|(until, failures)| *until > now && *failures < FAMILIAR_FAILURES)
+    }
+
+    /// A failure of `user` from `network`: counted against the pair's
+    /// familiarity, so a familiar name cannot be guessed at for long.
+    fn pair_failed(&self, user: &str, network: &Key) {
+        let pair = self.pair(user, network);
+        let mut shard = self.familiar[pair as usize % SHARDS].lock().unwrap();
+        if let Some((_, failures)) = shard.get_mut(&pair) {
+            *failures = failures.saturating_add(1);
+        }
+    }
+
+    /// The lane all familiar pairs of `network` share, so that the names
+    /// familiar there add one network's width of checks, not one each.
+    pub fn familiar_lane(&self, network: &Key) -> Lane {
+        Lane::Familiar(self.fingerprint(("familiar", network)))
     }
 
     /// Remembers that `user` logged in from `network`.
@@ -373,9 +410,9 @@ impl Guard {
         if !shard.contains_key(&pair) {
             if shard.len() >= limit {
                 let before = shard.len();
-                shard.retain(|_, until| *until > now);
+                shard.retain(|_, (until, _)| *until > now);
                 if shard.len() == before {
-                    let soonest = shard.iter().min_by_key(|(_, u)| **u).map(|(k, _)| *k);
+                    let soonest = shard.iter().min_by_key(|(_, (u, _))| *u).map(|(k, _)| *k);
                     if let Some(soonest) = soonest {
                         shard.remove(&soonest);
                     }
@@ -385,7 +422,7 @@ impl Guard {
             }
             self.familiar_count.fetch_add(1, Ordering::Relaxed);
         }
-        shard.insert(pair, now + policy.familiar_for);
+        shard.insert(pair, (now + policy.familiar_for, 0));
     }
 
     /// How much longer `network` is blocked, if it is.
@@ -410,6 +447,9 @@ impl Guard {
         let mut blocked = false;
         let user_key = user.map(|u| Key::User(u.to_owned()));
         let who = user.map(|u| self.fingerprint(("failed", u)));
+        if let Some(u) = user {
+            self.pair_failed(u, network);
+        }
         for key in std::iter::once(network).chain(user_key.as_ref()) {
             let mut shard = self.shard(key).lock().unwrap();
             let limit = (policy.max_entries / SHARDS).max(1);
@@ -446,12 +486,24 @@ impl Guard {
             }
             if let (Key::Network(..), Some(who)) = (key, who) {
                 let wanted = policy.block_after as usize;
-                if wanted > 0 && entry.users.len() < wanted && !entry.users.contains(&who) {
-                    entry.users.push(who);
-                    if entry.users.len() == wanted && entry.blocked_until.is_none_or(|u| u <= now) {
-                        entry.blocked_until = Some(now + policy.block_for);
-                        blocked = true;
-                    }
+                // Names are counted within a sliding window; a block starts
+                // the count afresh, so a network that goes on spraying
+                // after its block ends is blocked again.
+                entry
+                    .users
+                    .retain(|(_, at)| now.saturating_duration_since(*at) <= policy.window);
+                match entry.users.iter_mut().find(|(name, _)| *name == who) {
+                    Some(seen) => seen.1 = now,
+                    None if wanted > 0 => entry.users.push((who, now)),
+                    None => {}
+                }
+                if wanted > 0
+                    && entry.users.len() >= wanted
+                    && entry.blocked_until.is_none_or(|u| u <= now)
+                {
+                    entry.blocked_until = Some(now + policy.block_for);
+                    entry.users.clear();
+                    blocked = true;
                 }
             }
         }
@@ -651,6 +703,52 @@ mod tests {
             );
         }
         assert_eq!(g.blocked(&net, later), None, "4 names, block_after 5");
+    }
+
+    #[test]
+    fn a_network_spraying_on_is_blocked_again_and_old_names_age_out() {
+        let g = Guard::default();
+        let p = BruteForce {
+            block_after: 3,
+            block_for: Duration::from_secs(60),
+            ..policy()
+        };
+        let net = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
+        let base = Duration::from_secs(1);
+        let t0 = Instant::now();
+        let fail = |name: &str, at: u64| {
+            g.failed(&net, Some(name), base, &p, t0 + Duration::from_secs(at))
+                .blocked
+        };
+        assert!(!fail("u0", 0) && !fail("u1", 0) && fail("u2", 0));
+        // The block ends; three more names block again.
+        assert_eq!(g.blocked(&net, t0 + Duration::from_secs(61)), None);
+        assert!(!fail("u3", 61) && !fail("u4", 61) && fail("u5", 61));
+        assert!(g.blocked(&net, t0 + Duration::from_secs(62)).is_some());
+        // Names count within a sliding window: a trickle of failures keeps
+        // the record alive, but a name older than `window` no longer counts.
+        let at = 200;
+        assert!(!fail("a", at));
+        assert!(!fail("b", at + 800));
+        assert!(!fail("c", at + 1000), "a is 1000 s old, window 900 s");
+        assert!(fail("d", at + 1001));
+    }
+
+    #[test]
+    fn familiar_pairs_that_keep_failing_become_strangers_until_a_success() {
+        let g = Guard::default();
+        let p = policy();
+        let home = Key::network("192.0.2.7".parse().unwrap(), 32, 64);
+        let now = Instant::now();
+        g.remember("alice", &home, &p, now);
+        for _ in 1..FAMILIAR_FAILURES {
+            g.failed(&home, Some("alice"), Duration::from_secs(1), &p, now);
+            assert!(g.familiar("alice", &home, now));
+        }
+        g.failed(&home, Some("alice"), Duration::from_secs(1), &p, now);
+        assert!(!g.familiar("alice", &home, now));
+        g.remember("alice", &home, &p, now);
+        assert!(g.familiar("alice", &home, now));
     }
 
     #[test]

@@ -16,8 +16,10 @@
 //! refusal, as nginx reads it, which ignores the status code). A 4xx
 //! without `Auth-Status` is the service refusing this request: a failure
 //! of this login, answered like a wrong password, and not held against
-//! the service by the circuit breaker. 5xx and other statuses, timeouts
-//! and unreachable services make the login `NO [UNAVAILABLE]`.
+//! the service by the circuit breaker; except 408 and 429 (the service is
+//! busy) and 401 and 407 (it refused Postern's own credentials, so every
+//! login would fail), which are the service's. 5xx and other statuses,
+//! timeouts and unreachable services make the login `NO [UNAVAILABLE]`.
 //! - `Auth-Status: OK` with `Auth-Server` and `Auth-Port`: the user is in.
 //!   The server must be a configured backend, matched by its address
 //!   (`Auth-Server:Auth-Port`) or by its name; `Auth-User` and `Auth-Pass`,
@@ -40,7 +42,7 @@ use crate::imap::Secret;
 /// Longest `Auth-Status` text passed on to a client.
 const MAX_STATUS_TEXT: usize = 200;
 /// Longest `Auth-Wait` honoured.
-const MAX_WAIT: Duration = Duration::from_secs(60);
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 pub struct HttpAuth {
     endpoint: Endpoint,
@@ -122,7 +124,9 @@ struct Answer {
 }
 
 /// The answer in `response`; a 4xx without `Auth-Status` is a failure of
-/// this login, any other status but 2xx and 4xx the service's failure.
+/// this login, except 408 and 429 (busy) and 401 and 407 (Postern's own
+/// credentials refused: unavailable); any other status but 2xx and 4xx is
+/// the service's failure.
 fn answer(response: &Response) -> Result<Answer, AuthError> {
     let text = |name: &str| {
         response
@@ -134,6 +138,25 @@ fn answer(response: &Response) -> Result<Answer, AuthError> {
         (200..=299, _) => {}
         // A refusal with the service's words, whatever the status code.
         (400..=499, Some(s)) if s != "OK" => {}
+        // The service is overloaded or timed out: not this login's fault.
+        (408 | 429, None) => {
+            return Err(AuthError::Busy(format!(
+                "the auth service answered HTTP {}",
+                response.code
+            )))
+        }
+        // Postern's own credentials for the service (its header_files) are
+        // wrong: every login would fail, so this is the service's failure.
+        (401 | 407, None) => {
+            tracing::warn!(
+                code = response.code,
+                "the auth service refused Postern's own request: check auth.http.headers and header_files"
+            );
+            return Err(AuthError::Unavailable(format!(
+                "the auth service answered HTTP {}",
+                response.code
+            )));
+        }
         (400..=499, None) => {
             tracing::info!(
                 code = response.code,
@@ -342,8 +365,8 @@ mod tests {
                 "{code}"
             );
         }
-        // A 4xx without Auth-Status fails this login only.
-        for code in [400, 401, 403, 404, 422, 429] {
+        // A 4xx without Auth-Status fails this login only…
+        for code in [400, 403, 404, 422] {
             assert!(
                 matches!(
                     super::answer(&response(code, &[])),
@@ -351,6 +374,15 @@ mod tests {
                 ),
                 "{code}"
             );
+        }
+        // …unless it says the service is busy, or refused Postern itself.
+        for code in [408, 429] {
+            let answer = super::answer(&response(code, &[]));
+            assert!(matches!(answer, Err(AuthError::Busy(_))), "{code}");
+        }
+        for code in [401, 407] {
+            let answer = super::answer(&response(code, &[]));
+            assert!(matches!(answer, Err(AuthError::Unavailable(_))), "{code}");
         }
         // The service's own failures, and answers that contradict
         // themselves, are "unavailable".

@@ -31,15 +31,17 @@
 //! on the bound DN).
 //!
 //! One identity per mailbox: the user name Postern goes on with is taken
-//! from the entry, not from what the client typed: the first value of
-//! `user_attribute` (default `mail`) that is a valid user name, else of
+//! from the entry, not from what the client typed: the least (in byte
+//! order, for the same name every time) of the values of
+//! `user_attribute` (default `mail`) that are valid user names, else of
 //! `uid`, normalised like a typed name (lower-cased, default domain). So
 //! `alice`, `ALICE@example.com` and `alice@example.com` are one user to
 //! the backend, the per-user limits and the logs. An entry with neither
 //! attribute keeps the typed name (with a warning in the log), and so
 //! does a direct bind whose entry the user may not read (a directory ACL
-//! that hides it, noSuchObject or insufficientAccessRights on the read):
-//! attributes the user cannot read count as absent.
+//! that hides it, noSuchObject or insufficientAccessRights on the read),
+//! unless `disabled_attribute` is set: then an unreadable entry makes the
+//! login unavailable, never a disabled account that gets in.
 //! `backend_attribute` (e.g. `mailHost`), when set, names the backend that
 //! holds the mailbox.
 //!
@@ -280,7 +282,12 @@ impl LdapAuth {
         }
         let r = &self.reading;
         let name = |attr: &str| {
-            values(entry, attr).find_map(|v| normalise_username(v.as_bytes(), &r.naming).ok())
+            // The least of the values: an attribute's values are a set, in
+            // no order the directory promises, and one mailbox must always
+            // get the same name.
+            values(entry, attr)
+                .filter_map(|v| normalise_username(v.as_bytes(), &r.naming).ok())
+                .min()
         };
         Found {
             user: name(&r.user_attribute).or_else(|| name("uid")),
@@ -332,6 +339,15 @@ impl LdapAuth {
                     if let Some(entry) = result.0.into_iter().next() {
                         found = self.read(&SearchEntry::construct(entry));
                     }
+                }
+                // Without the entry, a disabled account would look enabled:
+                // fail closed, and loudly.
+                rc if ENTRY_UNREADABLE.contains(&rc)
+                    && self.reading.disabled_attribute.is_some() =>
+                {
+                    return Err(AuthError::Unavailable(format!(
+                        "the user may not read their own LDAP entry (result {rc}), so disabled_attribute cannot be checked: allow it in the directory's ACLs"
+                    )));
                 }
                 rc if ENTRY_UNREADABLE.contains(&rc) => {
                     tracing::debug!(dn, rc, "the user may not read their LDAP entry");
