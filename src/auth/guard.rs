@@ -311,11 +311,9 @@ impl Guard {
                 });
                 match full {
                     None => {
-                        for (lane, _) in lanes {
-                            state.places.entry(*lane).or_default().checking += 1;
-                        }
                         let mut taken = [None; 2];
                         for (slot, (lane, _)) in taken.iter_mut().zip(lanes) {
+                            state.places.entry(*lane).or_default().checking += 1;
                             *slot = Some(*lane);
                         }
                         if state.places.len() >= state.sweep_at
