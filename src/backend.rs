@@ -1,4 +1,6 @@
-//! Connecting and logging in to a backend IMAP server for a user.
+//! Connecting and logging in to a backend IMAP server for a user; the
+//! connection, its errors and the login request are shared with POP3's
+//! backend login ([`crate::pop3::backend`]).
 //!
 //! Sequence: TCP connect (bounded by `connect_timeout`), then within
 //! `login_timeout`: a PROXY protocol v2 header if the backend wants one,
@@ -49,6 +51,14 @@ pub enum BackendError {
     Unsuitable(String),
     #[error("backend TLS: {0}")]
     Tls(String),
+    /// The backend cannot take the login now and said so (POP3
+    /// `[SYS/TEMP]`): the next backend may.
+    #[error("backend temporarily unavailable: {0}")]
+    Unavailable(String),
+    /// The mailbox is locked by another session (POP3 `[IN-USE]`): the
+    /// client is told as the backend said it; not a fault of the backend.
+    #[error("mailbox in use: {0}")]
+    InUse(String),
     #[error("backend connection failed: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -64,6 +74,8 @@ impl BackendError {
             BackendError::Tls(_) => "tls_error",
             BackendError::Protocol(_) | BackendError::Io(_) => "protocol_error",
             BackendError::Unsuitable(_) => "unsuitable",
+            BackendError::Unavailable(_) => "unavailable",
+            BackendError::InUse(_) => "in_use",
         }
     }
 }
@@ -258,7 +270,7 @@ async fn start(backend: &Backend, tcp: TcpStream) -> Result<(Conn, Capabilities)
     Ok((conn, caps))
 }
 
-async fn connect(address: &str) -> Result<TcpStream, BackendError> {
+pub(crate) async fn connect(address: &str) -> Result<TcpStream, BackendError> {
     let failed = |reason: String| BackendError::Connect {
         address: address.to_owned(),
         reason,
@@ -491,20 +503,22 @@ struct Tagged {
     capabilities: Capabilities,
 }
 
-struct Conn {
-    stream: BackendStream,
-    buf: Vec<u8>,
+/// A backend connection being logged in: the stream and what was read
+/// from it but not yet taken.
+pub(crate) struct Conn {
+    pub(crate) stream: BackendStream,
+    pub(crate) buf: Vec<u8>,
 }
 
 impl Conn {
-    fn new(stream: BackendStream) -> Conn {
+    pub(crate) fn new(stream: BackendStream) -> Conn {
         Conn {
             stream,
             buf: Vec::with_capacity(1024),
         }
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), BackendError> {
         self.stream.write_all(bytes).await?;
         Ok(())
     }
@@ -561,7 +575,7 @@ impl Conn {
         Ok(String::from_utf8_lossy(&text).into_owned())
     }
 
-    async fn read_line(&mut self) -> Result<Vec<u8>, BackendError> {
+    pub(crate) async fn read_line(&mut self) -> Result<Vec<u8>, BackendError> {
         let mut searched = 0;
         loop {
             if let Some(at) = self.buf[searched..].iter().position(|&b| b == b'\n') {

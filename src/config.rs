@@ -126,6 +126,9 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub tls: ListenerTls,
+    /// The mail protocol spoken on it: `imap` (the default) or `pop3`.
+    #[serde(default)]
+    pub protocol: Protocol,
     /// Allow LOGIN/AUTHENTICATE before STARTTLS on a `starttls` listener.
     /// Meant for loopback testing only; off by default.
     #[serde(default)]
@@ -148,6 +151,41 @@ pub struct ProxyProtocolIn {
         deserialize_with = "duration"
     )]
     pub timeout: Duration,
+}
+
+/// A listener's mail protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// IMAP4rev1 (993 implicit TLS, 143 STARTTLS).
+    #[default]
+    Imap,
+    /// POP3 (995 implicit TLS, 110 STLS).
+    Pop3,
+}
+
+impl Protocol {
+    /// The `protocol` metric label and log word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Imap => "imap",
+            Protocol::Pop3 => "pop3",
+        }
+    }
+
+    /// The TLS ALPN protocol ID (RFC 7301 registry).
+    pub fn alpn(self) -> &'static [u8] {
+        match self {
+            Protocol::Imap => b"imap",
+            Protocol::Pop3 => b"pop3",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -647,6 +685,11 @@ pub struct BackendServer {
     /// in `haproxy_trusted_networks`). Health checks send a LOCAL header.
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// The backend's POP3 service, on the same host as `address` and with
+    /// the same kind of TLS (`none`: plain POP3, `starttls`: STLS,
+    /// `implicit`: POP3S). Needed when a listener speaks POP3.
+    #[serde(default)]
+    pub pop3_port: Option<u16>,
 }
 
 /// How backends with `discover: true` are resolved.
@@ -1212,6 +1255,22 @@ impl Config {
                 return Err(format!(
                     "key `listeners[{i}].allow_plaintext_auth`: only meaningful on a `starttls` listener"
                 ));
+            }
+            if l.protocol == Protocol::Pop3 {
+                let pools = std::iter::once(("backends.pool".to_owned(), &self.backends.pool))
+                    .chain(
+                        self.backends.pools.iter().enumerate().map(|(p, pool)| {
+                            (format!("backends.pools[{p}].servers"), &pool.servers)
+                        }),
+                    );
+                for (key, servers) in pools {
+                    if let Some(j) = servers.iter().position(|b| b.pop3_port.is_none()) {
+                        return Err(format!(
+                            "key `{key}[{j}].pop3_port`: listener `{}` speaks POP3, so every backend needs its POP3 port",
+                            l.name
+                        ));
+                    }
+                }
             }
         }
         if let Some(admin) = &self.admin {

@@ -30,6 +30,9 @@ use crate::tls::SelfSignedMode;
 pub struct Runtime {
     pub config: Config,
     pub tls: Arc<rustls::ServerConfig>,
+    /// The same, offering ALPN `pop3` instead of `imap`; certificates,
+    /// session tickets and their keys are shared.
+    pub tls_pop3: Arc<rustls::ServerConfig>,
     pub auth: Arc<dyn Authenticator>,
     pub pool: Arc<Pool>,
     /// The health checks' probe account, when one is configured.
@@ -46,6 +49,14 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// The TLS configuration for a listener of `protocol` (its ALPN ID).
+    pub fn tls_for(&self, protocol: crate::config::Protocol) -> Arc<rustls::ServerConfig> {
+        match protocol {
+            crate::config::Protocol::Imap => Arc::clone(&self.tls),
+            crate::config::Protocol::Pop3 => Arc::clone(&self.tls_pop3),
+        }
+    }
+
     /// Builds and checks a snapshot: certificates load and match their keys,
     /// the users file parses and names only known backends.
     pub fn build(
@@ -112,6 +123,7 @@ impl Runtime {
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.
         let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
+        let tls_pop3 = crate::tls::for_protocol(&tls, crate::config::Protocol::Pop3);
         let probe = match &config.backends.health_check.login {
             Some(login) => Some(ProbeAccount {
                 user: login.user.clone(),
@@ -201,6 +213,7 @@ impl Runtime {
         Ok(Runtime {
             config,
             tls,
+            tls_pop3,
             auth,
             pool,
             probe,

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub connections_rejected: IntCounterVec,
     pub sessions_active: IntGaugeVec,
     pub sessions_ended: IntCounterVec,
+    pub listener_info: IntGaugeVec,
     pub tls_handshake_failures: IntCounterVec,
     pub tls_handshakes: IntCounterVec,
     pub auth_duration: HistogramVec,
@@ -135,8 +136,14 @@ impl Metrics {
             sessions_ended: counter(
                 &registry,
                 "postern_sessions_ended_total",
-                "Client connections ended, by why they ended.",
-                &["reason"],
+                "Client connections ended, by protocol and why they ended.",
+                &["protocol", "reason"],
+            ),
+            listener_info: gauge(
+                &registry,
+                "postern_listener_info",
+                "1 for each listener that accepted a connection, naming its protocol (join on `listener`).",
+                &["listener", "protocol"],
             ),
             tls_handshakes: counter(
                 &registry,
@@ -236,14 +243,14 @@ impl Metrics {
             authentications: counter(
                 &registry,
                 "postern_authentications_total",
-                "Client authentication attempts, by mechanism, authentication source and result.",
-                &["mechanism", "source", "result"],
+                "Client authentication attempts, by mechanism, protocol, authentication source and result.",
+                &["mechanism", "protocol", "source", "result"],
             ),
             backend_logins: counter(
                 &registry,
                 "postern_backend_logins_total",
-                "Logins to backend servers, per backend and result.",
-                &["backend", "result"],
+                "Logins to backend servers, per backend, protocol and result.",
+                &["backend", "protocol", "result"],
             ),
             backend_up: gauge(
                 &registry,

@@ -10,10 +10,11 @@
 //! thousands of IDLE sessions cost their sockets and TLS state, not
 //! 2 × 64 KiB each.
 //!
-//! Every byte read is shown to a [`Watch`] ([`crate::imap::watch`]), which
-//! follows where the backend's responses end, through COMPRESS=DEFLATE
-//! too. It decides two things: a backend's end of stream after its `* BYE`
-//! is an orderly close, any other is a lost backend; and when the caller's
+//! Every byte read is shown to the protocol's watch (a [`Follow`]:
+//! [`crate::imap::watch`], [`crate::pop3::watch`]), which follows where the
+//! backend's responses end, through IMAP's COMPRESS=DEFLATE too. It decides two things: a backend's end of stream after its `* BYE`
+//! (POP3: its answer to QUIT) is an orderly close, any other is a lost
+//! backend; and when the caller's
 //! `stop` resolves, the relay stops reading the client, lets the response
 //! the backend is sending finish (within [`FINISH`]), and hands back a
 //! [`Farewell`] saying whether and how a `* BYE` may still be written. The
@@ -39,7 +40,38 @@ use tokio::time::Instant;
 
 use crate::buffer::{self, give as give_buffer, take as take_buffer};
 pub use crate::imap::watch::Farewell;
-use crate::imap::watch::Watch;
+
+/// A protocol's view of a relayed session: where the backend's responses
+/// end, and whether Postern may still write to the client. It only
+/// follows; when it cannot, it gives up, and Postern stays silent.
+pub trait Follow {
+    /// Bytes the client sent towards the backend.
+    fn client_sent(&mut self, chunk: &[u8]);
+    /// Bytes the backend sent towards the client. With `stop_at_boundary`
+    /// the stream is followed only up to its first response boundary, whose
+    /// offset is returned: the client must get no byte past it.
+    fn backend_sent(&mut self, chunk: &[u8], stop_at_boundary: bool) -> Option<usize>;
+    /// The backend said its last word: an end of its stream now is orderly.
+    fn bye_seen(&self) -> bool;
+    /// Whether the streams are still followed (the watch has not given up).
+    fn following(&self) -> bool;
+    /// Whether the backend's stream so far ends at a response boundary.
+    fn at_boundary(&self) -> bool;
+    /// What Postern may write now, if the client has every byte fed so far.
+    fn farewell(&mut self) -> Farewell;
+    /// Whether a shadow inflater is held (and could be parked).
+    fn inflating(&self) -> bool {
+        false
+    }
+    /// Parks the shadow inflater while the backend is quiet; whether it did.
+    fn park(&mut self) -> bool {
+        false
+    }
+    /// Whether the backend's stream is compressed.
+    fn compressed(&self) -> bool {
+        false
+    }
+}
 
 /// How long the other direction may go on after one side has closed.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -167,7 +199,7 @@ impl Pump {
     }
 
     /// At end of input: pass the half-close on, or report a lost backend.
-    fn at_end(&mut self, watch: &Watch) -> Option<PumpEnd> {
+    fn at_end<W: Follow>(&mut self, watch: &W) -> Option<PumpEnd> {
         if self.from_backend && !watch.bye_seen() {
             return Some(self.finish(PumpEnd::Lost));
         }
@@ -186,17 +218,18 @@ impl Pump {
 
     /// Moves bytes from `rx` to `tx` until one of them is not ready.
     /// Ready once this direction is over.
-    fn poll<R, W>(
+    fn poll<R, W, F>(
         &mut self,
         cx: &mut Context<'_>,
         rx: &mut R,
         tx: &mut W,
         active: &mut bool,
-        watch: &mut Watch,
+        watch: &mut F,
     ) -> Poll<PumpEnd>
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
+        F: Follow,
     {
         loop {
             match &mut self.state {
@@ -321,8 +354,39 @@ impl Pump {
 /// module docs). `backend_said`: what the backend sent after its login
 /// answer, which the client already has; `client_said`: what the client
 /// sent after its login command, which the backend already has. The watch
-/// starts with both.
+/// starts with both. The IMAP watch follows the session.
 pub async fn relay<C, B, S>(
+    client: C,
+    backend: B,
+    backend_said: Vec<u8>,
+    client_said: Vec<u8>,
+    idle: Duration,
+    counters: &Counters,
+    stop: S,
+) -> RelayOutcome
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    S: Future<Output = StopCause>,
+{
+    let watch = crate::imap::watch::Watch::new();
+    relay_following(
+        watch,
+        client,
+        backend,
+        backend_said,
+        client_said,
+        idle,
+        counters,
+        stop,
+    )
+    .await
+}
+
+/// [`relay`], with the protocol's own watch.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay_following<W, C, B, S>(
+    mut watch: W,
     mut client: C,
     mut backend: B,
     backend_said: Vec<u8>,
@@ -335,12 +399,12 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
     S: Future<Output = StopCause>,
+    W: Follow,
 {
     tokio::pin!(stop);
     let (tally_in, tally_out) = counters.session.clone().unzip();
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
-    let mut watch = Watch::new();
     watch.backend_sent(&backend_said, false);
     watch.client_sent(&client_said);
     // Not kept: the client's may be the pre-auth read buffer.

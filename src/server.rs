@@ -43,6 +43,7 @@ fn info_of(l: &ListenerConfig) -> ListenerInfo {
     ListenerInfo {
         name: l.name.clone(),
         tls: l.tls,
+        protocol: l.protocol,
         allow_plaintext_auth: l.allow_plaintext_auth,
         proxy_protocol: l.proxy_protocol.clone(),
     }
@@ -56,7 +57,7 @@ pub fn bind(l: &ListenerConfig) -> std::io::Result<BoundListener> {
             format!("listener `{}` cannot bind {}: {e}", l.name, l.bind),
         )
     })?;
-    tracing::info!(listener = %l.name, bind = %socket.local_addr()?, tls = %l.tls, "listening");
+    tracing::info!(listener = %l.name, bind = %socket.local_addr()?, tls = %l.tls, protocol = %l.protocol, "listening");
     Ok(BoundListener {
         socket,
         info: Arc::new(ArcSwap::from_pointee(info_of(l))),
@@ -255,8 +256,15 @@ pub async fn accept_loop(
                     tracing::warn!(listener = %info.name, client = %peer, "connection limit reached; closing new connection");
                     if info.tls == crate::config::ListenerTls::Starttls {
                         // Best effort, never waits: the socket buffer is empty.
-                        let _ =
-                            tcp.try_write(b"* BYE [UNAVAILABLE] Server busy, try again later\r\n");
+                        let busy: &[u8] = match info.protocol {
+                            crate::config::Protocol::Imap => {
+                                b"* BYE [UNAVAILABLE] Server busy, try again later\r\n"
+                            }
+                            crate::config::Protocol::Pop3 => {
+                                b"-ERR [SYS/TEMP] Server busy, try again later\r\n"
+                            }
+                        };
+                        let _ = tcp.try_write(busy);
                     }
                     continue;
                 };

@@ -1,10 +1,11 @@
 //! TLS for client connections: the rustls server configuration (TLS 1.2 and
-//! 1.3 only, ALPN `imap`), the SNI certificate resolver, PEM loading through
-//! rustls-pki-types' `PemObject`, and the self-signed certificate made on
-//! first start when none is configured.
+//! 1.3 only, ALPN `imap`, or `pop3` on POP3 listeners), the SNI
+//! certificate resolver, PEM loading through rustls-pki-types'
+//! `PemObject`, and the self-signed certificate made on first start when
+//! none is configured.
 //!
-//! ALPN (RFC 9325 §3.4): a client that offers ALPN must offer `imap`; rustls
-//! refuses a handshake whose list holds only other protocols with the
+//! ALPN (RFC 9325 §3.4): a client that offers ALPN must offer the
+//! listener's protocol (`imap`, `pop3`); rustls refuses a handshake whose list holds only other protocols with the
 //! `no_application_protocol` alert. A client that offers no ALPN is served.
 
 use std::collections::HashMap;
@@ -79,6 +80,17 @@ pub fn server_config(config: &Config, mode: SelfSignedMode) -> Result<Arc<Server
     server.ticketer = provider::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
     server.send_tls13_tickets = 1;
     Ok(Arc::new(server))
+}
+
+/// The server configuration for another protocol's listeners: the same
+/// certificates, resolver and ticket keys, offering that protocol's ALPN ID.
+pub fn for_protocol(
+    server: &Arc<ServerConfig>,
+    protocol: crate::config::Protocol,
+) -> Arc<ServerConfig> {
+    let mut config = ServerConfig::clone(server);
+    config.alpn_protocols = vec![protocol.alpn().to_vec()];
+    Arc::new(config)
 }
 
 /// Loads a PEM certificate chain and private key and checks they belong together.

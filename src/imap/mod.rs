@@ -14,6 +14,7 @@
 
 pub mod command;
 pub mod framing;
+pub mod front;
 pub mod sasl;
 pub mod watch;
 

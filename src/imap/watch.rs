@@ -587,6 +587,36 @@ impl Farewell {
     }
 }
 
+impl crate::relay::Follow for Watch {
+    fn client_sent(&mut self, chunk: &[u8]) {
+        Watch::client_sent(self, chunk)
+    }
+    fn backend_sent(&mut self, chunk: &[u8], stop_at_boundary: bool) -> Option<usize> {
+        Watch::backend_sent(self, chunk, stop_at_boundary)
+    }
+    fn bye_seen(&self) -> bool {
+        Watch::bye_seen(self)
+    }
+    fn following(&self) -> bool {
+        Watch::following(self)
+    }
+    fn at_boundary(&self) -> bool {
+        Watch::at_boundary(self)
+    }
+    fn farewell(&mut self) -> Farewell {
+        Watch::farewell(self)
+    }
+    fn inflating(&self) -> bool {
+        Watch::inflating(self)
+    }
+    fn park(&mut self) -> bool {
+        Watch::park(self)
+    }
+    fn compressed(&self) -> bool {
+        Watch::compressed(self)
+    }
+}
+
 impl Watch {
     pub fn new() -> Self {
         Self::default()

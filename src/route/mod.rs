@@ -126,6 +126,16 @@ impl Backend {
         self.up.load(Ordering::Acquire)
     }
 
+    /// The backend's POP3 service: `address` with its `pop3_port`.
+    pub fn pop3_address(&self) -> Option<String> {
+        let port = self.config.pop3_port?;
+        let host = self
+            .address
+            .rsplit_once(':')
+            .map_or(&*self.address, |(h, _)| h);
+        Some(format!("{host}:{port}"))
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }

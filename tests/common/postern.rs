@@ -161,7 +161,8 @@ impl Postern {
         self.http_get("/metrics").expect("metrics endpoint answers")
     }
 
-    /// The value of one sample, e.g. `postern_authentications_total{mechanism="LOGIN",result="success"}`; 0 if absent.
+    /// The value of one sample, e.g. `postern_authentications_total{mechanism="LOGIN",result="success"}`,
+    /// summed over the labels it does not name (`protocol`, say); 0 if absent.
     pub fn metric(&self, sample: &str) -> f64 {
         self.try_metric(sample).expect("metrics endpoint answers")
     }
@@ -169,15 +170,7 @@ impl Postern {
     /// Like `metric`; `None` when the endpoint did not answer.
     pub fn try_metric(&self, sample: &str) -> Option<f64> {
         let text = self.http_get("/metrics")?;
-        Some(
-            text.lines()
-                .find_map(|l| {
-                    l.strip_prefix(sample)
-                        .and_then(|rest| rest.strip_prefix(' '))
-                })
-                .map(|v| v.trim().parse().unwrap())
-                .unwrap_or(0.0),
-        )
+        Some(sample_sum(&text, sample))
     }
 
     /// Waits until `accept` holds for the value of one sample (0 while
@@ -384,6 +377,40 @@ impl Drop for Postern {
 /// The sum of every sample of one family over its labels, from a
 /// `/metrics` text; `family` ends with `{`, e.g.
 /// `postern_sessions_ended_total{`.
+/// The sum of the samples of `sample`'s family whose labels include every
+/// label `sample` names: `name{a="x"}` matches `name{a="x",b="y"}`.
+pub fn sample_sum(metrics: &str, sample: &str) -> f64 {
+    let (name, wanted) = split_sample(sample);
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = split_sample(series);
+            (n == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| value.trim().parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
+/// `name{a="x",b="y"}` into the name and its `a="x"` pairs.
+fn split_sample(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, rest)) => {
+            let labels = rest.trim_end_matches('}');
+            // Label values in these tests hold no `",`.
+            let pairs = labels
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| p.trim_end_matches('"'))
+                .collect();
+            (name, pairs)
+        }
+        None => (sample, Vec::new()),
+    }
+}
+
 pub fn family_sum(metrics: &str, family: &str) -> f64 {
     metrics
         .lines()

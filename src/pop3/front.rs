@@ -1,0 +1,534 @@
+//! POP3's pre-auth front (RFC 1939 AUTHORIZATION state, RFC 2449 CAPA,
+//! RFC 2595 STLS, RFC 5034 AUTH, RFC 3206 response codes): the greeting,
+//! `CAPA`, `USER`/`PASS`, `AUTH` with PLAIN, LOGIN, OAUTHBEARER and
+//! XOAUTH2 (initial response, `=` for empty, `*` cancels), `STLS` and
+//! `QUIT`; anything else before login is answered `-ERR` with a reason.
+//!
+//! It owns framing, commands, replies and the capability list only: the
+//! credentials go to the gate ([`crate::session::gate`]), the login to
+//! [`crate::session::connect`]. Limits end with `-ERR` and a close. Lines
+//! are bounded by `limits.max_line` (8 KiB by default, so `PASS` carries
+//! passwords of several KiB), raised for bearer tokens as for IMAP.
+
+use base64::Engine as _;
+
+use crate::config::ListenerTls;
+use crate::imap::framing::{CommandReader, FramingError};
+use crate::imap::sasl::{self, Credentials};
+use crate::imap::{printable, Secret};
+use crate::session::connect::{EnterError, Entered};
+use crate::session::gate::{Admitted, BusyScope, Failure, Refusal};
+use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
+use crate::stream::ClientStream;
+
+/// What POP3 says when Postern ends a session. POP3 has no unsolicited
+/// responses; these are written only at a response boundary, where a
+/// client reads them as the answer to its next command.
+pub static FAREWELLS: Farewells = Farewells {
+    too_many_connections: b"-ERR [SYS/TEMP] Too many connections from your network\r\n",
+    preauth_timeout: b"-ERR Autologout; pre-authentication time limit reached\r\n",
+    shutdown: b"-ERR [SYS/TEMP] Server shutting down\r\n",
+    kicked: b"-ERR Session ended by the administrator\r\n",
+    backend_gone: b"-ERR [SYS/TEMP] Mail server is unavailable, please reconnect\r\n",
+};
+
+/// The one answer to every failed login.
+const AUTHENTICATION_FAILED: &str = "-ERR [AUTH] Authentication failed.";
+
+/// Runs the pre-auth phase to a login at a backend, or to its end.
+pub async fn preauth(session: &mut Session, stream: &mut ClientStream) -> Step<LoggedIn> {
+    let limits = &session.rt.config.limits;
+    let mut front = Front {
+        reader: CommandReader::new(limits.max_line, 0),
+        user: None,
+        s: session,
+    };
+    front.run(stream).await
+}
+
+/// The longest line: room for a bearer token in base64 when tokens are
+/// accepted.
+fn max_line(s: &Session) -> usize {
+    let configured = s.rt.config.limits.max_line;
+    if s.rt.oauth.is_some() {
+        configured.max(sasl::MAX_TOKEN_MESSAGE * 4 / 3 + 64)
+    } else {
+        configured
+    }
+}
+
+struct Front<'a> {
+    s: &'a mut Session,
+    reader: CommandReader,
+    /// The name given by `USER`, waiting for `PASS`.
+    user: Option<Vec<u8>>,
+}
+
+/// A command line split into its keyword (upper-cased) and the rest.
+fn split(line: &[u8]) -> (String, &[u8]) {
+    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    let keyword = String::from_utf8_lossy(&line[..end]).to_ascii_uppercase();
+    let rest = line.get(end + 1..).unwrap_or_default();
+    (keyword, rest)
+}
+
+impl Front<'_> {
+    fn auth_allowed(&self, stream: &ClientStream) -> bool {
+        stream.is_tls() || self.s.listener.allow_plaintext_auth
+    }
+
+    fn mechanisms(&self) -> &'static str {
+        if self.s.rt.oauth.is_some() {
+            "PLAIN LOGIN OAUTHBEARER XOAUTH2"
+        } else {
+            "PLAIN LOGIN"
+        }
+    }
+
+    /// The proxy's own capability list (RFC 2449): `USER` and `SASL` only
+    /// where logging in is allowed, `STLS` only before TLS.
+    fn capabilities(&self, stream: &ClientStream) -> String {
+        let mut out = String::from("+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n");
+        if self.auth_allowed(stream) {
+            out.push_str("USER\r\nSASL ");
+            out.push_str(self.mechanisms());
+            out.push_str("\r\n");
+        }
+        if !stream.is_tls() && self.s.listener.tls == ListenerTls::Starttls {
+            out.push_str("STLS\r\n");
+        }
+        out.push_str("IMPLEMENTATION Postern\r\n.\r\n");
+        out
+    }
+
+    async fn run(&mut self, stream: &mut ClientStream) -> Step<LoggedIn> {
+        send(stream, b"+OK Postern ready.\r\n")
+            .await
+            .map_err(|_| "client_error")?;
+        loop {
+            let limit = max_line(self.s);
+            let line = match self.reader.read_line(stream, limit).await {
+                Ok(line) => Secret::new(line),
+                Err(e) => return Err(framing_failed(stream, e).await),
+            };
+            let (keyword, rest) = split(line.expose());
+            let admitted = match keyword.as_str() {
+                "CAPA" => {
+                    let caps = self.capabilities(stream);
+                    reply(stream, caps).await?;
+                    continue;
+                }
+                "QUIT" => {
+                    let _ = send(stream, b"+OK Bye\r\n").await;
+                    return Err("logout");
+                }
+                "NOOP" => {
+                    // Only in the TRANSACTION state (RFC 1939), but harmless.
+                    reply(stream, "+OK\r\n".into()).await?;
+                    continue;
+                }
+                "STLS" => {
+                    self.stls(stream).await?;
+                    continue;
+                }
+                "USER" => {
+                    if !self.auth_allowed(stream) {
+                        self.privacy_required(stream, "USER").await?;
+                        continue;
+                    }
+                    if rest.is_empty() {
+                        self.bad(stream, "USER needs a user name").await?;
+                        continue;
+                    }
+                    self.user = Some(rest.to_vec());
+                    reply(stream, "+OK Send your password\r\n".into()).await?;
+                    continue;
+                }
+                "PASS" => {
+                    if !self.auth_allowed(stream) {
+                        self.privacy_required(stream, "PASS").await?;
+                        continue;
+                    }
+                    let Some(user) = self.user.take() else {
+                        self.bad(stream, "PASS comes after USER").await?;
+                        continue;
+                    };
+                    let creds = Credentials {
+                        authzid: None,
+                        authcid: user,
+                        password: Secret::new(rest.to_vec()),
+                    };
+                    drop(line);
+                    let checked = self.s.check_password("USER", creds, stream.is_tls()).await;
+                    self.settled(stream, checked).await?
+                }
+                "AUTH" => {
+                    if !self.auth_allowed(stream) {
+                        self.privacy_required(stream, "AUTH").await?;
+                        continue;
+                    }
+                    self.user = None;
+                    let rest = rest.to_vec();
+                    drop(line);
+                    self.auth(stream, &rest).await?
+                }
+                "" => {
+                    self.bad(stream, "Empty command").await?;
+                    continue;
+                }
+                "APOP" => {
+                    self.bad(stream, "APOP is not supported; use USER and PASS or AUTH")
+                        .await?;
+                    continue;
+                }
+                "STAT" | "LIST" | "RETR" | "DELE" | "RSET" | "TOP" | "UIDL" | "LAST" => {
+                    let reason = format!("{keyword} is not valid before login; log in first");
+                    self.bad(stream, &reason).await?;
+                    continue;
+                }
+                _ => {
+                    self.bad(stream, "Unknown command").await?;
+                    continue;
+                }
+            };
+            let Some(admitted) = admitted else { continue };
+            if let Some(mut l) = self.enter(stream, admitted).await? {
+                l.client_pending = self.reader.take_buffered();
+                return Ok(l);
+            }
+        }
+    }
+
+    /// `AUTH` (RFC 5034): without a mechanism, the list of mechanisms
+    /// (as clients that predate CAPA ask); with one, its exchange.
+    async fn auth(&mut self, stream: &mut ClientStream, args: &[u8]) -> Step<Option<Admitted>> {
+        if args.is_empty() {
+            let list = self.mechanisms().replace(' ', "\r\n");
+            reply(stream, format!("+OK\r\n{list}\r\n.\r\n")).await?;
+            return Ok(None);
+        }
+        let (mechanism, initial) = split(args);
+        let initial = (!initial.is_empty()).then(|| Secret::new(initial.to_vec()));
+        match mechanism.as_str() {
+            "XOAUTH2" | "OAUTHBEARER" if self.s.rt.oauth.is_some() => {
+                self.token_login(stream, mechanism == "XOAUTH2", initial)
+                    .await
+            }
+            "PLAIN" => {
+                let message = match initial {
+                    Some(ir) => sasl::decode_response(ir.expose()),
+                    None => match self.continuation(stream, "").await? {
+                        Some(line) => sasl::decode_response(line.expose()),
+                        None => return Ok(None),
+                    },
+                };
+                match message.and_then(|m| sasl::decode_plain(&m)) {
+                    Ok(creds) => {
+                        let checked = self.s.check_password("PLAIN", creds, stream.is_tls()).await;
+                        self.settled(stream, checked).await
+                    }
+                    Err(e) => {
+                        self.s.count_auth("PLAIN", "invalid");
+                        self.bad(stream, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(ir) => ir,
+                    None => match self
+                        .continuation(stream, sasl::LOGIN_USERNAME_PROMPT)
+                        .await?
+                    {
+                        Some(line) => line,
+                        None => return Ok(None),
+                    },
+                };
+                let Some(password) = self
+                    .continuation(stream, sasl::LOGIN_PASSWORD_PROMPT)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                match (
+                    sasl::decode_response(user.expose()),
+                    sasl::decode_response(password.expose()),
+                ) {
+                    (Ok(user), Ok(password)) => {
+                        let creds = Credentials {
+                            authzid: None,
+                            authcid: user.expose().to_vec(),
+                            password,
+                        };
+                        let checked = self.s.check_password("LOGIN", creds, stream.is_tls()).await;
+                        self.settled(stream, checked).await
+                    }
+                    (Err(e), _) | (_, Err(e)) => {
+                        self.s.count_auth("LOGIN", "invalid");
+                        self.bad(stream, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            _ => self
+                .refuse(
+                    stream,
+                    "-ERR Unsupported authentication mechanism\r\n".into(),
+                )
+                .await
+                .map(|_| None),
+        }
+    }
+
+    /// An OAUTHBEARER or XOAUTH2 exchange: a refused token is answered with
+    /// the mechanism's JSON error challenge, the client's dummy answer
+    /// read, then `-ERR` (RFC 7628 3.2.3).
+    async fn token_login(
+        &mut self,
+        stream: &mut ClientStream,
+        xoauth2: bool,
+        initial: Option<Secret>,
+    ) -> Step<Option<Admitted>> {
+        let mechanism = if xoauth2 { "XOAUTH2" } else { "OAUTHBEARER" };
+        let message = match initial {
+            Some(ir) => ir,
+            None => match self.continuation(stream, "").await? {
+                Some(line) => line,
+                None => return Ok(None),
+            },
+        };
+        let decoded = sasl::decode_response_up_to(message.expose(), sasl::MAX_TOKEN_MESSAGE)
+            .and_then(|m| {
+                if xoauth2 {
+                    sasl::decode_xoauth2(&m)
+                } else {
+                    sasl::decode_oauthbearer(&m)
+                }
+            });
+        let bearer = match decoded {
+            Ok(b) => b,
+            Err(e) => {
+                self.s.count_auth(mechanism, "invalid");
+                return self.bad(stream, &e.to_string()).await.map(|_| None);
+            }
+        };
+        let checked = self
+            .s
+            .check_token(mechanism, bearer.authzid.as_deref(), &bearer.token)
+            .await;
+        match checked {
+            Err(Refusal::Failed {
+                at,
+                why: Failure::Token,
+            }) => {
+                let error = if xoauth2 {
+                    r#"{"status":"401","schemes":"bearer"}"#
+                } else {
+                    r#"{"status":"invalid_token"}"#
+                };
+                let challenge = base64::engine::general_purpose::STANDARD.encode(error);
+                reply(stream, format!("+ {challenge}\r\n")).await?;
+                let limit = max_line(self.s);
+                if let Err(e) = self.reader.read_line(stream, limit).await {
+                    return Err(framing_failed(stream, e).await);
+                }
+                self.failed_at(stream, at, AUTHENTICATION_FAILED)
+                    .await
+                    .map(|_| None)
+            }
+            checked => self.settled(stream, checked).await,
+        }
+    }
+
+    /// Sends `+ prompt` and reads the client's answer line. `Ok(None)`
+    /// when the client cancelled with `*` (answered with `-ERR`).
+    async fn continuation(
+        &mut self,
+        stream: &mut ClientStream,
+        prompt: &str,
+    ) -> Step<Option<Secret>> {
+        reply(stream, format!("+ {prompt}\r\n")).await?;
+        let limit = max_line(self.s);
+        let line = match self.reader.read_line(stream, limit).await {
+            Ok(line) => Secret::new(line),
+            Err(e) => return Err(framing_failed(stream, e).await),
+        };
+        if line.expose() == b"*" {
+            reply(stream, "-ERR Authentication cancelled\r\n".into()).await?;
+            return Ok(None);
+        }
+        Ok(Some(line))
+    }
+
+    /// The gate's verdict: the admitted login, or `None` once a refusal
+    /// has been answered.
+    async fn settled(
+        &mut self,
+        stream: &mut ClientStream,
+        checked: Result<Admitted, Refusal>,
+    ) -> Step<Option<Admitted>> {
+        match checked {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
+        }
+    }
+
+    /// Words a refusal of the login gate with RFC 3206 codes.
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+        match refusal {
+            Refusal::Failed { at, why } => {
+                let response = match why {
+                    Failure::Credentials | Failure::Token | Failure::Disabled(None) => {
+                        AUTHENTICATION_FAILED.to_owned()
+                    }
+                    Failure::Disabled(Some(reason)) => format!("-ERR [AUTH] {reason}"),
+                    Failure::Authorization => {
+                        "-ERR [AUTH] Logging in as another user is not permitted".to_owned()
+                    }
+                    Failure::Blocked => {
+                        "-ERR [SYS/TEMP] Too many failed logins from your network, try again later"
+                            .to_owned()
+                    }
+                    Failure::Source(text) => format!("-ERR [AUTH] {text}"),
+                };
+                self.failed_at(stream, at, &response).await
+            }
+            Refusal::Final { at, text } => {
+                self.s.own_wait(tokio::time::sleep_until(at)).await;
+                let out = format!("-ERR [AUTH] {}\r\n", printable(&text, 200));
+                let _ = send(stream, out.as_bytes()).await;
+                Err("auth_refused")
+            }
+            Refusal::Busy(scope) => {
+                let text = match scope {
+                    BusyScope::Network => "Too many logins at once from your network",
+                    BusyScope::Account => "Too many logins at once for this account",
+                };
+                reply(
+                    stream,
+                    format!("-ERR [SYS/TEMP] {text}, try again later\r\n"),
+                )
+                .await
+            }
+            Refusal::Unavailable => {
+                let text = "-ERR [SYS/TEMP] Authentication is unavailable, try again later";
+                reply(stream, format!("{text}\r\n")).await
+            }
+        }
+    }
+
+    /// Answers a failed login at `at`; too many failures end the session.
+    async fn failed_at(
+        &mut self,
+        stream: &mut ClientStream,
+        at: tokio::time::Instant,
+        response: &str,
+    ) -> Step<()> {
+        let last = self.s.answer_failure_at(at).await;
+        let response = printable(response, 200);
+        if last {
+            let out = format!("{response} Too many failed logins, closing.\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_auth_failures");
+        }
+        reply(stream, format!("{response}\r\n")).await
+    }
+
+    /// Routing and the backend login; `None` once a refusal was answered.
+    async fn enter(
+        &mut self,
+        stream: &mut ClientStream,
+        admitted: Admitted,
+    ) -> Step<Option<LoggedIn>> {
+        match self.s.enter(admitted).await {
+            Ok(Entered {
+                backend,
+                route,
+                received,
+            }) => Ok(Some(LoggedIn {
+                answer: b"+OK Logged in.\r\n".to_vec(),
+                backend,
+                route,
+                credentials_at: received,
+                client_pending: Vec::new(),
+            })),
+            Err(e) => {
+                let out = match e {
+                    EnterError::UserLimit => {
+                        "-ERR [SYS/TEMP] Too many sessions for this user\r\n".to_owned()
+                    }
+                    EnterError::Unavailable(text) => format!("-ERR [SYS/TEMP] {text}\r\n"),
+                    // The backend's own words, its [IN-USE] code with them.
+                    EnterError::InUse(text) => format!("-ERR {}\r\n", printable(&text, 200)),
+                };
+                reply(stream, out).await.map(|_| None)
+            }
+        }
+    }
+
+    /// Answers a bad command; too many of them end the session.
+    async fn bad(&mut self, stream: &mut ClientStream, reason: &str) -> Step<()> {
+        self.refuse(stream, format!("-ERR {reason}\r\n")).await
+    }
+
+    /// Sends a refusal that counts towards `max_bad_commands`.
+    async fn refuse(&mut self, stream: &mut ClientStream, out: String) -> Step<()> {
+        self.s.bad_commands += 1;
+        if self.s.bad_commands >= self.s.rt.config.limits.max_bad_commands {
+            let out = format!("{} Too many invalid commands, closing.\r\n", out.trim_end());
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_bad_commands");
+        }
+        reply(stream, out).await
+    }
+
+    /// RFC 2595: no credentials in plaintext.
+    async fn privacy_required(&mut self, stream: &mut ClientStream, command: &str) -> Step<()> {
+        self.s.count_auth("none", "privacy_required");
+        let out = format!(
+            "-ERR [SYS/PERM] {command} refused: use STLS first, logins over plaintext are disabled\r\n"
+        );
+        self.refuse(stream, out).await
+    }
+
+    async fn stls(&mut self, stream: &mut ClientStream) -> Step<()> {
+        if stream.is_tls() {
+            let reason = match self.s.listener.tls {
+                ListenerTls::Implicit => "STLS is not available on an implicit-TLS port",
+                ListenerTls::Starttls => "TLS is already active",
+            };
+            return self.bad(stream, reason).await;
+        }
+        reply(stream, "+OK Begin TLS negotiation now\r\n".into()).await?;
+        // A name given before TLS was given in plaintext: forgotten.
+        self.user = None;
+        let dropped = self.reader.discard_buffered();
+        self.s.upgrade(stream, dropped).await
+    }
+}
+
+async fn framing_failed(stream: &mut ClientStream, e: FramingError) -> EndReason {
+    let (text, reason) = match e {
+        FramingError::LineTooLong(limit) => (
+            format!("-ERR Command line longer than {limit} bytes\r\n"),
+            "line_too_long",
+        ),
+        FramingError::LiteralTooBig { .. } => unreachable!("POP3 lines have no literals"),
+        FramingError::Closed => return "client_closed",
+        FramingError::Io(_) => return "client_error",
+    };
+    let _ = send(stream, text.as_bytes()).await;
+    reason
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_split_at_the_first_space() {
+        assert_eq!(split(b"user alice"), ("USER".into(), &b"alice"[..]));
+        assert_eq!(split(b"PASS a b "), ("PASS".into(), &b"a b "[..]));
+        assert_eq!(split(b"QUIT"), ("QUIT".into(), &b""[..]));
+        assert_eq!(split(b""), ("".into(), &b""[..]));
+    }
+}
