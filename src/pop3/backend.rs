@@ -5,8 +5,8 @@
 //! header if the backend wants one, TLS (implicit, or STLS that must be
 //! offered in CAPA and accepted before anything else is sent), the greeting
 //! (`+OK` required), `CAPA`, the client's address in `XCLIENT ADDR= PORT=`
-//! where the backend advertises XCLIENT (Dovecot's pop3-login does for
-//! `login_trusted_networks`), then `AUTH PLAIN` with an initial response
+//! where the backend advertises XCLIENT in CAPA or its greeting (Dovecot's
+//! pop3-login greets with `+OK [XCLIENT]` on `login_trusted_networks`), then `AUTH PLAIN` with an initial response
 //! (one write) where SASL PLAIN is offered, else `USER`/`PASS`, with the
 //! user's password or as the master user.
 //!
@@ -63,6 +63,14 @@ impl Capa {
         })
     }
 
+    /// Adds `XCLIENT` when the greeting announced it.
+    fn with_xclient(mut self, announced: bool) -> Capa {
+        if announced && !self.has("XCLIENT") {
+            self.0.push("XCLIENT".into());
+        }
+        self
+    }
+
     /// Whether `SASL` lists `mechanism`.
     fn sasl(&self, mechanism: &str) -> bool {
         self.0.iter().any(|l| {
@@ -83,14 +91,15 @@ async fn start(
     let tls = backend.tls.load_full();
     let Some(tls) = tls.as_deref() else {
         let mut conn = Conn::new(BackendStream::Plain(tcp));
-        greet(&mut conn).await?;
-        let caps = capa(&mut conn).await?;
+        let xclient = greet(&mut conn).await?;
+        let caps = capa(&mut conn).await?.with_xclient(xclient);
         return Ok((conn, caps));
     };
+    let mut xclient = false;
     let tcp = match tls.mode {
         BackendTlsMode::Starttls => {
             let mut conn = Conn::new(BackendStream::Plain(tcp));
-            greet(&mut conn).await?;
+            xclient = greet(&mut conn).await?;
             if !capa(&mut conn).await?.has("STLS") {
                 return Err(BackendError::Tls(
                     "backend does not offer STLS; nothing sent".into(),
@@ -119,9 +128,9 @@ async fn start(
         .map_err(|e| BackendError::Tls(format!("handshake failed: {e}")))?;
     let mut conn = Conn::new(BackendStream::Tls(Box::new(stream)));
     if tls.mode != BackendTlsMode::Starttls {
-        greet(&mut conn).await?;
+        xclient = greet(&mut conn).await?;
     }
-    let caps = capa(&mut conn).await?;
+    let caps = capa(&mut conn).await?.with_xclient(xclient);
     Ok((conn, caps))
 }
 
@@ -153,12 +162,15 @@ fn parse_status(line: &str) -> Option<Status> {
     })
 }
 
-/// The greeting must be `+OK`.
-async fn greet(conn: &mut Conn) -> Result<(), BackendError> {
+/// The greeting must be `+OK`. Whether it announces `[XCLIENT]`: Dovecot
+/// says so there, for trusted networks, and not in CAPA.
+async fn greet(conn: &mut Conn) -> Result<bool, BackendError> {
     let line = conn.read_line().await?;
     let line = String::from_utf8_lossy(&line);
     match parse_status(&line) {
-        Some(Status { ok: true, .. }) => Ok(()),
+        Some(Status { ok: true, text }) => Ok(text
+            .get(..9)
+            .is_some_and(|c| c.eq_ignore_ascii_case("[XCLIENT]"))),
         Some(Status { ok: false, .. }) => Err(BackendError::Greeting(clip(&line))),
         None => Err(BackendError::Greeting(format!(
             "not a POP3 greeting: {}",
