@@ -41,6 +41,7 @@ pub mod latch;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod pop3;
 pub mod proxy_protocol;
 pub mod registry;
 pub mod relay;
