@@ -405,8 +405,9 @@ where
     let (tally_in, tally_out) = counters.session.clone().unzip();
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
-    watch.backend_sent(&backend_said, false);
+    // The client's commands first: what the backend sent answers them.
     watch.client_sent(&client_said);
+    watch.backend_sent(&backend_said, false);
     // Not kept: the client's may be the pre-auth read buffer.
     drop((backend_said, client_said));
     let mut limit = idle;

@@ -230,7 +230,9 @@ fn a_shared_address_keeps_its_users_while_an_attacker_guesses_from_it() {
         });
         if s.familiar {
             assert!(answer.starts_with("L1 OK"), "{s:?}");
-            assert!(s.took < Duration::from_secs(1), "{s:?}");
+            // Never held behind a failure (each holds its places for
+            // `failure_delay`, 2 s); a loaded machine may take over a second.
+            assert!(s.took < Duration::from_millis(1900), "{s:?}");
         } else {
             assert!(
                 answer.starts_with("L1 OK") || answer.starts_with("L1 NO [UNAVAILABLE]"),
@@ -317,7 +319,8 @@ fn guessing_one_user_from_many_networks_stays_within_that_user_s_lane() {
             let (answer, took) = login_as(ip, user);
             let answer = answer.unwrap_or_else(|b| panic!("{user}: closed: {b:?}"));
             assert!(answer.starts_with("L1 OK"), "{user}: {answer}");
-            assert!(took < Duration::from_secs(1), "{user}: {took:?}");
+            // Never held behind a failure's 2 s (see above).
+            assert!(took < Duration::from_millis(1900), "{user}: {took:?}");
             logins += 1;
         }
         // A mail client's poll, not a synchronisation.
