@@ -426,6 +426,135 @@ fn pods_are_locked_down_and_outlive_their_drain() {
     }
 }
 
+/// The POP3 listeners are off by default; enabled, their ports appear on
+/// the container, the Service (995, 110) and the NetworkPolicy, the
+/// configuration gets `protocol: pop3` listeners, and egress allows the
+/// backends' POP3 ports.
+#[test]
+fn pop3_ports_render_only_when_enabled() {
+    let port_names = |docs: &[Value]| -> (Vec<String>, Vec<(String, u64)>, Vec<String>) {
+        let container =
+            &find(docs, "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0];
+        let container_ports = container["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| str_at(p, &["name"]).to_owned())
+            .collect();
+        let service = docs
+            .iter()
+            .find(|d| kind(d) == "Service" && str_at(d, &["metadata", "name"]) == "postern")
+            .unwrap();
+        let service_ports = service["spec"]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                assert_eq!(p["targetPort"], p["name"], "{p:?}");
+                (str_at(p, &["name"]).to_owned(), p["port"].as_u64().unwrap())
+            })
+            .collect();
+        let ingress = find(docs, "NetworkPolicy")
+            .map(|np| {
+                np["spec"]["ingress"][0]["ports"]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|p| str_at(p, &["port"]).to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (container_ports, service_ports, ingress)
+    };
+    let listeners = |docs: &[Value]| -> Vec<(String, String, String)> {
+        let config: Value = serde_yaml::from_str(
+            find(docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        config["listeners"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    str_at(l, &["name"]).to_owned(),
+                    l["protocol"].as_str().unwrap_or("imap").to_owned(),
+                    format!("{} {}", str_at(l, &["tls"]), str_at(l, &["bind"])),
+                )
+            })
+            .collect()
+    };
+
+    let docs = documents(&render(&[
+        "--set".to_owned(),
+        "networkPolicy.enabled=true".to_owned(),
+    ]));
+    let (container, service, ingress) = port_names(&docs);
+    assert_eq!(container, ["imaps", "imap", "metrics"]);
+    assert_eq!(
+        service,
+        [("imaps".to_owned(), 993), ("imap".to_owned(), 143)]
+    );
+    assert_eq!(ingress, ["imaps", "imap"]);
+    assert!(listeners(&docs)
+        .iter()
+        .all(|(_, protocol, _)| protocol == "imap"));
+
+    let values = chart().join("ci/pop3-values.yaml");
+    let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
+    let (container, service, ingress) = port_names(&docs);
+    assert_eq!(container, ["imaps", "imap", "pop3s", "pop3", "metrics"]);
+    let want: Vec<(String, u64)> = [("imaps", 993), ("imap", 143), ("pop3s", 995), ("pop3", 110)]
+        .iter()
+        .map(|(n, p)| (n.to_string(), *p))
+        .collect();
+    assert_eq!(service, want);
+    assert_eq!(ingress, ["imaps", "imap", "pop3s", "pop3"]);
+    let want: Vec<(String, String, String)> = [
+        ("imaps", "imap", "implicit [::]:9993"),
+        ("imap", "imap", "starttls [::]:9143"),
+        ("pop3s", "pop3", "implicit [::]:9995"),
+        ("pop3", "pop3", "starttls [::]:9110"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(listeners(&docs), want);
+    let service = docs
+        .iter()
+        .find(|d| kind(d) == "Service" && str_at(d, &["metadata", "name"]) == "postern")
+        .unwrap();
+    let pop3s = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("pop3s"))
+        .unwrap();
+    assert_eq!(pop3s["nodePort"].as_u64(), Some(30995));
+    let egress: Vec<u64> = find(&docs, "NetworkPolicy").unwrap()["spec"]["egress"][1]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| p["port"].as_u64().unwrap())
+        .collect();
+    assert_eq!(egress, [143, 993, 110, 995]);
+
+    // POP3 alone: the IMAP ports go, the POP3 ones stay.
+    let docs = documents(&render(&[
+        "-f".to_owned(),
+        values.display().to_string(),
+        "--set".to_owned(),
+        "listeners.imaps=false".to_owned(),
+        "--set".to_owned(),
+        "listeners.imap=false".to_owned(),
+    ]));
+    let (container, _, ingress) = port_names(&docs);
+    assert_eq!(container, ["pop3s", "pop3", "metrics"]);
+    assert_eq!(ingress, ["pop3s", "pop3"]);
+}
+
 /// Users from a chart-made Secret are mounted by its own key, whatever
 /// `users.key` says; one pod per node rolls without a surge pod.
 #[test]
@@ -522,6 +651,20 @@ fn bad_values_are_refused_with_the_key_named() {
             "containerPorts.metrics",
         ),
         (&["config.listeners=x"], "config.listeners"),
+        (&["listeners.pop3=true"], "backends.pool[0].pop3_port"),
+        (
+            &[
+                "listeners.pop3s=true",
+                "backends.pool[0].name=a",
+                "backends.pool[0].address=a:143",
+                "backends.pool[0].pop3_port=110",
+                "backends.pools[0].name=p",
+                "backends.pools[0].servers[0].name=b",
+                "backends.pools[0].servers[0].address=b:143",
+            ],
+            "backends.pools[0].servers[0].pop3_port",
+        ),
+        (&["containerPorts.pop3=0"], "containerPorts.pop3"),
         (
             &[
                 "users.format=passwd-file",

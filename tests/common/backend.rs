@@ -1,17 +1,26 @@
 //! Real Dovecot IMAP backends for the integration tests. Each
 //! `DovecotBackend` is a private instance that `scripts/dovecot-backend`
 //! starts in its own temporary directory on a free loopback port; dropping
-//! it kills the instance and deletes the directory.
+//! it kills the instance and deletes the directory. Those made by
+//! `start_pop3*` also serve POP3, with the same users and maildrops, on a
+//! second free port (`pop3_addr`).
 //!
 //! Every backend also accepts the master user: `LOGIN "alice*proxymaster"
 //! "master-secret"` logs in as alice. Dovecot trusts `ID
 //! ("x-originating-ip" …)` from loopback, so the login line's `rip=` shows
-//! the address the proxy forwarded. Log lines look like:
+//! the address the proxy forwarded. On POP3, Dovecot greets a trusted
+//! (loopback) client with `+OK [XCLIENT] …` and takes `XCLIENT ADDR=…`
+//! (not listed in CAPA); `USER alice*proxymaster` / `PASS master-secret`
+//! logs in as alice. Log lines look like:
 //!
 //! ```text
 //! imap-login: Info: Login: user=<alice>, method=PLAIN, rip=127.0.0.1, lip=127.0.0.1, mpid=10979, secured, session=<…>
+//! pop3-login: Info: Login: user=<alice>, method=PLAIN, rip=192.0.2.7, lip=127.0.0.1, mpid=8586, TLS, session=<…>
 //! auth: Info: passwd-file(alice,127.0.0.1,<…>): Password mismatch
 //! ```
+//!
+//! `logins`, `logins_of`, `saw_user` and their waits count both protocols;
+//! the `pop3_` variants only POP3 logins.
 //!
 //! Dovecot writes its log asynchronously: wait for a line (`wait_logins`,
 //! `wait_logins_of`, `wait_log`) before asserting that it is there, and call
@@ -44,6 +53,8 @@ pub struct DovecotBackend {
     /// The loopback address it listens on (127.0.0.1 unless `start_at`).
     pub ip: String,
     pub port: u16,
+    /// The POP3 port on `ip`, for backends made by `start_pop3*`.
+    pub pop3_port: Option<u16>,
     pub dir: PathBuf,
     /// Passed to every (re)start; `None` means the script's demo users.
     users_file: Option<PathBuf>,
@@ -55,12 +66,32 @@ impl DovecotBackend {
     /// A backend with the demo users alice/wonderland, bob/builder and
     /// carol/singer.
     pub fn start(name: &str) -> DovecotBackend {
-        Self::launch(name, None, &[])
+        Self::launch(name, None, &[], false)
     }
 
     /// A backend that knows exactly `users` (name, plaintext password).
     pub fn start_with_users(name: &str, users: &[(&str, &str)]) -> DovecotBackend {
-        Self::launch(name, Some(users), &[])
+        Self::launch(name, Some(users), &[], false)
+    }
+
+    /// Like `start`, also serving POP3 on a free loopback port
+    /// (`pop3_port`, `pop3_addr`).
+    pub fn start_pop3(name: &str) -> DovecotBackend {
+        Self::launch(name, None, &[], true)
+    }
+
+    /// Like `start_with_env`, also serving POP3 on a free loopback port.
+    /// With DOVECOT_TLS_CERT/KEY in `env` that port offers STLS, and
+    /// `("DOVECOT_POP3S_PORT", port)` adds implicit TLS on a port the test
+    /// chose; `("DOVECOT_POP3_LOCK", "1")` makes a second concurrent
+    /// session of a user fail with `-ERR [IN-USE]` (after about 10 s, the
+    /// time Dovecot waits for the lock).
+    pub fn start_pop3_with_env(
+        name: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> DovecotBackend {
+        Self::launch(name, Some(users), env, true)
     }
 
     /// Like `start_with_users`, with `scripts/dovecot-backend`'s options in
@@ -70,7 +101,7 @@ impl DovecotBackend {
         users: &[(&str, &str)],
         env: &[(&str, &str)],
     ) -> DovecotBackend {
-        Self::launch(name, Some(users), env)
+        Self::launch(name, Some(users), env, false)
     }
 
     /// A backend listening on `ip:port` (another loopback address), e.g.
@@ -86,12 +117,18 @@ impl DovecotBackend {
         backend
     }
 
-    fn launch(name: &str, users: Option<&[(&str, &str)]>, env: &[(&str, &str)]) -> DovecotBackend {
+    fn launch(
+        name: &str,
+        users: Option<&[(&str, &str)]>,
+        env: &[(&str, &str)],
+        pop3: bool,
+    ) -> DovecotBackend {
         ensure_installed();
         let mut backend = Self::prepare(name, users, env);
 
         for _ in 0..PORT_ATTEMPTS {
             backend.port = free_port();
+            backend.pop3_port = pop3.then(free_port);
             match backend.run_start() {
                 Ok(()) => return backend,
                 // Another process bound the port after free_port released it.
@@ -121,6 +158,7 @@ impl DovecotBackend {
             name: name.to_owned(),
             ip: "127.0.0.1".to_owned(),
             port: 0,
+            pop3_port: None,
             dir,
             users_file,
             env: env
@@ -138,6 +176,9 @@ impl DovecotBackend {
             .arg(&self.dir)
             .arg(self.port.to_string())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        if let Some(pop3) = self.pop3_port {
+            command.env("DOVECOT_POP3_PORT", pop3.to_string());
+        }
         if let Some(users) = &self.users_file {
             command.arg(users);
         }
@@ -152,6 +193,48 @@ impl DovecotBackend {
     /// "IP:PORT".
     pub fn addr(&self) -> String {
         format!("{}:{}", self.ip, self.port)
+    }
+
+    /// "IP:PORT" of the POP3 service; panics unless made by `start_pop3*`.
+    pub fn pop3_addr(&self) -> String {
+        let port = self
+            .pop3_port
+            .unwrap_or_else(|| panic!("backend {:?} serves no POP3 (use start_pop3*)", self.name));
+        format!("{}:{port}", self.ip)
+    }
+
+    /// Puts `message` (RFC 5322, CRLF line ends) into `user`'s INBOX as
+    /// a new maildir file, as a delivery agent would: POP3 has no APPEND.
+    /// Creates the maildir if the user never logged in. Dovecot sees the
+    /// message at its next sync (a new POP3 session, an IMAP NOOP).
+    pub fn deliver(&self, user: &str, message: &[u8]) {
+        use std::os::unix::fs::chown;
+        static DELIVERED: AtomicUsize = AtomicUsize::new(0);
+        let owner = fs::metadata(self.dir.join("mail")).expect("the backend's mail directory");
+        let (uid, gid) = {
+            use std::os::unix::fs::MetadataExt;
+            (owner.uid(), owner.gid())
+        };
+        let maildir = self.dir.join("mail").join(user).join("Maildir");
+        for dir in [
+            self.dir.join("mail").join(user),
+            maildir.clone(),
+            maildir.join("new"),
+            maildir.join("cur"),
+            maildir.join("tmp"),
+        ] {
+            if !dir.exists() {
+                fs::create_dir(&dir).expect("create the maildir");
+                chown(&dir, Some(uid), Some(gid)).expect("give the maildir to the mail user");
+            }
+        }
+        let n = DELIVERED.fetch_add(1, Ordering::Relaxed);
+        let file = format!("1700000000.P{}Q{n}.postern-test", std::process::id());
+        // Written in tmp/ and renamed into new/, so Dovecot never sees a part.
+        let staged = maildir.join("tmp").join(&file);
+        fs::write(&staged, message).expect("write the message");
+        chown(&staged, Some(uid), Some(gid)).expect("give the message to the mail user");
+        fs::rename(&staged, maildir.join("new").join(&file)).expect("deliver the message");
     }
 
     /// The whole Dovecot log so far; empty if there is none yet.
@@ -172,6 +255,25 @@ impl DovecotBackend {
     pub fn logins_of(&self, user: &str) -> usize {
         let tagged = format!("user=<{user}>");
         self.logins().iter().filter(|l| l.contains(&tagged)).count()
+    }
+
+    /// The successful POP3 login lines (`pop3-login: Info: Login: user=<…`).
+    /// Dovecot writes one too for a login whose session then fails to lock
+    /// the maildrop (`-ERR [IN-USE]`).
+    pub fn pop3_logins(&self) -> Vec<String> {
+        self.logins()
+            .into_iter()
+            .filter(|line| line.contains("pop3-login: "))
+            .collect()
+    }
+
+    /// How many times `user` logged in successfully over POP3.
+    pub fn pop3_logins_of(&self, user: &str) -> usize {
+        let tagged = format!("user=<{user}>");
+        self.pop3_logins()
+            .iter()
+            .filter(|l| l.contains(&tagged))
+            .count()
     }
 
     /// Whether the backend ever heard of `user`, in a successful or failed
@@ -195,6 +297,28 @@ impl DovecotBackend {
             super::SETTLE,
             || self.logins(),
             |l| l.len() >= n,
+        )
+    }
+
+    /// Waits until the log holds at least `n` successful POP3 logins, and
+    /// returns them all.
+    pub fn wait_pop3_logins(&self, n: usize) -> Vec<String> {
+        super::wait_for(
+            &format!("{n} POP3 login(s) in the log of backend {:?}", self.name),
+            super::SETTLE,
+            || self.pop3_logins(),
+            |l| l.len() >= n,
+        )
+    }
+
+    /// Waits until `user` has logged in at least `n` times over POP3; the
+    /// count.
+    pub fn wait_pop3_logins_of(&self, user: &str, n: usize) -> usize {
+        super::wait_for(
+            &format!("{n} POP3 login(s) of {user} on backend {:?}", self.name),
+            super::SETTLE,
+            || self.pop3_logins_of(user),
+            |&c| c >= n,
         )
     }
 
@@ -247,6 +371,38 @@ impl DovecotBackend {
         );
     }
 
+    /// `settle_log` for POP3 connections: pop3-login is a process of its
+    /// own, so this connects to the POP3 port from 127.0.0.9, sends QUIT
+    /// and waits for that connection's line.
+    pub fn settle_pop3_log(&self) {
+        use std::io::{BufRead, BufReader, Write};
+        const MARK: &str = "rip=127.0.0.9,";
+        let before = self.log().matches(MARK).count();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("a socket");
+        let from: std::net::SocketAddr = "127.0.0.9:0".parse().unwrap();
+        socket.bind(&from.into()).expect("bind 127.0.0.9");
+        let to: std::net::SocketAddr = self.pop3_addr().parse().unwrap();
+        socket
+            .connect(&to.into())
+            .expect("connect to the backend's POP3 port");
+        let mut tcp: std::net::TcpStream = socket.into();
+        tcp.set_read_timeout(Some(super::client::TIMEOUT)).unwrap();
+        let mut reader = BufReader::new(tcp.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("the POP3 greeting");
+        assert!(line.starts_with("+OK"), "POP3 greeting: {line:?}");
+        tcp.write_all(b"QUIT\r\n").expect("send QUIT");
+        line.clear();
+        reader.read_line(&mut line).expect("the answer to QUIT");
+        super::wait_for(
+            &format!("a new {MARK:?} line in the log of backend {:?}", self.name),
+            super::SETTLE,
+            || self.log().matches(MARK).count(),
+            |&n| n > before,
+        );
+    }
+
     /// Kills the backend at once, like a crash; the port stops answering
     /// when this returns. `restart` brings it back.
     pub fn stop(&self) {
@@ -263,8 +419,8 @@ impl DovecotBackend {
         );
     }
 
-    /// Starts the backend again on the same port, with the same users and
-    /// mail; panics if the port was taken in the meantime.
+    /// Starts the backend again on the same port(s), with the same users and
+    /// mail; panics if a port was taken in the meantime.
     pub fn restart(&self) {
         if let Err(stderr) = self.run_start() {
             panic!(

@@ -69,13 +69,42 @@ app.kubernetes.io/part-of: postern
 {{- end }}
 {{- end }}
 
+{{/* The client listeners, in the order they are rendered everywhere. */}}
+{{- define "postern.clientListeners" -}}
+{{- list "imaps" "imap" "pop3s" "pop3" | toJson }}
+{{- end }}
+
+{{/* "true" when a POP3 listener runs, else "". */}}
+{{- define "postern.pop3" -}}
+{{- if or .Values.listeners.pop3s .Values.listeners.pop3 }}true{{ end }}
+{{- end }}
+
+{{/* The ports of the backends' POP3 services (their pop3_port), as JSON. */}}
+{{- define "postern.backendPop3Ports" -}}
+{{- $backends := (include "postern.config" . | fromYaml).backends }}
+{{- $servers := concat (default list $backends.pool) }}
+{{- range (default list $backends.pools) }}
+{{- $servers = concat $servers (default list .servers) }}
+{{- end }}
+{{- $ports := list }}
+{{- range $servers }}
+{{- if .pop3_port }}
+{{- $ports = append $ports (int .pop3_port) }}
+{{- end }}
+{{- end }}
+{{- $ports | uniq | toJson }}
+{{- end }}
+
 {{/* The Postern configuration file, rendered from the values. */}}
 {{- define "postern.config" -}}
 {{- $v := .Values }}
 {{- $listeners := list }}
-{{- range $name := list "imaps" "imap" }}
+{{- range $name := include "postern.clientListeners" . | fromJsonArray }}
 {{- if index $v.listeners $name }}
-{{- $l := dict "name" $name "bind" (printf "%s:%d" $v.listeners.bindAddress (int (index $v.containerPorts $name))) "tls" (ternary "implicit" "starttls" (eq $name "imaps")) }}
+{{- $l := dict "name" $name "bind" (printf "%s:%d" $v.listeners.bindAddress (int (index $v.containerPorts $name))) "tls" (ternary "implicit" "starttls" (has $name (list "imaps" "pop3s"))) }}
+{{- if hasPrefix "pop3" $name }}
+{{- $_ := set $l "protocol" "pop3" }}
+{{- end }}
 {{- if $v.proxyProtocol.enabled }}
 {{- if not $v.proxyProtocol.trustedNetworks }}
 {{- fail "proxyProtocol.enabled needs proxyProtocol.trustedNetworks: the load balancer's addresses (headers from anywhere else are refused)" }}
@@ -86,7 +115,7 @@ app.kubernetes.io/part-of: postern
 {{- end }}
 {{- end }}
 {{- if not $listeners }}
-{{- fail "listeners: enable at least one of listeners.imaps and listeners.imap" }}
+{{- fail "listeners: enable at least one of listeners.imaps, listeners.imap, listeners.pop3s and listeners.pop3" }}
 {{- end }}
 {{- $tls := dict }}
 {{- if include "postern.tlsSecret" . }}
@@ -130,5 +159,20 @@ app.kubernetes.io/part-of: postern
 {{- if and $v.users.entries (eq $v.users.format "passwd-file") }}
 {{- fail "users.entries makes a YAML users file: use users.format yaml with it, or users.existingSecret for a passwd-file" }}
 {{- end }}
-{{- toYaml (mustMergeOverwrite $config (deepCopy $v.config)) }}
+{{- $config = mustMergeOverwrite $config (deepCopy $v.config) }}
+{{- if include "postern.pop3" . }}
+{{- $pools := list (list "backends.pool" (default list $config.backends.pool)) }}
+{{- range $p, $pool := (default list $config.backends.pools) }}
+{{- $pools = append $pools (list (printf "backends.pools[%d].servers" $p) (default list $pool.servers)) }}
+{{- end }}
+{{- range $pools }}
+{{- $key := index . 0 }}
+{{- range $j, $server := index . 1 }}
+{{- if not $server.pop3_port }}
+{{- fail (printf "%s[%d].pop3_port: a POP3 listener (listeners.pop3s or listeners.pop3) runs, so every backend needs its POP3 port" $key $j) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toYaml $config }}
 {{- end }}
