@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """The auth_http endpoint nginx's mail proxy asks before every login.
 
-Usage: nginx-auth.py LISTEN_PORT BACKEND_PORT...
+Usage: nginx-auth.py LISTEN_PORT [PROTOCOL:]BACKEND_PORT...
 
-Answers every request with Auth-Status OK and a backend on 127.0.0.1 picked
-by a stable hash (CRC-32) of the user name, so a user always lands on the
-same backend. It checks no password: the backend does, as with HAProxy.
+Each backend port is given for one protocol, `imap:PORT` or `pop3:PORT` (a
+bare PORT is IMAP), in the same backend order for every protocol. Answers
+every request with Auth-Status OK and a backend on 127.0.0.1 picked by a
+stable hash (CRC-32) of the user name, so a user always lands on the same
+backend, at that backend's port for the request's Auth-Protocol. It checks
+no password: the backend does, as with HAProxy.
 """
 import sys
 import zlib
@@ -13,11 +16,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class AuthHandler(BaseHTTPRequestHandler):
-    backend_ports: list[int] = []
+    # protocol ("imap", "pop3") -> backend ports, in backend order
+    backend_ports: dict[str, list[int]] = {}
 
     def do_GET(self):
         user = self.headers.get("Auth-User", "")
-        port = self.backend_ports[zlib.crc32(user.encode()) % len(self.backend_ports)]
+        protocol = self.headers.get("Auth-Protocol", "imap").lower()
+        ports = self.backend_ports.get(protocol)
+        if not ports:
+            # nginx reads this as a refusal and tells the client so; the
+            # wait header keeps it from asking again at once.
+            self.send_response(200)
+            self.send_header("Auth-Status", f"no {protocol} backend")
+            self.send_header("Auth-Wait", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        port = ports[zlib.crc32(user.encode()) % len(ports)]
         self.send_response(200)
         self.send_header("Auth-Status", "OK")
         self.send_header("Auth-Server", "127.0.0.1")
@@ -39,7 +54,9 @@ class Server(ThreadingHTTPServer):
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    AuthHandler.backend_ports = [int(p) for p in sys.argv[2:]]
+    for arg in sys.argv[2:]:
+        protocol, _, port = arg.rpartition(":")
+        AuthHandler.backend_ports.setdefault(protocol or "imap", []).append(int(port))
     Server(("127.0.0.1", int(sys.argv[1])), AuthHandler).serve_forever()
 
 

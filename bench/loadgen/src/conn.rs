@@ -1,6 +1,7 @@
-//! One IMAP client connection: TCP (optionally under TLS), a small read
-//! buffer, and just enough response parsing to find tagged replies and skip
-//! literals. Every read is bounded by `READ_TIMEOUT`.
+//! One IMAP or POP3 client connection: TCP (optionally under TLS), a small
+//! read buffer, and just enough response parsing to find tagged replies and
+//! skip literals (IMAP) or to check status lines (POP3). Every read is
+//! bounded by `READ_TIMEOUT`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -138,9 +139,24 @@ pub struct Conn {
 
 impl Conn {
     /// Connects (TCP_NODELAY), does the TLS handshake when `tls` is given,
-    /// and reads the greeting, which must be `* OK`. `buf_size` is the initial
-    /// read buffer: small for idle sessions, large for bulk transfers.
+    /// and reads the IMAP greeting, which must be `* OK`. `buf_size` is the
+    /// initial read buffer: small for idle sessions, large for bulk transfers.
     pub async fn open(
+        target: SocketAddr,
+        tls: Option<&TlsConnector>,
+        buf_size: usize,
+    ) -> Result<Conn> {
+        let mut conn = Conn::connect(target, tls, buf_size).await?;
+        let greeting = conn.line().await?;
+        if !greeting.starts_with("* OK") {
+            return Err(format!("greeting: {greeting}"));
+        }
+        Ok(conn)
+    }
+
+    /// Connects and does the TLS handshake, as `open`, but reads nothing:
+    /// the caller reads the greeting of its protocol.
+    pub async fn connect(
         target: SocketAddr,
         tls: Option<&TlsConnector>,
         buf_size: usize,
@@ -163,17 +179,12 @@ impl Conn {
                 Stream::Tls(Box::new(tls))
             }
         };
-        let mut conn = Conn {
+        Ok(Conn {
             stream,
             buf: vec![0; buf_size.max(512)],
             pos: 0,
             end: 0,
-        };
-        let greeting = conn.line().await?;
-        if !greeting.starts_with("* OK") {
-            return Err(format!("greeting: {greeting}"));
-        }
-        Ok(conn)
+        })
     }
 
     /// The negotiated TLS version and cipher suite, or "none".
@@ -299,6 +310,17 @@ impl Conn {
                 }
                 return Err(format!("server answered: {line}"));
             }
+        }
+    }
+
+    /// Reads one POP3 status line: `+OK …` is returned, `-ERR …` (or
+    /// anything else) is an error naming `what`.
+    pub async fn pop3_ok(&mut self, what: &str) -> Result<String> {
+        let line = self.line().await.map_err(|e| format!("{what}: {e}"))?;
+        if line.starts_with("+OK") {
+            Ok(line)
+        } else {
+            Err(format!("{what}: server answered: {line}"))
         }
     }
 

@@ -1,4 +1,4 @@
-//! postern-loadgen: the IMAP load generator behind `bench/run`.
+//! postern-loadgen: the IMAP and POP3 load generator behind `bench/run`.
 //!
 //! Each subcommand drives one benchmark phase against a proxy (or a backend
 //! directly), prints ONE line of JSON on stdout and exits 0, or prints a
@@ -32,7 +32,7 @@ const ERRORS_SHOWN: usize = 5;
 #[command(
     name = "postern-loadgen",
     version,
-    about = "IMAP load generator for bench/run"
+    about = "IMAP and POP3 load generator for bench/run"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,6 +49,9 @@ enum Command {
     Idle(IdleArgs),
     /// Append one message of the given size to INBOX (seeds a backend).
     Append(AppendArgs),
+    /// Repeated full POP3 logins (connect, TLS, AUTH PLAIN or USER/PASS,
+    /// STAT, QUIT) for a fixed time.
+    Pop3(Pop3Args),
 }
 
 #[derive(Args)]
@@ -56,7 +59,7 @@ struct Target {
     /// Where to connect: a loopback address and port.
     #[arg(long)]
     target: SocketAddr,
-    /// implicit: TLS from the first byte (IMAPS); none: plain IMAP.
+    /// implicit: TLS from the first byte (IMAPS, POP3S); none: plain text.
     #[arg(long, value_enum, default_value_t = TlsMode::Implicit)]
     tls: TlsMode,
 }
@@ -84,19 +87,46 @@ impl Target {
 struct LoginsArgs {
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    repeat: RepeatArgs,
+    #[arg(long)]
+    password: String,
+}
+
+/// Who logs in, how many at once, for how long: shared by `logins` and `pop3`.
+#[derive(Args)]
+struct RepeatArgs {
     /// Users are PREFIX0 … PREFIX{N-1}.
     #[arg(long, default_value = "u")]
     user_prefix: String,
     #[arg(long)]
     users: usize,
-    #[arg(long)]
-    password: String,
     /// Login loops running at once.
     #[arg(long, default_value_t = 16)]
     concurrency: usize,
     /// No login starts after this many seconds.
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
+}
+
+#[derive(Args)]
+struct Pop3Args {
+    #[command(flatten)]
+    target: Target,
+    #[command(flatten)]
+    repeat: RepeatArgs,
+    #[arg(long)]
+    password: String,
+    /// plain: AUTH PLAIN with an initial response (RFC 5034); user: USER
+    /// then PASS, for a server without SASL.
+    #[arg(long, value_enum, default_value_t = Pop3Auth::Plain)]
+    auth: Pop3Auth,
+}
+
+#[derive(ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum Pop3Auth {
+    Plain,
+    User,
 }
 
 #[derive(Args)]
@@ -162,6 +192,7 @@ fn main() -> ExitCode {
             Command::Fetch(a) => fetch(a).await,
             Command::Idle(a) => idle(a).await,
             Command::Append(a) => append(a).await,
+            Command::Pop3(a) => pop3(a).await,
         }
     });
     // Tasks still blocked on a dead peer must not delay the exit.
@@ -263,7 +294,73 @@ async fn one_login(
 
 async fn logins(a: LoginsArgs) -> Result<String> {
     let tls = a.target.prepare()?;
-    if a.users == 0 || a.concurrency == 0 {
+    let (target, password) = (a.target.target, Arc::new(a.password));
+    let visit = move |user: String| {
+        let (tls, password) = (tls.clone(), password.clone());
+        async move { one_login(target, tls.as_ref(), &user, &password).await }
+    };
+    let summary = timed_logins(&a.repeat, visit).await?;
+    Ok(format!("{{{summary}}}"))
+}
+
+/// One POP3 visit: greeting, authentication, STAT, QUIT; returns the TLS
+/// parameters it negotiated.
+async fn one_pop3_login(
+    target: SocketAddr,
+    tls: Option<&TlsConnector>,
+    auth: Pop3Auth,
+    user: &str,
+    password: &str,
+) -> Result<String> {
+    let mut c = Conn::connect(target, tls, SMALL_BUF).await?;
+    c.pop3_ok("greeting").await?;
+    match auth {
+        Pop3Auth::Plain => {
+            // RFC 5034's initial response: one round trip, like IMAP's SASL-IR.
+            let response = base64(format!("\0{user}\0{password}").as_bytes());
+            c.send(format!("AUTH PLAIN {response}\r\n").as_bytes())
+                .await?;
+            c.pop3_ok(&format!("AUTH PLAIN {user}")).await?;
+        }
+        Pop3Auth::User => {
+            c.send(format!("USER {user}\r\n").as_bytes()).await?;
+            c.pop3_ok(&format!("USER {user}")).await?;
+            c.send(format!("PASS {password}\r\n").as_bytes()).await?;
+            c.pop3_ok(&format!("PASS {user}")).await?;
+        }
+    }
+    c.send(b"STAT\r\n").await?;
+    c.pop3_ok("STAT").await?;
+    c.send(b"QUIT\r\n").await?;
+    c.pop3_ok("QUIT").await?;
+    Ok(c.tls_description())
+}
+
+async fn pop3(a: Pop3Args) -> Result<String> {
+    let tls = a.target.prepare()?;
+    let (target, password, auth) = (a.target.target, Arc::new(a.password), a.auth);
+    let visit = move |user: String| {
+        let (tls, password) = (tls.clone(), password.clone());
+        async move { one_pop3_login(target, tls.as_ref(), auth, &user, &password).await }
+    };
+    let summary = timed_logins(&a.repeat, visit).await?;
+    let auth = match a.auth {
+        Pop3Auth::Plain => "plain",
+        Pop3Auth::User => "user",
+    };
+    Ok(format!("{{{summary},\"auth\":\"{auth}\"}}"))
+}
+
+/// Runs `visit(user)` in `concurrency` loops until the duration has passed,
+/// users cycling over PREFIX0 … PREFIX{N-1}; returns the JSON fields (without
+/// braces) of the outcome: logins, errors, rate, latency percentiles, the
+/// loadgen's own CPU and the TLS parameters seen.
+async fn timed_logins<F, Fut>(r: &RepeatArgs, visit: F) -> Result<String>
+where
+    F: Fn(String) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<String>> + Send,
+{
+    if r.users == 0 || r.concurrency == 0 {
         return Err("--users and --concurrency must be positive".into());
     }
     let next_user = Arc::new(AtomicUsize::new(0));
@@ -271,24 +368,21 @@ async fn logins(a: LoginsArgs) -> Result<String> {
     let tls_used = Arc::new(OnceLock::new());
     let cpu_before = own_cpu_ms();
     let start = Instant::now();
-    let deadline = start + Duration::from_secs(a.duration_secs);
+    let deadline = start + Duration::from_secs(r.duration_secs);
 
-    let mut loops = Vec::with_capacity(a.concurrency);
-    for _ in 0..a.concurrency {
-        let (tls, next_user, errors, tls_used) = (
-            tls.clone(),
+    let mut loops = Vec::with_capacity(r.concurrency);
+    for _ in 0..r.concurrency {
+        let (visit, next_user, errors, tls_used) = (
+            visit.clone(),
             next_user.clone(),
             errors.clone(),
             tls_used.clone(),
         );
-        let (target, prefix, users, password) = (
-            a.target.target,
-            a.user_prefix.clone(),
-            a.users,
-            a.password.clone(),
-        );
+        let (prefix, users) = (r.user_prefix.clone(), r.users);
         loops.push(tokio::spawn(async move {
             let mut latencies_us: Vec<u32> = Vec::new();
+            // Each visit is bounded by the connection's timeouts, so the
+            // loop ends at most one visit after the deadline.
             while Instant::now() < deadline {
                 // One shared counter spreads the users over all loops.
                 let user = format!(
@@ -296,7 +390,7 @@ async fn logins(a: LoginsArgs) -> Result<String> {
                     next_user.fetch_add(1, Ordering::Relaxed) % users
                 );
                 let began = Instant::now();
-                match one_login(target, tls.as_ref(), &user, &password).await {
+                match visit(user).await {
                     Ok(description) => {
                         latencies_us.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
                         tls_used.get_or_init(|| description);
@@ -324,7 +418,7 @@ async fn logins(a: LoginsArgs) -> Result<String> {
     latencies.sort_unstable();
     let ms = |p: f64| percentile(&latencies, p) as f64 / 1000.0;
     Ok(format!(
-        "{{\"logins\":{},\"errors\":{},\"secs\":{:.3},\"logins_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"loadgen_cpu_ms\":{},\"tls\":{}}}",
+        "\"logins\":{},\"errors\":{},\"secs\":{:.3},\"logins_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"loadgen_cpu_ms\":{},\"tls\":{}",
         latencies.len(),
         errors.count(),
         secs,
@@ -334,6 +428,28 @@ async fn logins(a: LoginsArgs) -> Result<String> {
         cpu_ms,
         json_string(tls_used.get().map(String::as_str).unwrap_or("")),
     ))
+}
+
+/// Standard base64 with padding (RFC 4648), for SASL responses.
+fn base64(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Nearest-rank percentile of a sorted, non-empty slice.
@@ -621,6 +737,16 @@ mod tests {
                 assert!(!line.contains(&b'\r') || line.ends_with(b"\r"));
             }
         }
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64(b"\0u0\0pw"), "AHUwAHB3");
     }
 
     #[test]
