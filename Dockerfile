@@ -8,7 +8,8 @@
 # copied alone onto distroless "cc" (glibc, libgcc, CA certificates; no
 # shell, no package manager) and run as uid 65532. Inside the container
 # Postern listens on unprivileged ports (IMAPS 9993, IMAP 9143, metrics
-# 9090); the Kubernetes Service or `docker run -p` maps 993 and 143 to them.
+# 9090, and where configured POP3S 9995 and POP3 9110); the Kubernetes
+# Service or `docker run -p` maps 993, 143 (995, 110) to them.
 #
 # Postern is PID 1: it handles SIGTERM (drain, then exit 0), SIGINT and
 # SIGHUP (reload) itself and starts no child processes, so no init is needed.
@@ -43,6 +44,6 @@ LABEL org.opencontainers.image.title="Postern" \
 COPY --from=build /out/postern /usr/local/bin/postern
 COPY deploy/container/postern.yaml deploy/container/users.yaml /etc/postern/
 USER 65532:65532
-EXPOSE 9993 9143 9090
+EXPOSE 9993 9143 9995 9110 9090
 ENTRYPOINT ["/usr/local/bin/postern"]
 CMD ["run", "--config", "/etc/postern/postern.yaml"]

@@ -1,5 +1,5 @@
-//! Postern: a TLS-terminating IMAP proxy and load balancer that
-//! authenticates users at the edge.
+//! Postern: a TLS-terminating mail proxy and load balancer (IMAP and POP3)
+//! that authenticates users at the edge.
 //!
 //! The data path, in the order a connection meets it:
 //!
@@ -7,9 +7,15 @@
 //! - [`proxy_protocol`]: the client's address from a load balancer, and on to backends.
 //! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
 //! - [`tls_conn`]: a client's TLS connection, holding no buffer while idle.
-//! - [`session`]: one client, from greeting through pre-auth to the relay.
-//! - [`imap`]: pre-auth framing (lines, literals, limits), parsing, SASL;
-//!   after login, the watch over response boundaries and COMPRESS.
+//! - [`session`]: the pipeline every protocol shares, from accept to the
+//!   relay's end; [`session::gate`] (the login gate: names, the defence,
+//!   credential and token checks, typed refusals) and [`session::connect`]
+//!   (per-user limit, routing with failover, the protocol's backend login).
+//! - the protocol fronts, which own only framing, commands, replies and
+//!   capability lists: [`imap`] ([`imap::front`] before login, framing,
+//!   parsing, SASL; after login [`imap::watch`] over response boundaries
+//!   and COMPRESS) and [`pop3`] ([`pop3::front`], [`pop3::backend`],
+//!   [`pop3::watch`]).
 //! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password
 //!   hashes, and the login defence ([`auth::guard`]: lanes of checks per
 //!   network and user, failure delays, familiar users, network blocks).
@@ -17,10 +23,12 @@
 //!   weighted rendezvous hashing, failover, bounded load), health checks
 //!   and DNS discovery.
 //! - [`backend`]: connect (TLS or STARTTLS, PROXY header) and log in to the
-//!   chosen backend for the user.
+//!   chosen IMAP backend for the user; the connection and login request
+//!   POP3's backend login shares.
 //! - [`relay`]: the byte pump after login, with [`buffer`]'s borrowed
-//!   buffers; it follows the responses ([`imap::watch`]) only to know when
-//!   a backend's close is orderly and when Postern may speak.
+//!   buffers; it follows the responses through the protocol's watch (a
+//!   [`relay::Follow`]) only to know when a backend's close is orderly and
+//!   when Postern may speak.
 //!
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
 //! behind arc-swap), [`reload`] (SIGHUP, file changes, listeners),

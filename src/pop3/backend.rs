@@ -165,7 +165,15 @@ fn parse_status(line: &str) -> Option<Status> {
 /// The greeting must be `+OK`. Whether it announces `[XCLIENT]`: Dovecot
 /// says so there, for trusted networks, and not in CAPA.
 async fn greet(conn: &mut Conn) -> Result<bool, BackendError> {
-    let line = conn.read_line().await?;
+    // A backend that closes before greeting had nothing yet: like a bad
+    // greeting, the login may go to the next backend.
+    let line = conn.read_line().await.map_err(|e| match e {
+        BackendError::Protocol(why) | BackendError::Greeting(why) => {
+            BackendError::Greeting(format!("no greeting: {why}"))
+        }
+        BackendError::Io(e) => BackendError::Greeting(format!("no greeting: {e}")),
+        e => e,
+    })?;
     let line = String::from_utf8_lossy(&line);
     match parse_status(&line) {
         Some(Status { ok: true, text }) => Ok(text

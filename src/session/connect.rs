@@ -192,6 +192,10 @@ impl Session {
                             tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "login cannot be made at this backend");
                             "This account cannot log in to its mail server, contact support"
                         }
+                        BackendError::Unavailable(_) => {
+                            tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend temporarily unavailable");
+                            "Mail server is temporarily unavailable, try again later"
+                        }
                         BackendError::Connect { .. } | BackendError::Timeout("connecting") => {
                             tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable");
                             "Mail server is not reachable, try again later"

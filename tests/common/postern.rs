@@ -21,6 +21,9 @@ pub struct Postern {
     /// STARTTLS listener.
     pub imap: u16,
     pub metrics: u16,
+    /// POP3S and POP3-with-STLS listeners, with `Setup::pop3` (else 0).
+    pub pop3s: u16,
+    pub pop3: u16,
 }
 
 /// What a test changes about the default test configuration.
@@ -48,6 +51,11 @@ pub struct Setup<'a> {
     pub pool_lines: &'a str,
     /// `auth.failure_delay`; empty for 200ms.
     pub failure_delay: &'a str,
+    /// Also listen for POP3 (`pop3s`, implicit TLS, and `pop3`, STLS);
+    /// every backend must serve POP3 (`DovecotBackend::start_pop3*`).
+    pub pop3: bool,
+    /// Extra keys for the POP3 STLS listener.
+    pub pop3_options: &'a str,
 }
 
 /// The password every test user has on the test backends.
@@ -68,17 +76,40 @@ impl Postern {
             std::fs::create_dir_all(&dir).unwrap();
             std::fs::write(dir.join("users.yaml"), format!("users:\n{}", setup.users)).unwrap();
             let (imaps, imap, metrics) = (free_port(), free_port(), free_port());
+            let (pop3s, pop3) = if setup.pop3 {
+                (free_port(), free_port())
+            } else {
+                (0, 0)
+            };
             let pool: String = setup
                 .backends
                 .iter()
-                .map(|b| format!("    - {{ name: {}, address: \"{}\" }}\n", b.name, b.addr()))
+                .map(|b| {
+                    let pop3_port = b
+                        .pop3_port
+                        .map(|p| format!(", pop3_port: {p}"))
+                        .unwrap_or_default();
+                    format!(
+                        "    - {{ name: {}, address: \"{}\"{pop3_port} }}\n",
+                        b.name,
+                        b.addr()
+                    )
+                })
                 .collect::<String>()
                 + setup.pool_lines;
+            let pop3_listeners = if setup.pop3 {
+                format!(
+                    "  - {{ name: pop3s, bind: \"127.0.0.1:{pop3s}\", tls: implicit, protocol: pop3 }}\n  - {{ name: pop3, bind: \"127.0.0.1:{pop3}\", tls: starttls, protocol: pop3{} }}\n",
+                    if setup.pop3_options.is_empty() { String::new() } else { format!(", {}", setup.pop3_options) },
+                )
+            } else {
+                String::new()
+            };
             let config = format!(
-                "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n\
+                "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n{pop3_listeners}\
                  {tls}\n\
                  auth:\n{source}  failure_delay: {failure_delay}\n{auth}\n\
-                 backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n{backend_options}\n  pool:\n{pool}\
+                 backends:\n  connect_timeout: 2s\n{login_timeout}{backend_options}\n  pool:\n{pool}\
                  metrics:\n  bind: \"127.0.0.1:{metrics}\"\n\
                  log:\n  level: debug\n{extra}\n",
                 imaps_opts = if setup.imaps_options.is_empty() { String::new() } else { format!(", {}", setup.imaps_options) },
@@ -86,6 +117,7 @@ impl Postern {
                 auth = indent(setup.auth_options),
                 source = if setup.auth_source.is_empty() { "  source: static\n  static: { users_file: users.yaml }\n".to_owned() } else { format!("{}\n", setup.auth_source.trim_end()) },
                 backend_options = indent(setup.backend_options),
+                login_timeout = if setup.backend_options.contains("login_timeout") { "" } else { "  login_timeout: 5s\n" },
                 failure_delay = if setup.failure_delay.is_empty() { "200ms" } else { setup.failure_delay },
                 extra = setup.extra,
                 tls = if setup.tls.is_empty() { "tls:\n  self_signed: { dir: tls, names: [localhost] }" } else { setup.tls },
@@ -107,6 +139,8 @@ impl Postern {
                 imaps,
                 imap,
                 metrics,
+                pop3s,
+                pop3,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
