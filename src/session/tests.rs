@@ -95,6 +95,9 @@ struct Script {
     /// `RETR` sends its first line and body, then waits for
     /// [`Backend::release`] before the terminating dot.
     hold_retr: bool,
+    /// POP3: the CAPA list (lines, CRLF each) instead of SASL PLAIN,
+    /// PIPELINING and USER.
+    capa: Option<&'static str>,
 }
 
 impl Script {
@@ -106,6 +109,7 @@ impl Script {
             xclient: Xclient::No,
             accounts: Vec::new(),
             hold_retr: false,
+            capa: None,
         }
     }
 
@@ -226,6 +230,8 @@ async fn serve(
     };
     w.write_all(greeting).await?;
     let mut raw = String::new();
+    // POP3: the name given by USER.
+    let mut named = String::new();
     loop {
         raw.clear();
         if r.read_line(&mut raw).await? == 0 {
@@ -233,9 +239,18 @@ async fn serve(
         }
         let line = raw.trim_end_matches(['\r', '\n']).to_owned();
         seen.send_modify(|lines| lines.push(line.clone()));
-        let login = |ir: &str| match decode_plain(ir) {
-            Some((user, password)) if script.accepts(&user, &password) => Some(script.answer),
-            _ => None,
+        let check =
+            |user: &str, password: &str| script.accepts(user, password).then_some(script.answer);
+        let login = |ir: &str| decode_plain(ir).and_then(|(u, p)| check(&u, &p));
+        let answer = |verdict: Option<Answer>| -> String {
+            match verdict {
+                Some(Answer::Ok) => "+OK Logged in.\r\n".into(),
+                Some(Answer::InUse) => {
+                    "-ERR [IN-USE] Mailbox is locked by another POP3 session\r\n".into()
+                }
+                Some(Answer::Temp) => "-ERR [SYS/TEMP] Temporary failure, try again\r\n".into(),
+                None => "-ERR [AUTH] Authentication failed.\r\n".into(),
+            }
         };
         if pop3 {
             let (keyword, rest) = line.split_once(' ').unwrap_or((&line, ""));
@@ -246,17 +261,18 @@ async fn serve(
                     } else {
                         ""
                     };
-                    format!("+OK\r\nSASL PLAIN\r\nPIPELINING\r\nUSER\r\n{xclient}.\r\n")
+                    let list = script
+                        .capa
+                        .unwrap_or("SASL PLAIN\r\nPIPELINING\r\nUSER\r\n");
+                    format!("+OK\r\n{list}{xclient}.\r\n")
                 }
+                "USER" => {
+                    named = rest.to_owned();
+                    "+OK\r\n".into()
+                }
+                "PASS" => answer(check(&named, rest)),
                 "XCLIENT" => "+OK\r\n".into(),
-                "AUTH" => match login(rest.strip_prefix("PLAIN ").unwrap_or_default()) {
-                    Some(Answer::Ok) => "+OK Logged in.\r\n".into(),
-                    Some(Answer::InUse) => {
-                        "-ERR [IN-USE] Mailbox is locked by another POP3 session\r\n".into()
-                    }
-                    Some(Answer::Temp) => "-ERR [SYS/TEMP] Temporary failure, try again\r\n".into(),
-                    None => "-ERR [AUTH] Authentication failed.\r\n".into(),
-                },
+                "AUTH" => answer(login(rest.strip_prefix("PLAIN ").unwrap_or_default())),
                 "STAT" => "+OK 2 320\r\n".into(),
                 "NOOP" => "+OK\r\n".into(),
                 "RETR" => {
@@ -333,6 +349,8 @@ struct Setup<'a> {
     users: String,
     /// Top-level YAML appended (a `limits:` block).
     extra: &'a str,
+    /// The login defence on (blocks after failures for two names), else off.
+    brute_force: bool,
 }
 
 const POP3_PLAIN: &str = "tls: starttls, protocol: pop3, allow_plaintext_auth: true";
@@ -373,12 +391,17 @@ impl Proxy {
             "listeners:\n  - {{ name: test, bind: \"127.0.0.1:0\", {listener} }}\n\
              tls:\n  self_signed: {{ dir: tls, names: [localhost] }}\n\
              auth:\n  source: static\n  static: {{ users_file: users.yaml }}\n  \
-             failure_delay: 2s\n  brute_force: {{ enabled: false }}\n\
+             failure_delay: 2s\n  brute_force: {brute_force}\n\
              backends:\n  connect_timeout: 2s\n  login_timeout: 5s\n  \
              health_check: {{ enabled: false }}\n  pool:\n{pool}{extra}\n",
             listener = setup.listener,
             pool = setup.pool,
             extra = setup.extra,
+            brute_force = if setup.brute_force {
+                "{ enabled: true, block_after: 2, familiar_for: 1h }"
+            } else {
+                "{ enabled: false }"
+            },
         );
         let path = dir.join("postern.yaml");
         let config = Config::parse(&text, &path).unwrap_or_else(|e| panic!("{e}\n{text}"));
@@ -537,8 +560,13 @@ impl Client<TcpStream> {
     /// TLS over the connection (after STLS or STARTTLS), accepting any
     /// certificate.
     async fn tls(self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+        self.tls_alpn(&[]).await
+    }
+
+    /// TLS offering the ALPN protocols `alpn`.
+    async fn tls_alpn(self, alpn: &[&[u8]]) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
         assert!(self.buf.is_empty(), "bytes before the TLS handshake");
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
@@ -546,6 +574,7 @@ impl Client<TcpStream> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAny))
         .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let tls = timeout(WAIT, connector.connect(name, self.stream))
@@ -608,6 +637,7 @@ async fn pop3_one(listener: &str, script: Script, extra: &str) -> (Proxy, Backen
         pool: entry("b1", &b),
         users: user("alice", None),
         extra,
+        brute_force: false,
     });
     (proxy, b)
 }
@@ -619,6 +649,7 @@ async fn imap_one(listener: &str, script: Script, extra: &str) -> (Proxy, Backen
         pool: entry("b1", &b),
         users: user("alice", None),
         extra,
+        brute_force: false,
     });
     (proxy, b)
 }
@@ -939,6 +970,7 @@ async fn pop3_long_passwords_pass_through_pass() {
         pool: entry("b1", &b),
         users: user_with("kilo", &long1) + &user_with("four", &long4),
         extra: "",
+        brute_force: false,
     });
     for (name, password) in [("kilo", &long1), ("four", &long4)] {
         let (mut c, _session) = pop3_greeted(&proxy).await;
@@ -993,6 +1025,7 @@ async fn pop3_two(first: Script) -> (Proxy, Backend, Backend, String) {
         pool: entry("b1", &b1) + &entry("b2", &b2),
         users,
         extra: "",
+        brute_force: false,
     });
     let placed = names
         .into_iter()
@@ -1157,6 +1190,255 @@ async fn pop3_kick_is_told_at_a_response_boundary() {
     ended(session).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn pop3_backend_without_sasl_gets_user_and_pass() {
+    for capa in ["USER\r\nPIPELINING\r\n", "USER\r\n"] {
+        let mut script = Script::new(Speaks::Pop3);
+        script.capa = Some(capa);
+        script.xclient = Xclient::Capa;
+        let (proxy, b) = pop3_one(POP3_PLAIN, script, "").await;
+        let (mut c, _session) = pop3_greeted(&proxy).await;
+        c.send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+            .await;
+        c.expect("+OK Logged in.").await;
+        c.send("STAT\r\n").await;
+        assert_eq!(c.line().await, "+OK 2 320");
+        let lines = b.lines();
+        assert_eq!(lines[0], "CAPA", "{capa:?}: {lines:?}");
+        assert!(lines[1].starts_with("XCLIENT ADDR=127.0.0.1 "), "{lines:?}");
+        assert_eq!(
+            &lines[2..],
+            ["USER alice", &format!("PASS {PASSWORD}"), "STAT"],
+            "{capa:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_a_login_the_backend_refuses_is_a_temporary_failure() {
+    // Postern knows alice by another password than her backend.
+    let b = Backend::start(Script::new(Speaks::Pop3)).await;
+    let proxy = Proxy::new(Setup {
+        listener: POP3_PLAIN,
+        pool: entry("b1", &b),
+        users: user_with("alice", "postern-only"),
+        extra: "",
+        brute_force: false,
+    });
+    let (mut c, _session) = pop3_greeted(&proxy).await;
+    c.send("USER alice\r\nPASS postern-only\r\n").await;
+    c.expect("+OK Send your password").await;
+    assert_eq!(
+        c.line().await,
+        "-ERR [SYS/TEMP] Mail server refused the login, try again later"
+    );
+    assert_eq!(b.connections(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_an_overlong_line_ends_the_session() {
+    let (proxy, b) = pop3_one(POP3_PLAIN, Script::new(Speaks::Pop3), "").await;
+    let (mut c, session) = pop3_greeted(&proxy).await;
+    c.send("USER alice\r\n").await;
+    c.expect("+OK").await;
+    c.send(&format!("PASS {}\r\n", "x".repeat(9000))).await;
+    assert_eq!(c.line().await, "-ERR Command line longer than 8192 bytes");
+    drop(c);
+    ended(session).await;
+    assert_eq!(proxy.ended("line_too_long"), 1);
+    assert_eq!(b.connections(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_per_user_session_limit() {
+    let mut script = Script::new(Speaks::Pop3);
+    script.accounts = vec![("bob".into(), PASSWORD.into())];
+    let (proxy, b) = pop3_one(POP3_PLAIN, script, "limits:\n  max_sessions_per_user: 1\n").await;
+    let (mut first, first_session) = pop3_greeted(&proxy).await;
+    first
+        .send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+        .await;
+    first.expect("+OK Logged in.").await;
+    let (mut second, _session) = pop3_greeted(&proxy).await;
+    second
+        .send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+        .await;
+    assert_eq!(
+        second.line().await,
+        "-ERR [SYS/TEMP] Too many sessions for this user"
+    );
+    assert_eq!(b.connections(), 1);
+    // Once the first session has ended, the second connection may log in.
+    first.send("QUIT\r\n").await;
+    first.expect("+OK Bye").await;
+    drop(first);
+    ended(first_session).await;
+    second
+        .send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+        .await;
+    second.expect("+OK Logged in.").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_in_use_twice_on_one_connection_does_not_count_against_the_user_limit() {
+    let mut script = Script::new(Speaks::Pop3);
+    script.answer = Answer::InUse;
+    let (proxy, b) = pop3_one(POP3_PLAIN, script, "limits:\n  max_sessions_per_user: 1\n").await;
+    let (mut c, _session) = pop3_greeted(&proxy).await;
+    for _ in 0..2 {
+        c.send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+            .await;
+        c.expect("-ERR [IN-USE]").await;
+    }
+    assert_eq!(b.connections(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_per_network_connection_limit_is_told_on_a_plaintext_listener() {
+    let (proxy, _b) = pop3_one(
+        POP3_PLAIN,
+        Script::new(Speaks::Pop3),
+        "limits:\n  max_connections_per_network: 1\n",
+    )
+    .await;
+    let (_first, _session) = pop3_greeted(&proxy).await;
+    let (mut second, session) = proxy.connect().await;
+    assert_eq!(
+        second.line().await,
+        "-ERR [SYS/TEMP] Too many connections from your network"
+    );
+    ended(session).await;
+    assert_eq!(proxy.ended("network_limit"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_an_unreachable_first_backend_moves_the_login_to_the_next() {
+    // A port nothing listens on.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let b2 = Backend::start(Script::new(Speaks::Pop3)).await;
+    let names: Vec<String> = (0..16).map(|i| format!("user{i}")).collect();
+    let proxy = Proxy::new(Setup {
+        listener: POP3_PLAIN,
+        pool: format!("    - {{ name: b1, address: \"127.0.0.1:{port}\", pop3_port: {port} }}\n")
+            + &entry("b2", &b2),
+        users: names.iter().map(|n| user(n, None)).collect(),
+        extra: "",
+        brute_force: false,
+    });
+    let placed = names
+        .iter()
+        .find(|n| proxy.rt.pool.order(n)[0].name == "b1")
+        .expect("one of 16 users placed on b1");
+    let (mut c, _session) = pop3_greeted(&proxy).await;
+    c.send(&format!("AUTH PLAIN {}\r\n", plain(placed, PASSWORD)))
+        .await;
+    c.expect("+OK Logged in.").await;
+    assert_eq!(&b2.login("AUTH PLAIN").await.0, placed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_over_implicit_tls_with_its_alpn() {
+    let (proxy, _b) = pop3_one(
+        "tls: implicit, protocol: pop3",
+        Script::new(Speaks::Pop3),
+        "",
+    )
+    .await;
+    let (c, _session) = proxy.connect().await;
+    let mut t = c.tls_alpn(&[b"pop3"]).await;
+    assert_eq!(t.stream.get_ref().1.alpn_protocol(), Some(&b"pop3"[..]));
+    t.expect("+OK Postern ready.").await;
+    t.send("CAPA\r\n").await;
+    t.expect("+OK").await;
+    let caps = t.multiline().await;
+    assert!(caps.iter().any(|c| c == "USER"), "{caps:?}");
+    assert!(!caps.iter().any(|c| c == "STLS"), "{caps:?}");
+    t.send("STLS\r\n").await;
+    t.expect("-ERR STLS is not available on an implicit-TLS port")
+        .await;
+    t.send(&format!("USER alice\r\nPASS {PASSWORD}\r\nSTAT\r\n"))
+        .await;
+    t.expect("+OK Send your password").await;
+    t.expect("+OK Logged in.").await;
+    assert_eq!(t.line().await, "+OK 2 320");
+}
+
+/// Postern's own waits move the pre-auth deadline: a failure's delay
+/// that runs past it is answered, and the client keeps the time it had
+/// left when the delay began.
+#[tokio::test(start_paused = true)]
+async fn pop3_failure_delay_moves_the_preauth_deadline() {
+    let (proxy, _b) = pop3_one(
+        POP3_PLAIN,
+        Script::new(Speaks::Pop3),
+        "limits:\n  preauth_timeout: 3s\n",
+    )
+    .await;
+    let started = Instant::now();
+    let (mut c, session) = pop3_greeted(&proxy).await;
+    // The client itself takes 2.5s of its 3s.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.send(&format!("AUTH PLAIN {}\r\n", plain("alice", "wrong")))
+        .await;
+    assert_eq!(c.line().await, "-ERR [AUTH] Authentication failed.");
+    let answered = started.elapsed();
+    assert!(
+        answered >= Duration::from_millis(4500) && answered < Duration::from_millis(4600),
+        "{answered:?}"
+    );
+    assert_eq!(
+        c.line().await,
+        "-ERR Autologout; pre-authentication time limit reached"
+    );
+    let out = started.elapsed();
+    assert!(
+        out >= Duration::from_secs(5) && out < Duration::from_millis(5200),
+        "{out:?}"
+    );
+    drop(c);
+    ended(session).await;
+    assert_eq!(proxy.ended("preauth_timeout"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn pop3_a_blocked_network_is_told_so_and_familiar_users_still_log_in() {
+    let mut script = Script::new(Speaks::Pop3);
+    script.accounts = vec![("bob".into(), PASSWORD.into())];
+    let b = Backend::start(script).await;
+    let proxy = Proxy::new(Setup {
+        listener: POP3_PLAIN,
+        pool: entry("b1", &b),
+        users: user("alice", None) + &user("bob", None),
+        extra: "",
+        brute_force: true,
+    });
+    // alice logs in from here: familiar.
+    let (mut c, _first) = pop3_greeted(&proxy).await;
+    c.send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+        .await;
+    c.expect("+OK Logged in.").await;
+    // Failures for two user names block the network.
+    let (mut m, _second) = pop3_greeted(&proxy).await;
+    for name in ["mallory", "trudy"] {
+        m.send(&format!("AUTH PLAIN {}\r\n", plain(name, "guess")))
+            .await;
+        assert_eq!(m.line().await, "-ERR [AUTH] Authentication failed.");
+    }
+    let (mut d, _third) = pop3_greeted(&proxy).await;
+    d.send(&format!("USER bob\r\nPASS {PASSWORD}\r\n")).await;
+    d.expect("+OK Send your password").await;
+    assert_eq!(
+        d.line().await,
+        "-ERR [SYS/TEMP] Too many failed logins from your network, try again later"
+    );
+    d.send(&format!("AUTH PLAIN {}\r\n", plain("alice", PASSWORD)))
+        .await;
+    d.expect("+OK Logged in.").await;
+    assert_eq!(b.connections(), 2);
+}
+
 // ---------------------------------------------------------------------------
 // IMAP
 
@@ -1315,4 +1597,19 @@ async fn imap_kick_during_a_relayed_session_says_bye() {
     ended(session).await;
     assert_eq!(proxy.ended("kicked"), 1);
     assert!(proxy.registry.list().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn imap_shutdown_during_a_relayed_session_says_bye() {
+    let (proxy, _b) = imap_one(IMAP_PLAIN, Script::new(Speaks::Imap), "").await;
+    let (mut c, session) = imap_greeted(&proxy).await;
+    c.send(&format!("a1 LOGIN alice {PASSWORD}\r\n")).await;
+    c.expect("a1 OK").await;
+    proxy.shutdown.close_sessions();
+    assert_eq!(
+        c.rest().await,
+        "* BYE [UNAVAILABLE] Server shutting down\r\n"
+    );
+    ended(session).await;
+    assert_eq!(proxy.ended("shutdown"), 1);
 }
