@@ -1613,3 +1613,19 @@ async fn imap_shutdown_during_a_relayed_session_says_bye() {
     ended(session).await;
     assert_eq!(proxy.ended("shutdown"), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn imap_commands_pipelined_after_the_login_reach_the_backend() {
+    let (proxy, b) = imap_one(IMAP_PLAIN, Script::new(Speaks::Imap), "").await;
+    let (mut c, _session) = imap_greeted(&proxy).await;
+    c.send(&format!(
+        "a1 LOGIN alice {PASSWORD}\r\na2 SELECT INBOX\r\na3 NOOP\r\n"
+    ))
+    .await;
+    c.expect("a1 OK [CAPABILITY IMAP4rev1 IDLE MOVE]").await;
+    assert_eq!(c.line().await, "* 2 EXISTS");
+    c.expect("a2 OK [READ-WRITE]").await;
+    assert_eq!(c.line().await, "a3 OK NOOP completed");
+    let lines = b.lines();
+    assert_eq!(&lines[lines.len() - 2..], ["a2 SELECT INBOX", "a3 NOOP"]);
+}
