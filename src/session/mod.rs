@@ -17,6 +17,8 @@
 
 pub mod connect;
 pub mod gate;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
