@@ -6,7 +6,7 @@
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /v1/sessions` | logged-in sessions: id, user, client, listener, backend, start, bytes |
+//! | `GET /v1/sessions` | logged-in sessions: id, user, client, listener, protocol, backend, start, bytes |
 //! | `POST /v1/sessions/kick?user=NAME` | ends the user's sessions with `* BYE` |
 //! | `GET /v1/backends` | every backend with its health, drain and session count |
 //! | `POST /v1/backends/NAME/drain[?close_after=30s]` | no new sessions; optionally close the rest after the grace period |
@@ -212,6 +212,7 @@ fn sessions(admin: &Admin) -> Response<Full<Bytes>> {
                 "user": s.user,
                 "client": s.client.to_string(),
                 "listener": s.listener,
+                "protocol": s.protocol.as_str(),
                 "backend": s.backend,
                 "started_unix": s.started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 "bytes_in": s.bytes_in.load(Ordering::Relaxed),

@@ -21,6 +21,7 @@ pub struct SessionInfo {
     pub user: String,
     pub client: SocketAddr,
     pub listener: String,
+    pub protocol: crate::config::Protocol,
     pub backend: String,
     pub started: SystemTime,
     /// Relayed bytes so far, client to backend and back.
@@ -35,6 +36,7 @@ impl SessionInfo {
         user: &str,
         client: SocketAddr,
         listener: &str,
+        protocol: crate::config::Protocol,
         backend: &str,
     ) -> SessionInfo {
         SessionInfo {
@@ -42,6 +44,7 @@ impl SessionInfo {
             user: user.to_owned(),
             client,
             listener: listener.to_owned(),
+            protocol,
             backend: backend.to_owned(),
             started: SystemTime::now(),
             bytes_in: Arc::default(),
@@ -138,13 +141,28 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Protocol;
 
     #[tokio::test]
     async fn sessions_register_list_kick_and_leave() {
         let r = Arc::new(Registry::default());
         let addr: SocketAddr = "192.0.2.1:1".parse().unwrap();
-        let a = r.register(SessionInfo::new("s1", "alice", addr, "imaps", "mail-a"));
-        let b = r.register(SessionInfo::new("s2", "bob", addr, "imaps", "mail-a"));
+        let a = r.register(SessionInfo::new(
+            "s1",
+            "alice",
+            addr,
+            "imaps",
+            Protocol::Imap,
+            "mail-a",
+        ));
+        let b = r.register(SessionInfo::new(
+            "s2",
+            "bob",
+            addr,
+            "imaps",
+            Protocol::Imap,
+            "mail-a",
+        ));
         assert_eq!(r.list().len(), 2);
         let waiter = {
             let info = Arc::clone(a.info());

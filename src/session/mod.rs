@@ -286,6 +286,7 @@ impl Session {
             self.user.as_deref().unwrap_or("-"),
             self.peer,
             &self.listener.name,
+            self.listener.protocol,
             self.backend.as_deref().unwrap_or("-"),
         ));
         let info = Arc::clone(registration.info());
