@@ -84,6 +84,7 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
     let s = &sessions[0];
     assert_eq!(s["user"], "alice");
     assert_eq!(s["listener"], "imaps");
+    assert_eq!(s["protocol"], "imap");
     assert!(s["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert!(
         s["bytes_in"].as_u64().unwrap() > 0,
