@@ -142,10 +142,20 @@ fn poplib_over_pop3s_and_stls_retrieves_a_10_mib_message_intact() {
         assert!(out["quit"].as_str().unwrap().starts_with("+OK"), "{out}");
         assert_eq!(b.wait_pop3_logins_of(who, 1), 1);
     }
-    // QUIT's +OK then the backend's close is an orderly end.
-    p.wait_metric(
-        "postern_sessions_ended_total{protocol=\"pop3\",reason=\"backend_closed\"}",
-        |v| v >= 2.0,
+    // QUIT's +OK, then either side's close, is an orderly end.
+    common::wait_for(
+        "two POP3 sessions ended in order",
+        common::SETTLE,
+        || {
+            let ended = |reason: &str| {
+                p.try_metric(&format!(
+                    "postern_sessions_ended_total{{protocol=\"pop3\",reason=\"{reason}\"}}"
+                ))
+                .unwrap_or(0.0)
+            };
+            ended("backend_closed") + ended("client_closed")
+        },
+        |v| *v >= 2.0,
     );
     // The DELE was committed by the backend at QUIT.
     let out = poplib("pop3s", p.pop3s, "alice", PASSWORD);
