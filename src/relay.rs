@@ -405,9 +405,10 @@ where
     let (tally_in, tally_out) = counters.session.clone().unzip();
     let mut up = Pump::new(counters.client_to_backend.clone(), tally_in, false);
     let mut down = Pump::new(counters.backend_to_client.clone(), tally_out, true);
-    // The client's commands first: what the backend sent answers them.
-    watch.client_sent(&client_said);
+    // What the backend sent came before it had the client's pipelined
+    // commands: it answers none of them.
     watch.backend_sent(&backend_said, false);
+    watch.client_sent(&client_said);
     // Not kept: the client's may be the pre-auth read buffer.
     drop((backend_said, client_said));
     let mut limit = idle;

@@ -423,7 +423,7 @@ fn a_wrong_password_never_reaches_the_backend_and_limits_end_with_err() {
         }
     }
     assert!(
-        last.starts_with("-ERR") && last.contains("Too many invalid commands"),
+        last.starts_with("-ERR") && last.contains("too many invalid commands"),
         "{last}"
     );
     assert!(c.closed());

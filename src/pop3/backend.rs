@@ -233,6 +233,18 @@ async fn login(
         }
     };
     let plain = caps.sasl("PLAIN");
+    // On a command line a CR or LF would end the line and start another
+    // command: such a password goes only inside AUTH PLAIN's base64.
+    if !plain
+        && password
+            .expose()
+            .iter()
+            .any(|b| matches!(b, b'\r' | b'\n' | 0))
+    {
+        return Err(BackendError::Unsuitable(
+            "the password holds CR, LF or NUL and the backend offers no SASL PLAIN".into(),
+        ));
+    }
     if !plain && !authzid.is_empty() {
         return Err(BackendError::Unsuitable(
             "backend offers no SASL PLAIN for a master login with an authorization identity \

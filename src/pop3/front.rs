@@ -168,9 +168,10 @@ impl Front<'_> {
                         continue;
                     }
                     self.user = None;
-                    let rest = rest.to_vec();
+                    // The initial response holds credentials.
+                    let rest = Secret::new(rest.to_vec());
                     drop(line);
-                    self.auth(stream, &rest).await?
+                    self.auth(stream, rest.expose()).await?
                 }
                 "" => {
                     self.bad(stream, "Empty command").await?;
@@ -474,7 +475,10 @@ impl Front<'_> {
     async fn refuse(&mut self, stream: &mut ClientStream, out: String) -> Step<()> {
         self.s.bad_commands += 1;
         if self.s.bad_commands >= self.s.rt.config.limits.max_bad_commands {
-            let out = format!("{} Too many invalid commands, closing.\r\n", out.trim_end());
+            let out = format!(
+                "{}; too many invalid commands, closing.\r\n",
+                out.trim_end()
+            );
             let _ = send(stream, out.as_bytes()).await;
             return Err("too_many_bad_commands");
         }

@@ -142,7 +142,17 @@ pub struct Watch {
     bye: bool,
     /// The streams could not be followed: never write into them.
     lost: bool,
+    /// Once given up, the client's lines are still read, only to tell
+    /// whether the last was `QUIT` (then the backend's close is orderly):
+    /// bytes of the current line (saturating; [`SKIP`] until the next LF
+    /// when the watch gave up mid-line), its first bytes, the verdict.
+    quit_line: u8,
+    quit_head: [u8; 5],
+    quit_last: bool,
 }
+
+/// The watch gave up in the middle of a client's line: wait for its end.
+const SKIP: u8 = u8::MAX;
 
 impl Default for Watch {
     fn default() -> Self {
@@ -154,6 +164,9 @@ impl Default for Watch {
             response: Response::Boundary,
             bye: false,
             lost: false,
+            quit_line: 0,
+            quit_head: [0; 5],
+            quit_last: false,
         }
     }
 }
@@ -196,7 +209,14 @@ impl Watch {
                     None => (rest.len(), false),
                 };
                 pos += taken;
-                if self.command_grew(taken) && ended {
+                if !self.command_grew(taken) {
+                    if ended {
+                        // Given up on a line that has ended: the next starts anew.
+                        self.quit_line = 0;
+                    }
+                    continue;
+                }
+                if ended {
                     self.command_ended();
                 }
                 continue;
@@ -210,6 +230,27 @@ impl Watch {
                 self.command_ended();
             } else {
                 self.command_byte(b);
+            }
+        }
+        if self.lost {
+            self.after_giving_up(&chunk[pos..]);
+        }
+    }
+
+    /// The client's bytes once the watch has given up: only whether its
+    /// last line is `QUIT`.
+    fn after_giving_up(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if b == b'\n' {
+                let n = self.quit_line;
+                self.quit_last = (n == 4 || (n == 5 && self.quit_head[4] == b'\r'))
+                    && self.quit_head[..4].eq_ignore_ascii_case(b"QUIT");
+                self.quit_line = 0;
+            } else if self.quit_line != SKIP {
+                if let Some(slot) = self.quit_head.get_mut(self.quit_line as usize) {
+                    *slot = b;
+                }
+                self.quit_line = (self.quit_line + 1).min(6);
             }
         }
     }
@@ -247,7 +288,7 @@ impl Watch {
     /// The backend said its last word: an end of its stream now is orderly
     /// (its answer to `QUIT`, or an `-ERR` while no command is pending).
     pub fn bye_seen(&self) -> bool {
-        self.bye
+        self.bye || (self.lost && self.quit_last)
     }
 
     /// Whether the streams are still followed (the watch has not given up).
@@ -417,6 +458,10 @@ impl Watch {
     }
 
     fn give_up(&mut self) {
+        if !self.lost {
+            // Mid-line, the rest of the line is not a line of its own.
+            self.quit_line = if self.command.len == 0 { 0 } else { SKIP };
+        }
         self.lost = true;
     }
 }
@@ -769,5 +814,28 @@ mod tests {
     #[test]
     fn the_watch_is_small() {
         assert!(std::mem::size_of::<Watch>() <= 48);
+    }
+
+    #[test]
+    fn after_giving_up_a_quit_still_makes_the_close_orderly() {
+        let quits = |client: &[&[u8]]| {
+            let mut w = Watch::new();
+            for c in client {
+                w.client_sent(c);
+            }
+            assert!(!w.following());
+            w.bye_seen()
+        };
+        assert!(quits(&[b"UTF8\r\n", b"QUIT\r\n"]));
+        assert!(quits(&[b"UTF8\r\nquit\r\n"]));
+        assert!(quits(&[b"XTND XMIT\r\nQU", b"IT\n"]));
+        assert!(!quits(&[b"UTF8\r\nQUIT\r\nNOOP\r\n"]));
+        assert!(!quits(&[b"UTF8\r\n"]));
+        // Given up mid-line: the line's tail is not a line of its own.
+        assert!(!quits(&[b"XTNDQUIT\r\n"]));
+        assert!(!quits(&[b"QUITS\r\n"]));
+        // A line too long to follow, then QUIT.
+        let long = [b'x'; 2000];
+        assert!(quits(&[b"RETR ", &long, b"\r\nQUIT\r\n"]));
     }
 }

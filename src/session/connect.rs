@@ -147,9 +147,11 @@ impl Session {
                 BackendError::Connect { .. } | BackendError::Timeout("connecting") => true,
                 // A POP3 backend that greets with -ERR or garbage, or says
                 // [SYS/TEMP], had the credentials not yet or could not use
-                // them: the next backend may.
+                // them: the next backend may. Not where the user's live
+                // sessions are: a backend that answers is up, and one user's
+                // mail must not be split across two.
                 BackendError::Greeting(_) | BackendError::Unavailable(_) => {
-                    protocol == Protocol::Pop3
+                    protocol == Protocol::Pop3 && route.reason != RouteReason::Sticky
                 }
                 _ => false,
             };

@@ -1153,7 +1153,7 @@ async fn pop3_too_many_bad_commands_end_with_err() {
     c.send("APOP alice 0123\r\n").await;
     assert_eq!(
         c.line().await,
-        "-ERR APOP is not supported; use USER and PASS or AUTH Too many invalid commands, closing."
+        "-ERR APOP is not supported; use USER and PASS or AUTH; too many invalid commands, closing."
     );
     c.closed().await;
     ended(session).await;
