@@ -142,7 +142,7 @@ impl Metrics {
             listener_info: gauge(
                 &registry,
                 "postern_listener_info",
-                "1 for each listener that accepted a connection, naming its protocol (join on `listener`).",
+                "1 for each configured listener, naming its protocol (join on `listener`).",
                 &["listener", "protocol"],
             ),
             tls_handshakes: counter(

@@ -142,6 +142,13 @@ impl Reloader {
             .config_info
             .with_label_values(&[version])
             .set(1);
+        self.metrics.listener_info.reset();
+        for l in &self.live.load().config.listeners {
+            self.metrics
+                .listener_info
+                .with_label_values(&[&l.name, l.protocol.as_str()])
+                .set(1);
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());

@@ -1,6 +1,8 @@
-//! The pre-auth IMAP protocol: framing with limits ([`framing`]), command
-//! parsing ([`command`]), SASL decoding ([`sasl`]) and the bits of response
-//! syntax shared by the client and backend sides (quoting, capabilities).
+//! The pre-auth IMAP protocol: the front that answers a client before
+//! login ([`front`]), framing with limits ([`framing`]), command parsing
+//! ([`command`]), SASL decoding ([`sasl`], POP3's AUTH uses it too) and the
+//! bits of response syntax shared by the client and backend sides
+//! (quoting, capabilities).
 //!
 //! Why our own parser rather than imap-codec: before login Postern
 //! understands seven commands, and what matters is where bytes may be

@@ -98,10 +98,6 @@ pub async fn run(
             .connections_accepted
             .with_label_values(&[&listener.name])
             .inc();
-        metrics
-            .listener_info
-            .with_label_values(&[&listener.name, listener.protocol.as_str()])
-            .set(1);
         let active = metrics.sessions_active.with_label_values(&[&listener.name]);
         active.inc();
         let local = tcp.local_addr().unwrap_or(peer);
