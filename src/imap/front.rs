@@ -16,7 +16,9 @@ use crate::imap::framing::{CommandReader, FramingError};
 use crate::imap::sasl::{self, Credentials};
 use crate::imap::{printable, Secret};
 use crate::session::connect::{EnterError, Entered};
-use crate::session::gate::{Admitted, BusyScope, Failure, Refusal};
+use crate::session::gate::{
+    Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
+};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
 
@@ -222,13 +224,9 @@ impl Front<'_> {
                         format!("NO [AUTHENTICATIONFAILED] {reason}")
                     }
                     Failure::Authorization => {
-                        "NO [AUTHORIZATIONFAILED] Logging in as another user is not permitted"
-                            .to_owned()
+                        format!("NO [AUTHORIZATIONFAILED] {AUTHORIZATION_TEXT}")
                     }
-                    Failure::Blocked => {
-                        "NO [UNAVAILABLE] Too many failed logins from your network, try again later"
-                            .to_owned()
-                    }
+                    Failure::Blocked => format!("NO [UNAVAILABLE] {BLOCKED_TEXT}"),
                     Failure::Source(text) => format!("NO [AUTHENTICATIONFAILED] {text}"),
                 };
                 self.failed_at(stream, tag, at, &response).await
@@ -244,19 +242,15 @@ impl Front<'_> {
                 Err("auth_refused")
             }
             Refusal::Busy(scope) => {
-                let text = match scope {
-                    BusyScope::Network => "Too many logins at once from your network",
-                    BusyScope::Account => "Too many logins at once for this account",
-                };
-                reply(
-                    stream,
-                    format!("{tag} NO [UNAVAILABLE] {text}, try again later\r\n"),
-                )
-                .await
+                let text = scope.text();
+                reply(stream, format!("{tag} NO [UNAVAILABLE] {text}\r\n")).await
             }
             Refusal::Unavailable => {
-                let text = "NO [UNAVAILABLE] Authentication is unavailable, try again later";
-                reply(stream, format!("{tag} {text}\r\n")).await
+                reply(
+                    stream,
+                    format!("{tag} NO [UNAVAILABLE] {UNAVAILABLE_TEXT}\r\n"),
+                )
+                .await
             }
         }
     }
@@ -419,19 +413,9 @@ impl Front<'_> {
                 else {
                     return Ok(None);
                 };
-                match (
-                    sasl::decode_response(user.expose()),
-                    sasl::decode_response(password.expose()),
-                ) {
-                    (Ok(user), Ok(password)) => Ok(Some((
-                        "LOGIN",
-                        Credentials {
-                            authzid: None,
-                            authcid: user.expose().to_vec(),
-                            password,
-                        },
-                    ))),
-                    (Err(e), _) | (_, Err(e)) => {
+                match sasl::decode_login(&user, &password) {
+                    Ok(creds) => Ok(Some(("LOGIN", creds))),
+                    Err(e) => {
                         self.s.count_auth("LOGIN", "invalid");
                         self.bad(stream, tag, &e.to_string()).await.map(|_| None)
                     }
@@ -462,15 +446,7 @@ impl Front<'_> {
                 None => return Ok(None),
             },
         };
-        let decoded = sasl::decode_response_up_to(message.expose(), sasl::MAX_TOKEN_MESSAGE)
-            .and_then(|m| {
-                if xoauth2 {
-                    sasl::decode_xoauth2(&m)
-                } else {
-                    sasl::decode_oauthbearer(&m)
-                }
-            });
-        let bearer = match decoded {
+        let bearer = match sasl::decode_bearer(&message, xoauth2) {
             Ok(b) => b,
             Err(e) => {
                 self.s.count_auth(mechanism, "invalid");

@@ -100,6 +100,28 @@ fn bearer_in(pairs: &[u8]) -> Result<Secret, SaslError> {
     Err(SaslError::BearerShape)
 }
 
+/// LOGIN's two answers (base64 lines) as credentials.
+pub fn decode_login(user: &Secret, password: &Secret) -> Result<Credentials, SaslError> {
+    let user = decode_response(user.expose())?;
+    let password = decode_response(password.expose())?;
+    Ok(Credentials {
+        authzid: None,
+        authcid: user.expose().to_vec(),
+        password,
+    })
+}
+
+/// A bearer-token mechanism's message (a base64 line of up to
+/// [`MAX_TOKEN_MESSAGE`] bytes decoded): XOAUTH2's or OAUTHBEARER's.
+pub fn decode_bearer(line: &Secret, xoauth2: bool) -> Result<Bearer, SaslError> {
+    let message = decode_response_up_to(line.expose(), MAX_TOKEN_MESSAGE)?;
+    if xoauth2 {
+        decode_xoauth2(&message)
+    } else {
+        decode_oauthbearer(&message)
+    }
+}
+
 /// OAUTHBEARER (RFC 7628): `n,a=<user>,` then `\x01`-separated pairs with
 /// `auth=Bearer <token>`. Channel binding (`p=`) is refused; `y` is taken
 /// as `n`. `=2C` and `=3D` in the user name are unescaped.

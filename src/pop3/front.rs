@@ -17,7 +17,9 @@ use crate::imap::framing::{CommandReader, FramingError};
 use crate::imap::sasl::{self, Credentials};
 use crate::imap::{printable, Secret};
 use crate::session::connect::{EnterError, Entered};
-use crate::session::gate::{Admitted, BusyScope, Failure, Refusal};
+use crate::session::gate::{
+    Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
+};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
 
@@ -251,20 +253,12 @@ impl Front<'_> {
                 else {
                     return Ok(None);
                 };
-                match (
-                    sasl::decode_response(user.expose()),
-                    sasl::decode_response(password.expose()),
-                ) {
-                    (Ok(user), Ok(password)) => {
-                        let creds = Credentials {
-                            authzid: None,
-                            authcid: user.expose().to_vec(),
-                            password,
-                        };
+                match sasl::decode_login(&user, &password) {
+                    Ok(creds) => {
                         let checked = self.s.check_password("LOGIN", creds, stream.is_tls()).await;
                         self.settled(stream, checked).await
                     }
-                    (Err(e), _) | (_, Err(e)) => {
+                    Err(e) => {
                         self.s.count_auth("LOGIN", "invalid");
                         self.bad(stream, &e.to_string()).await.map(|_| None)
                     }
@@ -297,15 +291,7 @@ impl Front<'_> {
                 None => return Ok(None),
             },
         };
-        let decoded = sasl::decode_response_up_to(message.expose(), sasl::MAX_TOKEN_MESSAGE)
-            .and_then(|m| {
-                if xoauth2 {
-                    sasl::decode_xoauth2(&m)
-                } else {
-                    sasl::decode_oauthbearer(&m)
-                }
-            });
-        let bearer = match decoded {
+        let bearer = match sasl::decode_bearer(&message, xoauth2) {
             Ok(b) => b,
             Err(e) => {
                 self.s.count_auth(mechanism, "invalid");
@@ -382,13 +368,8 @@ impl Front<'_> {
                         AUTHENTICATION_FAILED.to_owned()
                     }
                     Failure::Disabled(Some(reason)) => format!("-ERR [AUTH] {reason}"),
-                    Failure::Authorization => {
-                        "-ERR [AUTH] Logging in as another user is not permitted".to_owned()
-                    }
-                    Failure::Blocked => {
-                        "-ERR [SYS/TEMP] Too many failed logins from your network, try again later"
-                            .to_owned()
-                    }
+                    Failure::Authorization => format!("-ERR [AUTH] {AUTHORIZATION_TEXT}"),
+                    Failure::Blocked => format!("-ERR [SYS/TEMP] {BLOCKED_TEXT}"),
                     Failure::Source(text) => format!("-ERR [AUTH] {text}"),
                 };
                 self.failed_at(stream, at, &response).await
@@ -400,19 +381,10 @@ impl Front<'_> {
                 Err("auth_refused")
             }
             Refusal::Busy(scope) => {
-                let text = match scope {
-                    BusyScope::Network => "Too many logins at once from your network",
-                    BusyScope::Account => "Too many logins at once for this account",
-                };
-                reply(
-                    stream,
-                    format!("-ERR [SYS/TEMP] {text}, try again later\r\n"),
-                )
-                .await
+                reply(stream, format!("-ERR [SYS/TEMP] {}\r\n", scope.text())).await
             }
             Refusal::Unavailable => {
-                let text = "-ERR [SYS/TEMP] Authentication is unavailable, try again later";
-                reply(stream, format!("{text}\r\n")).await
+                reply(stream, format!("-ERR [SYS/TEMP] {UNAVAILABLE_TEXT}\r\n")).await
             }
         }
     }

@@ -68,6 +68,21 @@ pub enum BusyScope {
     Account,
 }
 
+impl BusyScope {
+    /// The reason as the client reads it, after its protocol's code.
+    pub fn text(self) -> &'static str {
+        match self {
+            BusyScope::Network => "Too many logins at once from your network, try again later",
+            BusyScope::Account => "Too many logins at once for this account, try again later",
+        }
+    }
+}
+
+/// Reasons as the client reads them, after its protocol's code.
+pub const BLOCKED_TEXT: &str = "Too many failed logins from your network, try again later";
+pub const UNAVAILABLE_TEXT: &str = "Authentication is unavailable, try again later";
+pub const AUTHORIZATION_TEXT: &str = "Logging in as another user is not permitted";
+
 /// A login the gate let through.
 pub struct Admitted {
     pub identity: Identity,
