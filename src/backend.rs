@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 use crate::config::{BackendTlsMode, MasterForm};
 use crate::imap::{push_string, sasl, Capabilities, Secret};
 use crate::proxy_protocol;
-use crate::route::Backend;
+use crate::route::{Backend, BackendTls};
 
 /// Longest backend response line kept while logging in (literals included).
 const MAX_RESPONSE: usize = 64 * 1024;
@@ -244,23 +244,12 @@ async fn start(backend: &Backend, tcp: TcpStream) -> Result<(Conn, Capabilities)
             if let Err(e) = conn.await_tagged("S").await {
                 return Err(BackendError::Tls(format!("STARTTLS refused: {e}")));
             }
-            let Conn {
-                stream: BackendStream::Plain(tcp),
-                ..
-            } = conn
-            else {
-                unreachable!("a plain connection before STARTTLS");
-            };
-            tcp
+            // What the backend sent after its OK came in plaintext: dropped.
+            conn.into_plain()
         }
         _ => tcp,
     };
-    let stream = tls
-        .connector
-        .connect(tls.server_name.clone(), tcp)
-        .await
-        .map_err(|e| BackendError::Tls(format!("handshake failed: {e}")))?;
-    let mut conn = Conn::new(BackendStream::Tls(Box::new(stream)));
+    let mut conn = tls_handshake(tls, tcp).await?;
     let caps = if tls.mode == BackendTlsMode::Starttls {
         conn.send(b"P0 CAPABILITY\r\n").await?;
         conn.await_tagged("P0").await?.capabilities
@@ -510,7 +499,26 @@ pub(crate) struct Conn {
     pub(crate) buf: Vec<u8>,
 }
 
+/// The TLS handshake with a backend, verified as configured.
+pub(crate) async fn tls_handshake(tls: &BackendTls, tcp: TcpStream) -> Result<Conn, BackendError> {
+    let stream = tls
+        .connector
+        .connect(tls.server_name.clone(), tcp)
+        .await
+        .map_err(|e| BackendError::Tls(format!("handshake failed: {e}")))?;
+    Ok(Conn::new(BackendStream::Tls(Box::new(stream))))
+}
+
 impl Conn {
+    /// The TCP connection under a plaintext one, for STARTTLS (anything
+    /// read and not taken is dropped).
+    pub(crate) fn into_plain(self) -> TcpStream {
+        match self.stream {
+            BackendStream::Plain(tcp) => tcp,
+            BackendStream::Tls(_) => unreachable!("a plain connection before STARTTLS"),
+        }
+    }
+
     pub(crate) fn new(stream: BackendStream) -> Conn {
         Conn {
             stream,

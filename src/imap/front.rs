@@ -8,8 +8,6 @@
 //! [`crate::session::connect`], and it hands the pipeline a [`LoggedIn`]
 //! whose answer is the tagged OK with the backend's own capabilities.
 
-use base64::Engine as _;
-
 use crate::config::ListenerTls;
 use crate::imap::command::{self, ParseError, PreauthCommand};
 use crate::imap::framing::{CommandReader, FramingError};
@@ -462,12 +460,7 @@ impl Front<'_> {
                 at,
                 why: Failure::Token,
             }) => {
-                let error = if xoauth2 {
-                    r#"{"status":"401","schemes":"bearer"}"#
-                } else {
-                    r#"{"status":"invalid_token"}"#
-                };
-                let challenge = base64::engine::general_purpose::STANDARD.encode(error);
+                let challenge = sasl::bearer_error_challenge(xoauth2);
                 reply(stream, format!("+ {challenge}\r\n")).await?;
                 // The client's answer (a dummy `\x01`, or `*`) only ends the exchange.
                 let limit = max_line(self.s);

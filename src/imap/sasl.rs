@@ -100,6 +100,18 @@ fn bearer_in(pairs: &[u8]) -> Result<Secret, SaslError> {
     Err(SaslError::BearerShape)
 }
 
+/// The error challenge a refused bearer token gets before the final
+/// answer (RFC 7628 3.2.3; XOAUTH2's JSON as Google sends it), base64.
+pub fn bearer_error_challenge(xoauth2: bool) -> String {
+    use base64::Engine as _;
+    let error = if xoauth2 {
+        r#"{"status":"401","schemes":"bearer"}"#
+    } else {
+        r#"{"status":"invalid_token"}"#
+    };
+    base64::engine::general_purpose::STANDARD.encode(error)
+}
+
 /// LOGIN's two answers (base64 lines) as credentials.
 pub fn decode_login(user: &Secret, password: &Secret) -> Result<Credentials, SaslError> {
     let user = decode_response(user.expose())?;

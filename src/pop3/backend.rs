@@ -18,7 +18,9 @@
 
 use tokio::io::AsyncWriteExt;
 
-use crate::backend::{connect, BackendError, BackendSession, BackendStream, Conn, LoginRequest};
+use crate::backend::{
+    connect, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
+};
 use crate::config::{BackendTlsMode, MasterForm};
 use crate::imap::{sasl, Capabilities, Secret};
 use crate::proxy_protocol;
@@ -110,23 +112,12 @@ async fn start(
             if !answer.ok {
                 return Err(BackendError::Tls(format!("STLS refused: {}", answer.text)));
             }
-            let Conn {
-                stream: BackendStream::Plain(tcp),
-                ..
-            } = conn
-            else {
-                unreachable!("a plain connection before STLS");
-            };
-            tcp
+            // What the backend sent after its +OK came in plaintext: dropped.
+            conn.into_plain()
         }
         _ => tcp,
     };
-    let stream = tls
-        .connector
-        .connect(tls.server_name.clone(), tcp)
-        .await
-        .map_err(|e| BackendError::Tls(format!("handshake failed: {e}")))?;
-    let mut conn = Conn::new(BackendStream::Tls(Box::new(stream)));
+    let mut conn = tls_handshake(tls, tcp).await?;
     if tls.mode != BackendTlsMode::Starttls {
         xclient = greet(&mut conn).await?;
     }

@@ -10,8 +10,6 @@
 //! are bounded by `limits.max_line` (8 KiB by default, so `PASS` carries
 //! passwords of several KiB), raised for bearer tokens as for IMAP.
 
-use base64::Engine as _;
-
 use crate::config::ListenerTls;
 use crate::imap::framing::{CommandReader, FramingError};
 use crate::imap::sasl::{self, Credentials};
@@ -307,12 +305,7 @@ impl Front<'_> {
                 at,
                 why: Failure::Token,
             }) => {
-                let error = if xoauth2 {
-                    r#"{"status":"401","schemes":"bearer"}"#
-                } else {
-                    r#"{"status":"invalid_token"}"#
-                };
-                let challenge = base64::engine::general_purpose::STANDARD.encode(error);
+                let challenge = sasl::bearer_error_challenge(xoauth2);
                 reply(stream, format!("+ {challenge}\r\n")).await?;
                 let limit = max_line(self.s);
                 if let Err(e) = self.reader.read_line(stream, limit).await {
