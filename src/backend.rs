@@ -158,6 +158,50 @@ pub struct LoginRequest<'a> {
     pub login_timeout: Duration,
 }
 
+/// Who logs in at a backend: the authorization identity (empty when the
+/// same), the authentication identity and its password.
+pub struct Identities<'a> {
+    pub authzid: &'a [u8],
+    pub authcid: std::borrow::Cow<'a, [u8]>,
+    pub password: &'a Secret,
+}
+
+impl LoginRequest<'_> {
+    /// The user with their password, or the master user for them: as an
+    /// authorization identity, or joined to the name with the separator
+    /// (refused, as unsuitable, for a name that holds the separator: the
+    /// backend would split it and log in as someone else).
+    pub fn identities(&self) -> Result<Identities<'_>, BackendError> {
+        Ok(match self.master {
+            None => Identities {
+                authzid: b"",
+                authcid: self.user.as_bytes().into(),
+                password: self.password,
+            },
+            Some(m) if m.form == MasterForm::Authzid => Identities {
+                authzid: self.user.as_bytes(),
+                authcid: m.user.as_bytes().into(),
+                password: &m.password,
+            },
+            Some(m) => {
+                if self.user.contains(m.separator.as_str()) {
+                    return Err(BackendError::Unsuitable(format!(
+                        "user name contains the master separator `{}`",
+                        m.separator
+                    )));
+                }
+                Identities {
+                    authzid: b"",
+                    authcid: format!("{}{}{}", self.user, m.separator, m.user)
+                        .into_bytes()
+                        .into(),
+                    password: &m.password,
+                }
+            }
+        })
+    }
+}
+
 /// A backend connection on which the user is logged in.
 pub struct BackendSession {
     pub stream: BackendStream,
@@ -318,25 +362,8 @@ async fn login(
     // `+` continuation. Segments hold the password, so they are secrets.
     let mut segments: Vec<Secret> = Vec::new();
     // Who authenticates, for whom, with which password.
-    let separated;
-    let (authzid, authcid, password): (&[u8], &[u8], &Secret) = match req.master {
-        None => (b"", req.user.as_bytes(), req.password),
-        Some(m) if m.form == MasterForm::Authzid => {
-            (req.user.as_bytes(), m.user.as_bytes(), &m.password)
-        }
-        Some(m) => {
-            // The backend splits at the separator: a name holding it would
-            // log in as someone else.
-            if req.user.contains(m.separator.as_str()) {
-                return Err(BackendError::Unsuitable(format!(
-                    "user name contains the master separator `{}`",
-                    m.separator
-                )));
-            }
-            separated = format!("{}{}{}", req.user, m.separator, m.user);
-            (b"", separated.as_bytes(), &m.password)
-        }
-    };
+    let ids = req.identities()?;
+    let (authzid, authcid, password) = (ids.authzid, &*ids.authcid, ids.password);
     if caps.has("AUTH=PLAIN") {
         let ir = sasl::encode_plain(authzid, authcid, password.expose());
         if caps.has("SASL-IR") {

@@ -37,21 +37,10 @@ const AUTHENTICATION_FAILED: &str = "NO [AUTHENTICATIONFAILED] Authentication fa
 pub async fn preauth(session: &mut Session, stream: &mut ClientStream) -> Step<LoggedIn> {
     let limits = session.rt.config.limits.clone();
     let mut front = Front {
-        reader: CommandReader::new(max_line(session), limits.max_literal),
+        reader: CommandReader::new(session.max_line(), limits.max_literal),
         s: session,
     };
     front.run(stream).await
-}
-
-/// The longest pre-auth line: room for a bearer token in base64 when
-/// tokens are accepted.
-fn max_line(s: &Session) -> usize {
-    let configured = s.rt.config.limits.max_line;
-    if s.rt.oauth.is_some() {
-        configured.max(sasl::MAX_TOKEN_MESSAGE * 4 / 3 + 64)
-    } else {
-        configured
-    }
 }
 
 struct Front<'a> {
@@ -463,7 +452,7 @@ impl Front<'_> {
                 let challenge = sasl::bearer_error_challenge(xoauth2);
                 reply(stream, format!("+ {challenge}\r\n")).await?;
                 // The client's answer (a dummy `\x01`, or `*`) only ends the exchange.
-                let limit = max_line(self.s);
+                let limit = self.s.max_line();
                 if let Err(e) = self.reader.read_line(stream, limit).await {
                     return Err(framing_failed(stream, e).await);
                 }
@@ -484,7 +473,7 @@ impl Front<'_> {
         prompt: &str,
     ) -> Step<Option<Secret>> {
         reply(stream, format!("+ {prompt}\r\n")).await?;
-        let limit = max_line(self.s);
+        let limit = self.s.max_line();
         let line = match self.reader.read_line(stream, limit).await {
             Ok(line) => Secret::new(line),
             Err(e) => return Err(framing_failed(stream, e).await),

@@ -21,7 +21,7 @@ use tokio::io::AsyncWriteExt;
 use crate::backend::{
     connect, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
 };
-use crate::config::{BackendTlsMode, MasterForm};
+use crate::config::BackendTlsMode;
 use crate::imap::{sasl, Capabilities, Secret};
 use crate::proxy_protocol;
 use crate::route::Backend;
@@ -204,25 +204,8 @@ async fn login(
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
     let pipelining = caps.has("PIPELINING");
-    let separated;
-    let (authzid, authcid, password): (&[u8], &[u8], &Secret) = match req.master {
-        None => (b"", req.user.as_bytes(), req.password),
-        Some(m) if m.form == MasterForm::Authzid => {
-            (req.user.as_bytes(), m.user.as_bytes(), &m.password)
-        }
-        Some(m) => {
-            // The backend splits at the separator: a name holding it would
-            // log in as someone else.
-            if req.user.contains(m.separator.as_str()) {
-                return Err(BackendError::Unsuitable(format!(
-                    "user name contains the master separator `{}`",
-                    m.separator
-                )));
-            }
-            separated = format!("{}{}{}", req.user, m.separator, m.user);
-            (b"", separated.as_bytes(), &m.password)
-        }
-    };
+    let ids = req.identities()?;
+    let (authzid, authcid, password) = (ids.authzid, &*ids.authcid, ids.password);
     let plain = caps.sasl("PLAIN");
     // On a command line a CR or LF would end the line and start another
     // command: such a password goes only inside AUTH PLAIN's base64.

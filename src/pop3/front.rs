@@ -46,17 +46,6 @@ pub async fn preauth(session: &mut Session, stream: &mut ClientStream) -> Step<L
     front.run(stream).await
 }
 
-/// The longest line: room for a bearer token in base64 when tokens are
-/// accepted.
-fn max_line(s: &Session) -> usize {
-    let configured = s.rt.config.limits.max_line;
-    if s.rt.oauth.is_some() {
-        configured.max(sasl::MAX_TOKEN_MESSAGE * 4 / 3 + 64)
-    } else {
-        configured
-    }
-}
-
 struct Front<'a> {
     s: &'a mut Session,
     reader: CommandReader,
@@ -106,7 +95,7 @@ impl Front<'_> {
             .await
             .map_err(|_| "client_error")?;
         loop {
-            let limit = max_line(self.s);
+            let limit = self.s.max_line();
             let line = match self.reader.read_line(stream, limit).await {
                 Ok(line) => Secret::new(line),
                 Err(e) => return Err(framing_failed(stream, e).await),
@@ -307,7 +296,7 @@ impl Front<'_> {
             }) => {
                 let challenge = sasl::bearer_error_challenge(xoauth2);
                 reply(stream, format!("+ {challenge}\r\n")).await?;
-                let limit = max_line(self.s);
+                let limit = self.s.max_line();
                 if let Err(e) = self.reader.read_line(stream, limit).await {
                     return Err(framing_failed(stream, e).await);
                 }
@@ -327,7 +316,7 @@ impl Front<'_> {
         prompt: &str,
     ) -> Step<Option<Secret>> {
         reply(stream, format!("+ {prompt}\r\n")).await?;
-        let limit = max_line(self.s);
+        let limit = self.s.max_line();
         let line = match self.reader.read_line(stream, limit).await {
             Ok(line) => Secret::new(line),
             Err(e) => return Err(framing_failed(stream, e).await),

@@ -485,6 +485,17 @@ impl Session {
         }
     }
 
+    /// The longest pre-auth line a front reads: `limits.max_line`, with
+    /// room for a bearer token in base64 when tokens are accepted.
+    pub fn max_line(&self) -> usize {
+        let configured = self.rt.config.limits.max_line;
+        if self.rt.oauth.is_some() {
+            configured.max(crate::imap::sasl::MAX_TOKEN_MESSAGE * 4 / 3 + 64)
+        } else {
+            configured
+        }
+    }
+
     /// STARTTLS (IMAP) or STLS (POP3), once the client has been told to
     /// begin: `dropped` bytes it sent after the command were discarded
     /// unread, as they came in plaintext and may have been injected
