@@ -136,6 +136,14 @@ fn sessions_kick_drain_and_reload_through_the_admin_api() {
         call(port, "POST", "/v1/backends/adm-a/undrain", Some(TOKEN)).0,
         200
     );
+    // The drained login's session holds its user on adm-b (stickiness) until
+    // Postern has seen it end; only then is adm-a the user's backend again.
+    common::wait_until("the drained login's session is gone", SETTLE, || {
+        json(&call(port, "GET", "/v1/sessions", Some(TOKEN)).1)["sessions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
     // From 127.0.0.2, so that adm-a's line for this login (rip=127.0.0.2)
     // is told apart from one the drained login would have left before it.
     let tls = tls_over(tcp_from("127.0.0.2", p.imaps), "localhost", &[b"imap"]).unwrap();
