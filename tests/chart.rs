@@ -5,7 +5,9 @@
 //! Operator objects, which it has no schema for, are checked here), the
 //! rendered Postern configuration through `postern check-config`, the
 //! PrometheusRule through promtool, the plain manifests equal to the
-//! default render, and the chart README naming every value.
+//! default render, the cluster store (an external one, or the Valkey
+//! StatefulSet the chart runs) with its mounts and network policies, and
+//! the chart README naming every value.
 //!
 //! The tools come from scripts/test: helm v3.18.0 (checked by its sha256),
 //! kubernetes-validate from PyPI, promtool from Debian's prometheus.
@@ -270,7 +272,10 @@ fn rendered_configuration_passes_check_config() {
 
         let users = dir.join("etc/postern/users/users.yaml");
         fs::create_dir_all(users.parent().unwrap()).unwrap();
-        match find(&docs, "Secret") {
+        let users_secret = docs
+            .iter()
+            .find(|d| kind(d) == "Secret" && d["stringData"]["users.yaml"].is_string());
+        match users_secret {
             Some(secret) => fs::write(&users, str_at(secret, &["stringData", "users.yaml"])),
             None if parsed["auth"]["static"]["format"].as_str() == Some("passwd-file") => {
                 fs::write(&users, "alice@example.com:{PLAIN}secret\n")
@@ -295,10 +300,24 @@ fn rendered_configuration_passes_check_config() {
         }
         let path = dir.join("postern.yaml");
         fs::write(&path, &config).unwrap();
-        let (ok, out, err) = run(
+        let (mut ok, mut out, mut err) = run(
             env!("CARGO_BIN_EXE_postern"),
             &["check-config", path.to_str().unwrap()],
         );
+        if !ok && err.contains("unknown field `cluster`") {
+            // A `postern` from before the shared store (issue 18): the
+            // rest is checked here, the `cluster` block by
+            // `cluster_store_renders_external_or_as_valkey` against the
+            // keys the store's configuration has.
+            eprintln!("{label}: this postern has no `cluster` block; checked without it");
+            let mut without: Value = serde_yaml::from_str(&config).unwrap();
+            without.as_mapping_mut().unwrap().remove("cluster");
+            fs::write(&path, serde_yaml::to_string(&without).unwrap()).unwrap();
+            (ok, out, err) = run(
+                env!("CARGO_BIN_EXE_postern"),
+                &["check-config", path.to_str().unwrap()],
+            );
+        }
         assert!(
             ok && out.contains("configuration OK"),
             "{label}:\n{config}\n{out}{err}"
@@ -592,6 +611,352 @@ fn users_key_and_rollout_follow_the_other_values() {
     }
 }
 
+/// The `cluster` block of a render's Postern configuration (Null without).
+fn cluster_block(docs: &[Value]) -> Value {
+    let config: Value = serde_yaml::from_str(
+        find(docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    config["cluster"].clone()
+}
+
+/// Where a file Postern's configuration names comes from in its pod:
+/// ("secret" or "configMap", the object's name, its key), found through
+/// the container's mount of the file's directory and that volume's items.
+fn mounted_from(docs: &[Value], path: &str) -> (String, String, String) {
+    let pod = &find(docs, "Deployment").unwrap()["spec"]["template"]["spec"];
+    let path = Path::new(path);
+    let dir = path.parent().unwrap().to_str().unwrap();
+    let file = path.file_name().unwrap().to_str().unwrap();
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(dir))
+        .unwrap_or_else(|| panic!("nothing mounted at {dir}"));
+    assert_eq!(mount["readOnly"].as_bool(), Some(true), "{mount:?}");
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let (source, name) = if volume["secret"].is_mapping() {
+        ("secret", str_at(volume, &["secret", "secretName"]))
+    } else {
+        ("configMap", str_at(volume, &["configMap", "name"]))
+    };
+    let item = volume[source]["items"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|i| i["path"].as_str() == Some(file))
+        .unwrap_or_else(|| panic!("{file} is not an item of {volume:?}"));
+    (
+        source.to_owned(),
+        name.to_owned(),
+        str_at(item, &["key"]).to_owned(),
+    )
+}
+
+fn from(source: &str, name: &str, key: &str) -> (String, String, String) {
+    (source.to_owned(), name.to_owned(), key.to_owned())
+}
+
+/// Whether every label of `selector` (a matchLabels map) is in `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let selector = selector.as_mapping().unwrap();
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn named<'a>(docs: &'a [Value], k: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| kind(d) == k && str_at(d, &["metadata", "name"]) == name)
+        .unwrap_or_else(|| panic!("no {k} {name}"))
+}
+
+/// The egress rule of Postern's NetworkPolicy that opens the store's
+/// port, and only that port.
+fn store_egress(docs: &[Value], port: u64) -> Value {
+    let rules: Vec<&Value> = named(docs, "NetworkPolicy", "postern")["spec"]["egress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            r["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .any(|p| p["port"].as_u64() == Some(port))
+        })
+        .collect();
+    assert_eq!(rules.len(), 1, "one egress rule for port {port}: {rules:?}");
+    let ports = rules[0]["ports"].as_sequence().unwrap();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    assert_eq!(ports[0]["protocol"].as_str(), Some("TCP"));
+    rules[0].clone()
+}
+
+/// The value of a `--flag value` pair in a container's args.
+fn arg_after<'a>(args: &'a [Value], flag: &str) -> &'a str {
+    let at = args
+        .iter()
+        .position(|a| a.as_str() == Some(flag))
+        .unwrap_or_else(|| panic!("no {flag} in {args:?}"));
+    args[at + 1].as_str().unwrap()
+}
+
+/// The shared store (issue 18): off by default; an external store renders
+/// the `cluster` block with every file it names mounted from the values'
+/// Secrets and an egress rule to the store's network; the Valkey option
+/// adds a locked-down single-node StatefulSet with its Services, a
+/// password from a Secret (made by the chart or existing), and network
+/// policies that let Postern's pods, and only them, reach it.
+#[test]
+fn cluster_store_renders_external_or_as_valkey() {
+    let docs = documents(&render(&[]));
+    assert!(cluster_block(&docs).is_null());
+    assert!(find(&docs, "StatefulSet").is_none());
+
+    // An external store over TLS.
+    let values = chart().join("ci/cluster-values.yaml");
+    let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
+    let want: Value = serde_yaml::from_str(
+        "{store: {url: 'rediss://store.example.internal:6380/2', username: postern, \
+          password_file: /etc/postern/store/password, ca_file: /etc/postern/store-ca/ca.pem, \
+          timeout: 80ms, key_prefix: mail-eu}, \
+         key_file: /etc/postern/cluster-key/key, lease_ttl: 90s, user_expire: 120s, hold_wait: 15s}",
+    )
+    .unwrap();
+    // No `replica`: Postern's default, the host name, is the pod's name.
+    assert_eq!(cluster_block(&docs), want);
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/store/password"),
+        from("secret", "postern-store", "password")
+    );
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/store-ca/ca.pem"),
+        from("secret", "store-ca", "ca.crt")
+    );
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/cluster-key/key"),
+        from("secret", "postern-cluster-key", "key")
+    );
+    let egress = store_egress(&docs, 6380);
+    let to: Value = serde_yaml::from_str("[{ipBlock: {cidr: 10.40.0.0/24}}]").unwrap();
+    assert_eq!(egress["to"], to);
+    assert!(find(&docs, "StatefulSet").is_none());
+
+    // The CA from a ConfigMap instead.
+    let docs = documents(&render(&[
+        "-f".to_owned(),
+        values.display().to_string(),
+        "--set".to_owned(),
+        "cluster.store.caSecret.name=".to_owned(),
+        "--set".to_owned(),
+        "cluster.store.caConfigMap.name=store-ca-bundle".to_owned(),
+    ]));
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/store-ca/ca.pem"),
+        from("configMap", "store-ca-bundle", "ca.crt")
+    );
+
+    // The Valkey StatefulSet, its password from an existing Secret.
+    let values = chart().join("ci/cluster-valkey-values.yaml");
+    let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
+    let cluster = cluster_block(&docs);
+    assert_eq!(
+        str_at(&cluster, &["store", "url"]),
+        "redis://postern-valkey.default.svc:6390/0"
+    );
+    assert_eq!(
+        str_at(&cluster, &["store", "password_file"]),
+        "/etc/postern/store/password"
+    );
+    for absent in [&cluster["store"]["ca_file"], &cluster["key_file"]] {
+        assert!(absent.is_null(), "{cluster:?}");
+    }
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/store/password"),
+        from("secret", "valkey-auth", "secret")
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| kind(d) == "Secret" && str_at(d, &["metadata", "name"]) == "postern-valkey"),
+        "an existing Secret: the chart makes none"
+    );
+    let sts = named(&docs, "StatefulSet", "postern-valkey");
+    assert_eq!(sts["spec"]["replicas"].as_u64(), Some(1));
+    let template = &sts["spec"]["template"];
+    let labels = &template["metadata"]["labels"];
+    assert!(selects(&sts["spec"]["selector"]["matchLabels"], labels));
+    let pod = &template["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(
+        str_at(c, &["image"]),
+        "registry.example.com/mirror/valkey:8.1.1"
+    );
+    let args = c["args"].as_sequence().unwrap();
+    for (flag, value) in [
+        ("--port", "6390"),
+        ("--requirepass", "$(VALKEY_PASSWORD)"),
+        ("--maxmemory", "512mb"),
+        ("--maxmemory-policy", "volatile-ttl"),
+        ("--appendonly", "yes"),
+        ("--dir", "/data"),
+    ] {
+        assert_eq!(arg_after(args, flag), value, "{args:?}");
+    }
+    // The password only by reference, for the server and for valkey-cli.
+    let env = c["env"].as_sequence().unwrap();
+    for var in ["VALKEY_PASSWORD", "REDISCLI_AUTH"] {
+        let e = env
+            .iter()
+            .find(|e| e["name"].as_str() == Some(var))
+            .unwrap_or_else(|| panic!("no {var} in {env:?}"));
+        assert!(e["value"].is_null(), "{e:?}");
+        let r = &e["valueFrom"]["secretKeyRef"];
+        assert_eq!(
+            (str_at(r, &["name"]), str_at(r, &["key"])),
+            ("valkey-auth", "secret")
+        );
+    }
+    for probe in ["livenessProbe", "readinessProbe"] {
+        let command: Vec<&str> = c[probe]["exec"]["command"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let line = command.join(" ");
+        assert!(
+            line.contains("valkey-cli -p 6390 ping") && line.contains("PONG"),
+            "{probe}: {line}"
+        );
+    }
+    assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"].as_str(),
+        Some("RuntimeDefault")
+    );
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert_eq!(c["resources"]["limits"]["memory"].as_str(), Some("1Gi"));
+    let data = c["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some("/data"))
+        .expect("/data is mounted (the root filesystem is read-only)");
+    let claim = &sts["spec"]["volumeClaimTemplates"][0];
+    assert_eq!(claim["metadata"]["name"], data["name"]);
+    assert_eq!(
+        claim["spec"]["resources"]["requests"]["storage"].as_str(),
+        Some("2Gi")
+    );
+    assert_eq!(claim["spec"]["storageClassName"].as_str(), Some("fast-ssd"));
+
+    // The Services select the Valkey pod; no selector of Postern's does,
+    // and theirs do not take Postern's pods.
+    let service = named(&docs, "Service", "postern-valkey");
+    assert!(selects(&service["spec"]["selector"], labels));
+    assert_eq!(service["spec"]["ports"][0]["port"].as_u64(), Some(6390));
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"].as_str(),
+        c["ports"][0]["name"].as_str()
+    );
+    let headless = named(&docs, "Service", str_at(sts, &["spec", "serviceName"]));
+    assert_eq!(headless["spec"]["clusterIP"].as_str(), Some("None"));
+    assert!(selects(&headless["spec"]["selector"], labels));
+    let postern_pod = &find(&docs, "Deployment").unwrap()["spec"]["template"]["metadata"]["labels"];
+    for selector in [
+        &named(&docs, "Service", "postern")["spec"]["selector"],
+        &named(&docs, "PodDisruptionBudget", "postern")["spec"]["selector"]["matchLabels"],
+        &find(&docs, "Deployment").unwrap()["spec"]["selector"]["matchLabels"],
+        &named(&docs, "NetworkPolicy", "postern")["spec"]["podSelector"]["matchLabels"],
+    ] {
+        assert!(!selects(selector, labels), "{selector:?} takes Valkey");
+        assert!(selects(selector, postern_pod));
+    }
+    assert!(!selects(&service["spec"]["selector"], postern_pod));
+
+    // Postern's pods reach the Valkey pod on the store port; the Valkey
+    // pod takes connections from them only, and opens none.
+    let egress = store_egress(&docs, 6390);
+    let to = egress["to"].as_sequence().unwrap();
+    assert_eq!(to.len(), 1, "{to:?}");
+    assert!(to[0]["namespaceSelector"].is_null());
+    assert!(selects(&to[0]["podSelector"]["matchLabels"], labels));
+    let policy = named(&docs, "NetworkPolicy", "postern-valkey");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        labels
+    ));
+    let ingress = policy["spec"]["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1, "{ingress:?}");
+    let peers = ingress[0]["from"].as_sequence().unwrap();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert!(selects(
+        &peers[0]["podSelector"]["matchLabels"],
+        postern_pod
+    ));
+    assert!(!selects(&peers[0]["podSelector"]["matchLabels"], labels));
+    assert_eq!(ingress[0]["ports"][0]["port"], c["ports"][0]["name"]);
+    let types: Vec<&str> = policy["spec"]["policyTypes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["Ingress", "Egress"]);
+    assert_eq!(
+        policy["spec"]["egress"].as_sequence().map(Vec::len),
+        Some(0)
+    );
+
+    // The defaults: a password the chart makes, data in memory only.
+    let docs = documents(&render(&[
+        "--set".to_owned(),
+        "cluster.enabled=true".to_owned(),
+        "--set".to_owned(),
+        "cluster.valkey.enabled=true".to_owned(),
+    ]));
+    let secret = named(&docs, "Secret", "postern-valkey");
+    let password = str_at(secret, &["data", "password"]);
+    assert_eq!(password.len(), 44, "32 characters, base64: {password}");
+    assert_eq!(
+        mounted_from(&docs, "/etc/postern/store/password"),
+        from("secret", "postern-valkey", "password")
+    );
+    assert_eq!(
+        str_at(&cluster_block(&docs), &["store", "url"]),
+        "redis://postern-valkey.default.svc:6379/0"
+    );
+    let sts = named(&docs, "StatefulSet", "postern-valkey");
+    let c = &sts["spec"]["template"]["spec"]["containers"][0];
+    let args = c["args"].as_sequence().unwrap();
+    assert_eq!(arg_after(args, "--save"), "");
+    assert_eq!(arg_after(args, "--appendonly"), "no");
+    assert_eq!(arg_after(args, "--maxmemory-policy"), "volatile-ttl");
+    assert_eq!(str_at(c, &["image"]), "valkey/valkey:8.1");
+    assert!(sts["spec"]["volumeClaimTemplates"].is_null());
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_sequence()
+        .unwrap();
+    assert!(volumes[0]["emptyDir"].is_mapping(), "{volumes:?}");
+    assert_eq!(
+        c["env"][0]["valueFrom"]["secretKeyRef"]["name"].as_str(),
+        Some("postern-valkey")
+    );
+    assert!(find(&docs, "NetworkPolicy").is_none());
+}
+
 #[test]
 fn bad_values_are_refused_with_the_key_named() {
     let cases: &[(&[&str], &str)] = &[
@@ -682,6 +1047,41 @@ fn bad_values_are_refused_with_the_key_named() {
             ],
             "2048",
         ),
+        (&["cluster.enabled=true"], "cluster.store.url"),
+        (
+            &["cluster.store.url=http://valkey:6379"],
+            "cluster.store.url",
+        ),
+        (&["cluster.valkey.enabled=true"], "cluster.valkey.enabled"),
+        (
+            &[
+                "cluster.enabled=true",
+                "cluster.store.url=redis://valkey:6380/0",
+            ],
+            "cluster.store.port",
+        ),
+        (
+            &[
+                "cluster.enabled=true",
+                "cluster.store.url=redis://valkey:6379/0",
+                "cluster.store.caSecret.name=ca",
+            ],
+            "rediss://",
+        ),
+        (
+            &[
+                "cluster.enabled=true",
+                "cluster.store.url=rediss://valkey:6379/0",
+                "cluster.store.caSecret.name=ca",
+                "cluster.store.caConfigMap.name=ca",
+            ],
+            "not both",
+        ),
+        (&["config.cluster.lease_ttl=1s"], "config.cluster"),
+        (
+            &["cluster.valkey.maxmemoryPolicy=evict-everything"],
+            "cluster.valkey.maxmemoryPolicy",
+        ),
     ];
     for (sets, needle) in cases {
         let mut args = vec!["template", "postern", "helm/postern"];
@@ -734,6 +1134,9 @@ fn leaf_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
         "livenessProbe",
         "readinessProbe",
         "autoscaling.behavior",
+        "cluster.valkey.resources",
+        "cluster.valkey.podSecurityContext",
+        "cluster.valkey.securityContext",
     ];
     match v.as_mapping() {
         Some(map) if !map.is_empty() && !WHOLE.contains(&prefix) => {

@@ -137,6 +137,9 @@ app.kubernetes.io/part-of: postern
 {{- if $v.admin.enabled }}
 {{- $_ := set $config "admin" (dict "bind" (printf "127.0.0.1:%d" (int $v.admin.port)) "token_file" "/etc/postern/admin/token") }}
 {{- end }}
+{{- with include "postern.cluster.config" . }}
+{{- $_ := set $config "cluster" (fromJson .) }}
+{{- end }}
 {{- $owned := dict
   "listeners" "listeners.* and containerPorts.*"
   "metrics" "containerPorts.metrics (the probes use it)"
@@ -144,6 +147,7 @@ app.kubernetes.io/part-of: postern
   "admin" "admin.*"
   "reload" "reload.mode"
   "log" "log.*"
+  "cluster" "cluster.*"
 }}
 {{- range $key, $instead := $owned }}
 {{- if hasKey $v.config $key }}
@@ -175,4 +179,101 @@ app.kubernetes.io/part-of: postern
 {{- end }}
 {{- end }}
 {{- toYaml $config }}
+{{- end }}
+
+{{/* The cluster store: the optional Valkey the chart runs, and where Postern finds the store. */}}
+
+{{- define "postern.valkey.fullname" -}}
+{{- printf "%s-valkey" (include "postern.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of the Valkey pods: another app name, so that no selector of Postern's (Service, PDB, spreading) takes them. */}}
+{{- define "postern.valkey.selectorLabels" -}}
+app.kubernetes.io/name: valkey
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: cluster-store
+{{- end }}
+
+{{- define "postern.valkey.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "postern.valkey.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.cluster.valkey.image.tag | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: postern
+{{- end }}
+
+{{/* The Secret holding the Valkey password: the existing one, or the one the chart makes. */}}
+{{- define "postern.valkey.secret" -}}
+{{- default (include "postern.valkey.fullname" .) .Values.cluster.valkey.existingSecret }}
+{{- end }}
+
+{{- define "postern.valkey.secretKey" -}}
+{{- ternary .Values.cluster.valkey.existingSecretKey "password" (not (empty .Values.cluster.valkey.existingSecret)) }}
+{{- end }}
+
+{{/* The store's URL: cluster.store.url, else the chart's Valkey Service. */}}
+{{- define "postern.cluster.url" -}}
+{{- $c := .Values.cluster }}
+{{- if $c.store.url }}
+{{- $c.store.url }}
+{{- else if $c.valkey.enabled }}
+{{- printf "redis://%s.%s.svc:%d/0" (include "postern.valkey.fullname" .) .Release.Namespace (int $c.store.port) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret and key of the store password Postern mounts, as JSON ({} for none). */}}
+{{- define "postern.cluster.passwordSecret" -}}
+{{- $c := .Values.cluster }}
+{{- if $c.store.passwordSecret.name }}
+{{- dict "name" $c.store.passwordSecret.name "key" $c.store.passwordSecret.key | toJson }}
+{{- else if $c.valkey.enabled }}
+{{- dict "name" (include "postern.valkey.secret" .) "key" (include "postern.valkey.secretKey" .) | toJson }}
+{{- else }}
+{{- dict | toJson }}
+{{- end }}
+{{- end }}
+
+{{/* The `cluster` block of the Postern configuration; checks the cluster values first. */}}
+{{- define "postern.cluster.config" -}}
+{{- $c := .Values.cluster }}
+{{- if $c.valkey.enabled }}
+{{- if not $c.enabled }}
+{{- fail "cluster.valkey.enabled needs cluster.enabled: the Valkey the chart runs is Postern's cluster store" }}
+{{- end }}
+{{- end }}
+{{- if $c.enabled }}
+{{- $url := include "postern.cluster.url" . }}
+{{- if not $url }}
+{{- fail "cluster.store.url: the store's redis:// or rediss:// URL (or cluster.valkey.enabled for a Valkey the chart runs)" }}
+{{- end }}
+{{- if not (regexMatch "^rediss?://" $url) }}
+{{- fail (printf "cluster.store.url (%s) must start with redis:// or rediss:// (TLS)" $url) }}
+{{- end }}
+{{- $host := (urlParse $url).host }}
+{{- $port := regexFind ":[0-9]+$" $host | trimPrefix ":" }}
+{{- if and $port (ne (int $port) (int $c.store.port)) }}
+{{- fail (printf "cluster.store.port (%d) is not the port of cluster.store.url (%s): the NetworkPolicy opens cluster.store.port" (int $c.store.port) $port) }}
+{{- end }}
+{{- if and $c.store.caSecret.name $c.store.caConfigMap.name }}
+{{- fail "cluster.store.caSecret and cluster.store.caConfigMap: set one, not both" }}
+{{- end }}
+{{- if and (or $c.store.caSecret.name $c.store.caConfigMap.name) (not (hasPrefix "rediss://" $url)) }}
+{{- fail "cluster.store.caSecret / cluster.store.caConfigMap are for a TLS store: use a rediss:// cluster.store.url" }}
+{{- end }}
+{{- $store := dict "url" $url "timeout" $c.store.timeout "key_prefix" $c.store.keyPrefix }}
+{{- with $c.store.username }}
+{{- $_ := set $store "username" . }}
+{{- end }}
+{{- if (include "postern.cluster.passwordSecret" . | fromJson).name }}
+{{- $_ := set $store "password_file" "/etc/postern/store/password" }}
+{{- end }}
+{{- if or $c.store.caSecret.name $c.store.caConfigMap.name }}
+{{- $_ := set $store "ca_file" "/etc/postern/store-ca/ca.pem" }}
+{{- end }}
+{{- $cluster := dict "store" $store "lease_ttl" $c.leaseTtl "user_expire" $c.userExpire "hold_wait" $c.holdWait }}
+{{- if $c.keySecret.name }}
+{{- $_ := set $cluster "key_file" "/etc/postern/cluster-key/key" }}
+{{- end }}
+{{- toJson $cluster }}
+{{- end }}
 {{- end }}
