@@ -7,9 +7,15 @@
 //! | method and path | does |
 //! |---|---|
 //! | `GET /v1/sessions` | logged-in sessions: id, user, client, listener, protocol, backend, start, bytes |
-//! | `POST /v1/sessions/kick?user=NAME` | ends the user's sessions with `* BYE` |
+//! | `POST /v1/sessions/kick?user=NAME` | ends the user's sessions with `* BYE`, on every replica |
+//! | `GET /v1/users/NAME/sessions` | the user's sessions on every replica (with a store) |
+//! | `POST /v1/users/NAME/kick` | as `/v1/sessions/kick` |
+//! | `POST /v1/users/NAME/hold[?for=60s]` | new logins wait (up to `cluster.hold_wait`, then `NO [UNAVAILABLE]`) |
+//! | `POST /v1/users/NAME/release` | ends the hold |
+//! | `POST /v1/users/NAME/pin?backend=B`, `DELETE …/pin` | sends the user to B whatever the hash says, until removed |
+//! | `POST /v1/users/NAME/move?to=B[&hold=30s]` | hold, end the sessions with `* BYE [UNAVAILABLE]`, pin to B, release |
 //! | `GET /v1/backends` | every backend with its health, drain and session count |
-//! | `POST /v1/backends/NAME/drain[?close_after=30s]` | no new sessions; optionally close the rest after the grace period |
+//! | `POST /v1/backends/NAME/drain[?close_after=30s]` | no new sessions (on every replica); optionally close the rest after the grace period |
 //! | `POST /v1/backends/NAME/undrain` | takes sessions again |
 //! | `GET /v1/config` | the live configuration's version |
 //! | `POST /v1/reload` | reloads the configuration, answers with the result |
@@ -26,6 +32,7 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::cluster::KickWhy;
 use crate::live::Live;
 use crate::registry::Registry;
 
@@ -146,13 +153,18 @@ async fn handle<B>(req: &Request<B>, admin: &Admin, peer: SocketAddr) -> Respons
     match (method, segments.as_slice()) {
         (Method::GET, ["v1", "sessions"]) => sessions(admin),
         (Method::POST, ["v1", "sessions", "kick"]) => match query(req, "user") {
-            Some(user) if !user.is_empty() => {
-                let kicked = admin.registry.kick_user(&user);
-                tracing::info!(user, kicked, "sessions ended by the administrator");
-                reply(StatusCode::OK, json!({ "user": user, "kicked": kicked }))
-            }
+            Some(user) if !user.is_empty() => kick(admin, &user).await,
             _ => error(StatusCode::BAD_REQUEST, "give the user: ?user=NAME"),
         },
+        (method, ["v1", "users", user, rest @ ..]) => {
+            let Some(user) = percent_decode(user).filter(|u| !u.is_empty()) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "the user name in the path is not valid",
+                );
+            };
+            users(req, admin, method, &user, rest).await
+        }
         (Method::GET, ["v1", "backends"]) => backends(admin),
         (Method::POST, ["v1", "backends", name, action @ ("drain" | "undrain")]) => {
             let close_after = match query(req, "close_after") {
@@ -167,7 +179,9 @@ async fn handle<B>(req: &Request<B>, admin: &Admin, peer: SocketAddr) -> Respons
                 return error(StatusCode::NOT_FOUND, &format!("no backend `{name}`"));
             };
             let draining = *action == "drain";
-            backend.set_draining(draining, close_after.filter(|_| draining));
+            rt.cluster
+                .drain(&backend.name, draining, close_after.filter(|_| draining))
+                .await;
             reply(
                 StatusCode::OK,
                 json!({ "backend": backend.name, "draining": draining,
@@ -198,6 +212,193 @@ async fn handle<B>(req: &Request<B>, admin: &Admin, peer: SocketAddr) -> Respons
         (_, ["v1", ..]) => error(StatusCode::NOT_FOUND, "no such endpoint"),
         _ => error(StatusCode::NOT_FOUND, "the API is under /v1/"),
     }
+}
+
+/// Ends a user's sessions on every replica.
+async fn kick(admin: &Admin, user: &str) -> Response<Full<Bytes>> {
+    let cluster = Arc::clone(&admin.live.load().cluster);
+    let kicked = cluster.kick(user, KickWhy::Admin).await;
+    tracing::info!(user, kicked, "sessions ended by the administrator");
+    reply(
+        StatusCode::OK,
+        json!({ "user": user, "kicked": kicked, "cluster": cluster.is_shared() }),
+    )
+}
+
+fn duration_query<B>(
+    req: &Request<B>,
+    key: &str,
+    default: Duration,
+    most: Duration,
+) -> Result<Duration, String> {
+    match query(req, key) {
+        None => Ok(default),
+        Some(text) => match crate::config::parse_duration(&text) {
+            Ok(d) if !d.is_zero() && d <= most => Ok(d),
+            Ok(_) => Err(format!("{key}: above zero and at most {}s", most.as_secs())),
+            Err(e) => Err(format!("{key}: {e}")),
+        },
+    }
+}
+
+/// The longest hold an administrator may set.
+const MOST_HOLD: Duration = Duration::from_secs(600);
+
+/// `/v1/users/NAME/...`: a user's sessions everywhere, and the steps of a
+/// move (hold, kick, pin, release), alone or in one call.
+async fn users<B>(
+    req: &Request<B>,
+    admin: &Admin,
+    method: Method,
+    user: &str,
+    rest: &[&str],
+) -> Response<Full<Bytes>> {
+    let rt = admin.live.load_full();
+    let cluster = Arc::clone(&rt.cluster);
+    let unreachable = |e: String| error(StatusCode::SERVICE_UNAVAILABLE, &e);
+    let known = |name: &str| rt.pool.backends().iter().any(|b| b.name == name);
+    match (method, rest) {
+        (Method::GET, ["sessions"]) => match cluster.sessions(user).await {
+            Some(list) => reply(
+                StatusCode::OK,
+                json!({ "user": user, "cluster": cluster.is_shared(), "sessions": list }),
+            ),
+            None => unreachable("the cluster store is unreachable".into()),
+        },
+        (Method::POST, ["kick"]) => kick(admin, user).await,
+        (Method::POST, ["hold"]) => {
+            let hold = match duration_query(req, "for", Duration::from_secs(60), MOST_HOLD) {
+                Ok(d) => d,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            match cluster.hold(user, hold).await {
+                Ok(()) => {
+                    tracing::info!(
+                        user,
+                        hold_s = hold.as_secs(),
+                        "user held by the administrator"
+                    );
+                    reply(
+                        StatusCode::OK,
+                        json!({ "user": user, "held_seconds": hold.as_secs_f64() }),
+                    )
+                }
+                Err(e) => unreachable(e),
+            }
+        }
+        (Method::POST, ["release"]) => match cluster.release_hold(user).await {
+            Ok(()) => {
+                tracing::info!(user, "user's hold released by the administrator");
+                reply(StatusCode::OK, json!({ "user": user, "held": false }))
+            }
+            Err(e) => unreachable(e),
+        },
+        (Method::POST | Method::PUT, ["pin"]) => {
+            let Some(backend) = query(req, "backend").filter(|b| known(b)) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give a configured backend: ?backend=NAME",
+                );
+            };
+            match cluster.pin(user, &backend).await {
+                Ok(()) => {
+                    tracing::info!(user, backend, "user pinned by the administrator");
+                    reply(StatusCode::OK, json!({ "user": user, "pinned": backend }))
+                }
+                Err(e) => unreachable(e),
+            }
+        }
+        (Method::DELETE, ["pin"]) => match cluster.unpin(user).await {
+            Ok(()) => {
+                tracing::info!(user, "user's pin removed by the administrator");
+                reply(StatusCode::OK, json!({ "user": user, "pinned": null }))
+            }
+            Err(e) => unreachable(e),
+        },
+        (Method::POST, ["move"]) => {
+            let Some(to) = query(req, "to").filter(|b| known(b)) else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "give a configured backend: ?to=NAME",
+                );
+            };
+            let hold = match duration_query(req, "hold", Duration::from_secs(30), MOST_HOLD) {
+                Ok(d) => d,
+                Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+            };
+            move_user(&cluster, user, &to, hold).await
+        }
+        _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+    }
+}
+
+/// Moves a user to `to`: new logins held, live sessions ended everywhere
+/// with `* BYE [UNAVAILABLE]`, waited for (within the hold, at most 15 s),
+/// the user pinned to `to`, the hold released.
+async fn move_user(
+    cluster: &Arc<crate::cluster::Cluster>,
+    user: &str,
+    to: &str,
+    hold: Duration,
+) -> Response<Full<Bytes>> {
+    let started = tokio::time::Instant::now();
+    let unreachable = |e: String| error(StatusCode::SERVICE_UNAVAILABLE, &e);
+    let before = cluster.sessions(user).await.map(|l| l.len());
+    let from: Vec<String> = match cluster.sessions(user).await {
+        Some(list) => {
+            let mut b: Vec<String> = list
+                .iter()
+                .filter_map(|s| s["backend"].as_str().map(str::to_owned))
+                .collect();
+            b.sort();
+            b.dedup();
+            b
+        }
+        None => Vec::new(),
+    };
+    if let Err(e) = cluster.hold(user, hold).await {
+        return unreachable(e);
+    }
+    let kicked_here = cluster.kick(user, KickWhy::Moved).await;
+    let wait = hold
+        .saturating_sub(Duration::from_secs(1))
+        .clamp(Duration::from_secs(1), Duration::from_secs(15));
+    let deadline = started + wait;
+    let left = loop {
+        let left = cluster.sessions(user).await.map_or(0, |l| l.len());
+        if left == 0 || tokio::time::Instant::now() >= deadline {
+            break left;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let pinned = cluster.pin(user, to).await;
+    let released = cluster.release_hold(user).await;
+    if let Err(e) = pinned.and(released) {
+        return unreachable(format!(
+            "{e}; the hold ends by itself after {}s",
+            hold.as_secs()
+        ));
+    }
+    tracing::info!(
+        user,
+        to,
+        ?from,
+        kicked_here,
+        left,
+        "user moved by the administrator"
+    );
+    reply(
+        StatusCode::OK,
+        json!({
+            "user": user,
+            "to": to,
+            "from": from,
+            "sessions_before": before,
+            "kicked_here": kicked_here,
+            "sessions_left": left,
+            "took_ms": started.elapsed().as_millis() as u64,
+        }),
+    )
 }
 
 fn sessions(admin: &Admin) -> Response<Full<Bytes>> {

@@ -51,6 +51,9 @@ pub struct Config {
     /// The admin API; off when absent.
     #[serde(default)]
     pub admin: Option<AdminApi>,
+    /// State shared by replicas in a store; single node when absent.
+    #[serde(default)]
+    pub cluster: Option<Cluster>,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -553,6 +556,113 @@ impl Default for BruteForce {
             max_familiar: 250_000,
         }
     }
+}
+
+/// Replicas acting as one: the login defence's records, per-user session
+/// counts, stickiness, holds and pins, and admin actions shared through a
+/// Valkey or Redis store (see `cluster`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub store: Store,
+    /// This replica's name in session records; the host name when empty
+    /// (in Kubernetes, the pod's name).
+    #[serde(default)]
+    pub replica: String,
+    /// A secret (its first line, 16 bytes or more) that keys the
+    /// fingerprints user names are stored under; every replica needs the
+    /// same. Without it the fingerprints are plain hashes of the names.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// A live session's lease is refreshed every third of this; a replica
+    /// that dies leaves its sessions counted for at most this long.
+    #[serde(default = "default_lease_ttl", deserialize_with = "duration")]
+    pub lease_ttl: Duration,
+    /// How long a user stays with their backend after their last session
+    /// ended anywhere (Dovecot director's `director_user_expire`).
+    #[serde(default = "default_user_expire", deserialize_with = "duration")]
+    pub user_expire: Duration,
+    /// How long a login waits while its user is held for a move, at most;
+    /// then `NO [UNAVAILABLE]`.
+    #[serde(default = "default_hold_wait", deserialize_with = "duration")]
+    pub hold_wait: Duration,
+}
+
+impl Cluster {
+    fn validate(&self) -> Result<(), String> {
+        let url = &self.store.url;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            return Err(format!(
+                "key `cluster.store.url`: `{url}` is not a redis:// or rediss:// URL"
+            ));
+        }
+        if self.store.ca_file.is_some() && !url.starts_with("rediss://") {
+            return Err("key `cluster.store.ca_file`: only for a rediss:// URL".into());
+        }
+        let prefix = &self.store.key_prefix;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_graphic() && b != b'*') {
+            return Err(
+                "key `cluster.store.key_prefix`: printable characters, no spaces or `*`".into(),
+            );
+        }
+        if self.store.timeout.is_zero() || self.store.timeout > Duration::from_secs(5) {
+            return Err("key `cluster.store.timeout`: above zero and at most 5s".into());
+        }
+        if self.lease_ttl < Duration::from_secs(3) {
+            return Err("key `cluster.lease_ttl`: at least 3s".into());
+        }
+        if self.hold_wait > Duration::from_secs(120) {
+            return Err("key `cluster.hold_wait`: at most 120s".into());
+        }
+        if !self.replica.is_empty() && !self.replica.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("key `cluster.replica`: printable characters, no spaces".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_user_expire() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_hold_wait() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The store: a Valkey or Redis server (RESP).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// `redis://host:port/db`, or `rediss://` for TLS.
+    pub url: String,
+    /// An ACL user name, if the store has users.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// A file holding the password (one line).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// CA certificates (PEM) for `rediss://`; the system's when absent.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long one store operation on the login path may take; past it
+    /// the login goes on with this replica's own state.
+    #[serde(default = "default_store_timeout", deserialize_with = "duration")]
+    pub timeout: Duration,
+    /// Every key starts with `<key_prefix>:`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_store_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_key_prefix() -> String {
+    "postern".into()
 }
 
 /// An authentication service speaking nginx's `auth_http` protocol.
@@ -1205,6 +1315,8 @@ impl Config {
             Some("limits.max_connections")
         } else if self.log.format != new.log.format {
             Some("log.format")
+        } else if self.cluster != new.cluster {
+            Some("cluster")
         } else {
             None
         }
@@ -1611,6 +1723,9 @@ impl Config {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| format!("key `log.level`: {e}"))?;
+        if let Some(c) = &self.cluster {
+            c.validate()?;
+        }
         Ok(())
     }
 }

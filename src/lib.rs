@@ -33,6 +33,8 @@
 //! Around it: [`config`] (the YAML schema), [`live`] (the runtime snapshot
 //! behind arc-swap), [`reload`] (SIGHUP, file changes, listeners),
 //! [`admin`] (the admin API, with the [`registry`] of live sessions),
+//! [`cluster`] (replicas sharing state through a Valkey/Redis store: the
+//! defence's records, session leases, stickiness, holds, pins, events),
 //! [`metrics`] (Prometheus families and the HTTP endpoint), [`logging`],
 //! [`shutdown`] and [`latch`].
 
@@ -40,6 +42,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod buffer;
+pub mod cluster;
 pub mod config;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -18,6 +18,7 @@ use crate::auth::oauth::{Claims, Introspect, OAuth};
 use crate::auth::static_users::StaticUsers;
 use crate::auth::Authenticator;
 use crate::backend::MasterLogin;
+use crate::cluster::Cluster;
 use crate::config::{AuthSource, Config};
 use crate::http_client::Endpoint;
 use crate::imap::Secret;
@@ -45,6 +46,9 @@ pub struct Runtime {
     pub guard: Arc<Guard>,
     /// Live sessions per network and per user; kept across reloads.
     pub slots: Arc<Slots>,
+    /// State shared with the other replicas (or this node's own holds and
+    /// pins); made once at start, kept across reloads.
+    pub cluster: Arc<Cluster>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -65,6 +69,12 @@ impl Runtime {
         self_signed: SelfSignedMode,
         previous: Option<&Runtime>,
     ) -> Result<Runtime, String> {
+        // The cluster block changes only with a restart (a reload that
+        // changes it is refused), so the previous snapshot's is this one's.
+        let cluster = match previous {
+            Some(r) => Arc::clone(&r.cluster),
+            None => Arc::new(Cluster::new(&config, &metrics)?),
+        };
         let auth: Box<dyn Authenticator> = match config.auth.source {
             AuthSource::Static => {
                 let s = config.auth.static_users.as_ref().expect("validated");
@@ -221,6 +231,7 @@ impl Runtime {
             oauth,
             guard: previous.map(|r| Arc::clone(&r.guard)).unwrap_or_default(),
             slots: previous.map(|r| Arc::clone(&r.slots)).unwrap_or_default(),
+            cluster,
             metrics,
         })
     }

@@ -133,6 +133,11 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
         let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        // The cluster store: connected in the background, never waited for.
+        let cluster = Arc::clone(&live.load().cluster);
+        cluster
+            .start(Arc::clone(&live), Arc::clone(&registry))
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         // Discovered backends join before the process reports ready.
         let mut reloader =
             postern::reload::Reloader::start(path.clone(), Arc::clone(&live), Arc::clone(&metrics), listeners)

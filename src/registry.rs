@@ -28,6 +28,8 @@ pub struct SessionInfo {
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
     kicked: Latch,
+    /// Kicked because the user is being moved to another backend.
+    moving: std::sync::atomic::AtomicBool,
 }
 
 impl SessionInfo {
@@ -50,7 +52,13 @@ impl SessionInfo {
             bytes_in: Arc::default(),
             bytes_out: Arc::default(),
             kicked: Latch::default(),
+            moving: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Whether the kick was for a move to another backend.
+    pub fn is_moving(&self) -> bool {
+        self.moving.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn is_kicked(&self) -> bool {
@@ -127,10 +135,14 @@ impl Registry {
         all
     }
 
-    /// Ends every session of `user`; how many there were.
-    pub fn kick_user(&self, user: &str) -> usize {
+    /// Ends every session of `user` (`moving`: for a move to another
+    /// backend); how many there were.
+    pub fn kick_user(&self, user: &str, moving: bool) -> usize {
         let mut n = 0;
         for s in self.list().into_iter().filter(|s| s.user == user) {
+            if moving {
+                s.moving.store(true, std::sync::atomic::Ordering::Release);
+            }
             s.kicked.set();
             n += 1;
         }
@@ -169,7 +181,7 @@ mod tests {
             tokio::spawn(async move { info.kicked().await })
         };
         tokio::task::yield_now().await;
-        assert_eq!(r.kick_user("alice"), 1);
+        assert_eq!(r.kick_user("alice", false), 1);
         waiter.await.unwrap();
         assert!(!b.info().is_kicked());
         drop(a);

@@ -92,6 +92,8 @@ pub enum StopCause {
     Shutdown,
     /// An administrator ended the session.
     Kicked,
+    /// An administrator is moving the user to another backend.
+    Moved,
     /// The backend is being drained and its grace period is over.
     Drained,
     /// Health checks took the backend down.
@@ -122,6 +124,7 @@ impl RelayEnd {
             RelayEnd::BackendError => "backend_error",
             RelayEnd::Stopped(StopCause::Shutdown) => "shutdown",
             RelayEnd::Stopped(StopCause::Kicked) => "kicked",
+            RelayEnd::Stopped(StopCause::Moved) => "moved",
             RelayEnd::Stopped(StopCause::Drained) => "backend_drained",
             RelayEnd::Stopped(StopCause::BackendDown) => "backend_down",
             RelayEnd::BackendLost => "backend_lost",

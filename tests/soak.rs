@@ -78,7 +78,7 @@ struct Totals {
 /// One session cycle: log in, APPEND, FETCH back and compare, expunge
 /// (unless `keep`), log out.
 fn cycle(p: &Postern, name: &str, n: u64, rng: &mut Rng, totals: &Totals, keep: bool) {
-    let mut c = if n % 2 == 0 {
+    let mut c = if n.is_multiple_of(2) {
         Client::imaps(p.imaps).0
     } else {
         Client::starttls(p.imap)

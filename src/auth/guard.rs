@@ -104,6 +104,27 @@ impl Key {
     }
 }
 
+impl Key {
+    /// A network as the cluster store names it: `4:` or `6:` and the
+    /// masked address in hex.
+    pub fn ident(&self) -> String {
+        match self {
+            Key::Network(bits, family) => format!("{family}:{bits:x}"),
+            Key::User(name) => format!("u:{name}"),
+        }
+    }
+
+    /// The network [`Key::ident`] named.
+    pub fn from_ident(text: &str) -> Option<Key> {
+        let (family, bits) = text.split_once(':')?;
+        let family: u8 = family.parse().ok()?;
+        if family != 4 && family != 6 {
+            return None;
+        }
+        Some(Key::Network(u128::from_str_radix(bits, 16).ok()?, family))
+    }
+}
+
 fn mask(width: u32, prefix: u8) -> u128 {
     let prefix = u32::from(prefix).min(width);
     if prefix == 0 {
@@ -423,6 +444,27 @@ impl Guard {
         shard.insert(pair, (now + policy.familiar_for, 0));
     }
 
+    /// Blocks `network` for `span` from now, as another replica decided
+    /// (a block already running to a later time is kept).
+    pub fn block(&self, network: &Key, span: Duration) {
+        let now = Instant::now();
+        let until = now + span;
+        let mut shard = self.shard(network).lock().unwrap();
+        if !shard.contains_key(network) {
+            self.count(network).fetch_add(1, Ordering::Relaxed);
+        }
+        let entry = shard.entry(network.clone()).or_insert(Entry {
+            failures: 0,
+            last: now,
+            blocked_until: None,
+            users: Vec::new(),
+        });
+        if entry.blocked_until.is_none_or(|u| u < until) {
+            entry.blocked_until = Some(until);
+            entry.users.clear();
+        }
+    }
+
     /// How much longer `network` is blocked, if it is.
     pub fn blocked(&self, network: &Key, now: Instant) -> Option<Duration> {
         let shard = self.shard(network).lock().unwrap();
@@ -530,7 +572,7 @@ impl Guard {
 }
 
 /// `base` doubled for every failure after the first, at most `max`.
-fn delay(base: Duration, failures: u32, max: Duration) -> Duration {
+pub fn delay(base: Duration, failures: u32, max: Duration) -> Duration {
     let doublings = failures.saturating_sub(1).min(31);
     base.saturating_mul(1 << doublings).min(max.max(base))
 }

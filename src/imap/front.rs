@@ -26,6 +26,7 @@ pub static FAREWELLS: Farewells = Farewells {
     preauth_timeout: b"* BYE Autologout; pre-authentication time limit reached\r\n",
     shutdown: b"* BYE [UNAVAILABLE] Server shutting down\r\n",
     kicked: b"* BYE Session ended by the administrator\r\n",
+    moved: b"* BYE [UNAVAILABLE] Your mailbox is moving to another server, log in again in a moment\r\n",
     backend_gone: b"* BYE [UNAVAILABLE] Mail server is unavailable, please reconnect\r\n",
 };
 

@@ -29,6 +29,7 @@ pub static FAREWELLS: Farewells = Farewells {
     preauth_timeout: b"-ERR Autologout; pre-authentication time limit reached\r\n",
     shutdown: b"-ERR [SYS/TEMP] Server shutting down\r\n",
     kicked: b"-ERR Session ended by the administrator\r\n",
+    moved: b"-ERR [SYS/TEMP] Your mailbox is moving to another server, try again in a moment\r\n",
     backend_gone: b"-ERR [SYS/TEMP] Mail server is unavailable, please reconnect\r\n",
 };
 

@@ -210,6 +210,11 @@ impl Backend {
 
     /// Resolves once this backend's sessions must close: it went down, or
     /// its drain's grace period is over.
+    /// Whether a drain's grace period is over.
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire)
+    }
+
     pub async fn closing(&self) {
         let notified = self.closing.notified();
         tokio::pin!(notified);
@@ -301,6 +306,8 @@ pub enum RouteReason {
     Failover,
     /// A later choice: one before it holds more than its bounded share.
     BoundedLoad,
+    /// An administrator pinned the user there (a move).
+    Pinned,
 }
 
 impl RouteReason {
@@ -311,8 +318,18 @@ impl RouteReason {
             RouteReason::Hash => "hash",
             RouteReason::Failover => "failover",
             RouteReason::BoundedLoad => "bounded_load",
+            RouteReason::Pinned => "pinned",
         }
     }
+}
+
+/// What the cluster store knows of a user, for routing.
+#[derive(Debug, Clone, Default)]
+pub struct Hint {
+    /// An administrator's pin: the user goes there and nowhere else.
+    pub pinned: Option<String>,
+    /// The backend the user's live (or recent) sessions are on.
+    pub sticky: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -381,7 +398,7 @@ pub struct Pool {
     bounded_load: Option<f64>,
     /// Failed session logins in a row that mark a backend down; 0: never.
     passive_fall: u32,
-    routes: [IntCounter; 5],
+    routes: [IntCounter; 6],
     metrics: Arc<Metrics>,
     /// Changes to backends kept from the previous pool (drain, TLS files),
     /// applied by [`Pool::commit`] once the whole reload is good.
@@ -512,6 +529,7 @@ impl Pool {
                 reason(RouteReason::Hash),
                 reason(RouteReason::Failover),
                 reason(RouteReason::BoundedLoad),
+                reason(RouteReason::Pinned),
             ],
             metrics: Arc::clone(metrics),
             pending: Mutex::new(pending),
@@ -681,16 +699,51 @@ impl Pool {
     /// Picks the backend for an authenticated user, skipping the backends
     /// named in `exclude` (ones this login already failed to reach).
     pub fn select(&self, identity: &Identity, exclude: &[&str]) -> Result<Route, RouteError> {
+        self.select_with(identity, exclude, &Hint::default())
+    }
+
+    /// As [`Pool::select`], with what the cluster knows of the user: an
+    /// administrator's pin comes first, then the directory, then the
+    /// backend their sessions on any replica are on (followed even where
+    /// this replica's health checks disagree, so one mailbox is never
+    /// split; only a failed connection here moves on), then this
+    /// replica's own stickiness and the hash.
+    pub fn select_with(
+        &self,
+        identity: &Identity,
+        exclude: &[&str],
+        hint: &Hint,
+    ) -> Result<Route, RouteError> {
         let excluded = |b: &Backend| exclude.contains(&b.name.as_str());
-        let route = self.pick(identity, &excluded)?;
+        let route = self.pick(identity, &excluded, hint)?;
         self.routes[route.reason as usize].inc();
         Ok(route)
+    }
+
+    /// The backend a directory or an administrator names: by name, or by
+    /// address (`host:port`, a bare host, or a name and any port).
+    fn named(&self, name: &str) -> Option<Arc<Backend>> {
+        self.backends()
+            .into_iter()
+            .find(|b| b.name == name || b.address == name)
+            .or_else(|| {
+                self.backends().into_iter().find(|b| {
+                    b.address
+                        .rsplit_once(':')
+                        .is_some_and(|(h, _)| h.trim_matches(['[', ']']) == name)
+                })
+            })
+            .or_else(|| {
+                let (host, _) = name.rsplit_once(':')?;
+                self.backends().into_iter().find(|b| b.name == host)
+            })
     }
 
     fn pick(
         &self,
         identity: &Identity,
         excluded: &dyn Fn(&Backend) -> bool,
+        hint: &Hint,
     ) -> Result<Route, RouteError> {
         let group = &self.groups[self.group_of(identity)?];
         let route = |backend, reason| Route {
@@ -698,25 +751,29 @@ impl Pool {
             reason,
             pool: Arc::clone(&group.name),
         };
-        if let Some(name) = &identity.backend {
-            // By name, or by address (`host:port`, or a name and any port)
-            // as an external directory may give it.
+        if let Some(name) = &hint.pinned {
             let backend = self
-                .backends()
-                .into_iter()
-                .find(|b| &b.name == name || &b.address == name)
-                .or_else(|| {
-                    // A bare host, as a directory's mailHost gives it.
-                    self.backends().into_iter().find(|b| {
-                        b.address
-                            .rsplit_once(':')
-                            .is_some_and(|(h, _)| h.trim_matches(['[', ']']) == name)
-                    })
-                })
-                .or_else(|| {
-                    let (host, _) = name.rsplit_once(':')?;
-                    self.backends().into_iter().find(|b| b.name == host)
-                })
+                .named(name)
+                .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?;
+            if !backend.available() || excluded(&backend) {
+                return Err(RouteError::Unavailable(name.clone()));
+            }
+            return Ok(route(backend, RouteReason::Pinned));
+        }
+        if identity.backend.is_none() {
+            if let Some(name) = &hint.sticky {
+                let members = group.members.load();
+                let found = members.iter().find(|m| m.name == *name);
+                if let Some(b) = found {
+                    if !b.is_draining() && !b.is_retired() && !excluded(b) {
+                        return Ok(route(Arc::clone(b), RouteReason::Sticky));
+                    }
+                }
+            }
+        }
+        if let Some(name) = &identity.backend {
+            let backend = self
+                .named(name)
                 .ok_or_else(|| RouteError::UnknownBackend(name.clone()))?;
             if !backend.available() || excluded(&backend) {
                 return Err(RouteError::Unavailable(name.clone()));

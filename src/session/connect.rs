@@ -64,6 +64,67 @@ impl Session {
             }
         };
         self.user = Some(identity.user.clone());
+        // The cluster's word on the user: a hold for a move (wait), the
+        // cluster-wide session count, their backend and pin.
+        let bf = &rt.config.auth.brute_force;
+        let network = self.network();
+        let familiar_for = if bf.enabled {
+            bf.familiar_for
+        } else {
+            Default::default()
+        };
+        let hold_until = Instant::now() + rt.cluster.hold_wait();
+        let admission = loop {
+            let a = rt
+                .cluster
+                .admit(
+                    &identity.user,
+                    Some(&network),
+                    limit,
+                    &self.id,
+                    familiar_for,
+                )
+                .await;
+            if !a.held {
+                break a;
+            }
+            if Instant::now() >= hold_until {
+                tracing::info!(client = %self.peer, user = identity.user, "login refused: the user is held for a move");
+                return Err(EnterError::Unavailable(
+                    "Your mailbox is moving to another server, try again in a moment",
+                ));
+            }
+            tracing::debug!(
+                user = identity.user,
+                "login waits: the user is held for a move"
+            );
+            let poll = hold_until
+                .saturating_duration_since(Instant::now())
+                .min(std::time::Duration::from_millis(250));
+            self.own_wait(rt.cluster.hold_changed(poll)).await;
+        };
+        let cluster_lease = admission
+            .leased
+            .then(|| crate::cluster::ClusterLease::new(&rt.cluster, &identity.user, &self.id));
+        if let Some(count) = admission.full {
+            rt.metrics.session_limit.with_label_values(&["user"]).inc();
+            tracing::info!(client = %self.peer, user = identity.user, limit, count, "login refused: too many sessions for this user in the cluster");
+            return Err(EnterError::UserLimit);
+        }
+        let mut hint = crate::route::Hint {
+            pinned: admission.pinned,
+            sticky: admission.sticky,
+        };
+        if hint.pinned.is_some() && hint.pinned == identity.backend {
+            // The directory says the same now: the pin has done its work.
+            let (cluster, user) = (Arc::clone(&rt.cluster), identity.user.clone());
+            tokio::spawn(async move {
+                if cluster.unpin(&user).await.is_ok() {
+                    tracing::info!(user, "pin removed: the directory names the same backend");
+                }
+            });
+            hint.pinned = None;
+        }
         let config = &rt.config.backends;
         // Connecting is bounded by connect_timeout over every backend tried:
         // a hash-placed user whose backend cannot be reached moves on to
@@ -72,7 +133,7 @@ impl Session {
         let mut unreachable: Vec<String> = Vec::new();
         loop {
             let exclude: Vec<&str> = unreachable.iter().map(String::as_str).collect();
-            let route = match rt.pool.select(&identity, &exclude) {
+            let route = match rt.pool.select_with(&identity, &exclude, &hint) {
                 Ok(route) => route,
                 Err(e) => {
                     let text = match &e {
@@ -159,6 +220,7 @@ impl Session {
                 Ok(session) => {
                     self.backend = Some(route.backend.name.clone());
                     self.lease = Some(rt.pool.lease(&identity.user, &route.backend));
+                    self.cluster_lease = cluster_lease;
                     self.user_slot = user_slot;
                     return Ok(Entered {
                         backend: session,

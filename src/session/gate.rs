@@ -109,14 +109,18 @@ impl Session {
             Err(e) => {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "login refused: invalid user name");
-                return Err(self.failed(received, Failure::Credentials, None, None));
+                return Err(self
+                    .failed(received, Failure::Credentials, None, None)
+                    .await);
             }
         };
         if let Some(authzid) = &creds.authzid {
             if normalise_username(authzid, auth).ok().as_deref() != Some(user.as_str()) {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, user, mechanism, "login refused: authorization identity differs");
-                return Err(self.failed(received, Failure::Authorization, None, None));
+                return Err(self
+                    .failed(received, Failure::Authorization, None, None)
+                    .await);
             }
         }
         let ticket = self.admit(mechanism, Some(&user), received).await?;
@@ -148,19 +152,23 @@ impl Session {
             Err(AuthError::Rejected) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = rt.auth.name(), "authentication failed");
-                return Err(self.failed(received, Failure::Credentials, Some(&user), ticket));
+                return Err(self
+                    .failed(received, Failure::Credentials, Some(&user), ticket)
+                    .await);
             }
             Err(AuthError::Disabled { reason }) => {
                 self.count_auth(mechanism, "disabled");
                 tracing::info!(client = %self.peer, user, mechanism, source = rt.auth.name(), reason = reason.as_deref().unwrap_or("-"), "login refused: account disabled");
                 let shown = reason.filter(|_| auth.show_disabled_reason);
-                return Err(self.failed(received, Failure::Disabled(shown), Some(&user), ticket));
+                return Err(self
+                    .failed(received, Failure::Disabled(shown), Some(&user), ticket)
+                    .await);
             }
             Err(AuthError::Refused { text, wait }) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user, mechanism, source = rt.auth.name(), reason = text, "authentication refused");
                 // The source's delay, or ours if longer.
-                let penalty = self.penalty(Some(&user), received);
+                let penalty = self.penalty(Some(&user), received).await;
                 let delay = wait.unwrap_or_default().max(penalty);
                 settle(ticket, Some(delay));
                 let at = received + delay;
@@ -211,7 +219,9 @@ impl Session {
             Some(Err(e)) => {
                 self.count_auth(mechanism, "invalid");
                 tracing::info!(client = %self.peer, mechanism, error = %e, "token login refused: invalid user name");
-                return Err(self.failed(received, Failure::Credentials, None, None));
+                return Err(self
+                    .failed(received, Failure::Credentials, None, None)
+                    .await);
             }
         };
         let ticket = self.admit(mechanism, named.as_deref(), received).await?;
@@ -258,7 +268,7 @@ impl Session {
             Err(why) => {
                 self.count_auth(mechanism, "failure");
                 tracing::info!(client = %self.peer, user = named.as_deref().unwrap_or("-"), mechanism, reason = why, "token refused");
-                let delay = self.penalty(named.as_deref(), received);
+                let delay = self.penalty(named.as_deref(), received).await;
                 settle(ticket, Some(delay));
                 Err(Refusal::Failed {
                     at: received + delay,
@@ -300,14 +310,14 @@ impl Session {
     }
 
     /// A failed login's refusal: recorded, its places held for its delay.
-    fn failed(
+    async fn failed(
         &mut self,
         received: Instant,
         why: Failure,
         user: Option<&str>,
         ticket: Option<Ticket>,
     ) -> Refusal {
-        let delay = self.penalty(user, received);
+        let delay = self.penalty(user, received).await;
         // The attempt's places are held for as long as its answer waits.
         settle(ticket, Some(delay));
         Refusal::Failed {
@@ -325,19 +335,39 @@ impl Session {
     /// Records a failed login and returns how long after the credentials
     /// arrived it is answered: `failure_delay`, or longer after earlier
     /// failures from this network or for this user.
-    fn penalty(&self, user: Option<&str>, received: Instant) -> Duration {
+    async fn penalty(&self, user: Option<&str>, received: Instant) -> Duration {
         let rt = &self.rt;
         let auth = &rt.config.auth;
         if !auth.brute_force.enabled {
             return auth.failure_delay;
         }
-        let p = rt.guard.failed(
-            &self.network(),
+        let network = self.network();
+        let mut p = rt.guard.failed(
+            &network,
             user,
             auth.failure_delay,
             &auth.brute_force,
             received,
         );
+        // The cluster's count, where there is one: the delays and the block
+        // hold for every replica together.
+        if let Some(shared) = rt.cluster.failed(&network, user, &auth.brute_force).await {
+            let bf = &auth.brute_force;
+            let worst = shared.network_failures.max(shared.user_failures);
+            let delay = crate::auth::guard::delay(auth.failure_delay, worst, bf.max_delay);
+            if delay > p.delay {
+                p.delay = delay;
+                p.scope = if shared.user_failures > shared.network_failures {
+                    "user"
+                } else {
+                    "network"
+                };
+            }
+            if shared.blocked && !p.blocked {
+                rt.guard.block(&network, bf.block_for);
+                p.blocked = true;
+            }
+        }
         if p.delay > auth.failure_delay {
             rt.metrics
                 .auth_throttled
@@ -375,7 +405,14 @@ impl Session {
         }
         let guard = &rt.guard;
         let network = self.network();
-        let familiar = user.is_some_and(|u| guard.familiar(u, &network, received));
+        let mut familiar = user.is_some_and(|u| guard.familiar(u, &network, received));
+        if let (Some(u), false) = (user, familiar) {
+            // Blocked here: a success through another replica may have
+            // made the pair familiar (the store is asked only now).
+            if guard.blocked(&network, received).is_some() {
+                familiar = rt.cluster.familiar(u, &network).await.unwrap_or(false);
+            }
+        }
         let lanes: Vec<(Lane, u32)> = match user {
             Some(u) if familiar => {
                 rt.metrics.auth_familiar.inc();

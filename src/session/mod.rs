@@ -70,6 +70,8 @@ pub struct Farewells {
     pub preauth_timeout: &'static [u8],
     pub shutdown: &'static [u8],
     pub kicked: &'static [u8],
+    /// The user is being moved to another backend: log in again shortly.
+    pub moved: &'static [u8],
     pub backend_gone: &'static [u8],
 }
 
@@ -116,6 +118,7 @@ pub async fn run(
             auth_failures: 0,
             handed_over: (0, 0),
             lease: None,
+            cluster_lease: None,
             own_waits: Arc::default(),
             forwarder: None,
             network_slot: None,
@@ -125,6 +128,7 @@ pub async fn run(
         };
         let ending = session.drive(tcp).await;
         drop(session.lease.take());
+        drop(session.cluster_lease.take());
         active.dec();
         metrics
             .sessions_ended
@@ -187,6 +191,8 @@ pub struct Session {
     handed_over: (u64, u64),
     /// The relayed session's place in the pool, from the backend login on.
     lease: Option<Lease>,
+    /// Its lease in the cluster store, when there is one.
+    cluster_lease: Option<crate::cluster::ClusterLease>,
     /// The pre-auth phase's time spent in Postern's own waits (a lane's
     /// queue, a failure's delay): not held against the client.
     own_waits: Arc<OwnWaits>,
@@ -286,6 +292,7 @@ impl Session {
             self.backend.as_deref().unwrap_or("-"),
         ));
         let info = Arc::clone(registration.info());
+        rt.cluster.register(&info);
         let counters = Counters {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
@@ -302,6 +309,13 @@ impl Session {
             let backend_closing = async {
                 match backend {
                     Some(backend) => {
+                        // Placed against this replica's health view (the
+                        // cluster knows the user's sessions are there): only
+                        // a drain, or a fall after the backend is seen up,
+                        // ends it.
+                        while !backend.is_up() && !backend.is_drained() {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
                         backend.closing().await;
                         if backend.is_up() {
                             StopCause::Drained
@@ -316,7 +330,7 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = shutdown.sessions_closing() => StopCause::Shutdown,
-                _ = kick.kicked() => StopCause::Kicked,
+                _ = kick.kicked() => if kick.is_moving() { StopCause::Moved } else { StopCause::Kicked },
                 cause = backend_closing => cause,
             }
         };
@@ -363,6 +377,7 @@ impl Session {
         let (bye, after_jitter): (Option<&[u8]>, bool) = match outcome.end {
             RelayEnd::Stopped(StopCause::Shutdown) => (Some(farewells.shutdown), false),
             RelayEnd::Stopped(StopCause::Kicked) => (Some(farewells.kicked), false),
+            RelayEnd::Stopped(StopCause::Moved) => (Some(farewells.moved), false),
             RelayEnd::Stopped(StopCause::Drained | StopCause::BackendDown)
             | RelayEnd::BackendLost
             | RelayEnd::BackendError => (Some(farewells.backend_gone), true),

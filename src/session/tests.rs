@@ -1175,7 +1175,7 @@ async fn pop3_kick_is_told_at_a_response_boundary() {
     assert_eq!(c.line().await, "+OK 7 octets");
     assert_eq!(c.line().await, "hello");
     // Mid-answer: the administrator ends the session.
-    assert_eq!(proxy.registry.kick_user("alice"), 1);
+    assert_eq!(proxy.registry.kick_user("alice", false), 1);
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -1194,7 +1194,7 @@ async fn pop3_kick_is_told_at_a_response_boundary() {
     c.expect("+OK Logged in.").await;
     c.send("STAT\r\n").await;
     assert_eq!(c.line().await, "+OK 2 320");
-    assert_eq!(proxy.registry.kick_user("alice"), 1);
+    assert_eq!(proxy.registry.kick_user("alice", false), 1);
     assert_eq!(
         c.rest().await,
         "-ERR Session ended by the administrator\r\n"
@@ -1601,7 +1601,7 @@ async fn imap_kick_during_a_relayed_session_says_bye() {
     c.send("a2 NOOP\r\n").await;
     c.expect("a2 OK").await;
     assert_eq!(proxy.registry.list().len(), 1);
-    assert_eq!(proxy.registry.kick_user("alice"), 1);
+    assert_eq!(proxy.registry.kick_user("alice", false), 1);
     assert_eq!(
         c.rest().await,
         "* BYE Session ended by the administrator\r\n"
