@@ -19,6 +19,7 @@
 //! | `POST /v1/backends/NAME/undrain` | takes sessions again |
 //! | `GET /v1/config` | the live configuration's version |
 //! | `POST /v1/reload` | reloads the configuration, answers with the result |
+//! | `GET /v1/reload/dry-run` | how many users with live sessions (and sessions) the configuration file on disk would place elsewhere |
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub struct Admin {
     pub registry: Arc<Registry>,
     pub reload: mpsc::Sender<ReloadRequest>,
     pub token_file: PathBuf,
+    /// The configuration file, for a reload's dry run.
+    pub config_path: PathBuf,
 }
 
 pub async fn serve(bind: SocketAddr, admin: Arc<Admin>) -> std::io::Result<()> {
@@ -188,6 +191,7 @@ async fn handle<B>(req: &Request<B>, admin: &Admin, peer: SocketAddr) -> Respons
                         "close_after_seconds": close_after.map(|d| d.as_secs_f64()) }),
             )
         }
+        (Method::GET, ["v1", "reload", "dry-run"]) => dry_run(admin).await,
         (Method::GET, ["v1", "config"]) => reply(
             StatusCode::OK,
             json!({ "version": admin.live.load().config.version }),
@@ -212,6 +216,88 @@ async fn handle<B>(req: &Request<B>, admin: &Admin, peer: SocketAddr) -> Respons
         (_, ["v1", ..]) => error(StatusCode::NOT_FOUND, "no such endpoint"),
         _ => error(StatusCode::NOT_FOUND, "the API is under /v1/"),
     }
+}
+
+/// What the configuration file on disk would do to the users with live
+/// sessions (on every replica, with a store): how many the hash would place
+/// on another backend, and their sessions, by backend. Users whose sessions
+/// are not where the hash puts them now (a directory entry, a pin,
+/// failover) are counted apart: a pool change does not move them by itself.
+async fn dry_run(admin: &Admin) -> Response<Full<Bytes>> {
+    use std::collections::{BTreeMap, HashMap};
+    let config = match crate::config::Config::load(&admin.config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            return reply(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({ "error": e.to_string() }),
+            )
+        }
+    };
+    let next = match crate::route::Pool::new(
+        &config.backends,
+        &crate::metrics::Metrics::new(),
+        &|p| config.resolve(p),
+        None,
+    ) {
+        Ok(p) => p,
+        Err(e) => return reply(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
+    };
+    let rt = admin.live.load_full();
+    let Some(sessions) = rt.cluster.all_sessions().await else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the cluster store is unreachable",
+        );
+    };
+    // user → (backends now, sessions)
+    let mut users: HashMap<String, (Vec<String>, usize)> = HashMap::new();
+    for s in &sessions {
+        let (Some(user), Some(backend)) = (s["user"].as_str(), s["backend"].as_str()) else {
+            continue;
+        };
+        let entry = users.entry(user.to_owned()).or_default();
+        entry.1 += 1;
+        if !entry.0.iter().any(|b| b == backend) {
+            entry.0.push(backend.to_owned());
+        }
+    }
+    let (mut moving_users, mut moving_sessions, mut elsewhere) = (0, 0, 0);
+    let mut by_backend: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (user, (backends, count)) in &users {
+        let now = rt.pool.hash_choice(user);
+        if backends.len() != 1 || now.as_deref() != Some(backends[0].as_str()) {
+            elsewhere += 1;
+            continue;
+        }
+        let then = next.hash_choice(user);
+        if then != now {
+            moving_users += 1;
+            moving_sessions += count;
+            let to = then.unwrap_or_else(|| "(none)".into());
+            let e = by_backend
+                .entry(format!("{} -> {to}", backends[0]))
+                .or_default();
+            e.0 += 1;
+            e.1 += count;
+        }
+    }
+    let moves: Vec<Value> = by_backend
+        .into_iter()
+        .map(|(k, (u, n))| json!({ "move": k, "users": u, "sessions": n }))
+        .collect();
+    reply(
+        StatusCode::OK,
+        json!({
+            "users_with_sessions": users.len(),
+            "sessions": sessions.len(),
+            "users_moving": moving_users,
+            "sessions_moving": moving_sessions,
+            "users_not_placed_by_the_hash": elsewhere,
+            "moves": moves,
+            "cluster": rt.cluster.is_shared(),
+        }),
+    )
 }
 
 /// Ends a user's sessions on every replica.

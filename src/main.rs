@@ -153,6 +153,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 registry: Arc::clone(&registry),
                 reload: reload_tx,
                 token_file: live.load().config.resolve(&admin.token_file),
+                config_path: path.clone(),
             };
             postern::admin::serve(admin.bind, Arc::new(api))
                 .await

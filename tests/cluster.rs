@@ -236,7 +236,8 @@ fn a_user_stays_where_their_sessions_are_whatever_one_replica_sees() {
     let store = RedisServer::start();
     let probe = store.dir.join("probe-password");
     std::fs::write(&probe, "probe-pw\n").unwrap();
-    let rs = replicas(3, &store, &[&a, &b], &user(&walker), "", "", &|i| {
+    let no_watch = "reload:\n  watch: false\n";
+    let rs = replicas(3, &store, &[&a, &b], &user(&walker), no_watch, "", &|i| {
         match i {
             1 => format!(
                 "health_check: {{ interval: 200ms, timeout: 1s, rise: 1, fall: 1, login: {{ user: probe, password_file: \"{}\" }} }}",
@@ -265,6 +266,24 @@ fn a_user_stays_where_their_sessions_are_whatever_one_replica_sees() {
         b.logins()
     );
     assert!(rs[1].p.metric("postern_routes_total{reason=\"sticky\"}") >= 1.0);
+
+    // A dry run of a pool without cl-st-a (the file is not watched here):
+    // the user and their three sessions, on three replicas, would move.
+    let config = rs[0].p.dir.join("postern.yaml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let without: String = text
+        .lines()
+        .filter(|l| !l.contains("name: cl-st-a"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(without, text);
+    std::fs::write(&config, without).unwrap();
+    let (status, plan) = call(rs[0].admin, "GET", "/v1/reload/dry-run");
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["users_moving"], 1, "{plan}");
+    assert_eq!(plan["sessions_moving"], 3, "{plan}");
+    assert_eq!(plan["moves"][0]["move"], "cl-st-a -> cl-st-b", "{plan}");
+    std::fs::write(&config, text).unwrap();
 
     for c in [&mut first, &mut second, &mut third] {
         c.command("Z", "LOGOUT");

@@ -1180,6 +1180,77 @@ impl Cluster {
         )
     }
 
+    /// Every live session's record, on every replica (`None`: the store
+    /// is unreachable); without a store, this replica's.
+    pub async fn all_sessions(&self) -> Option<Vec<serde_json::Value>> {
+        let record = |s: &SessionInfo| {
+            serde_json::json!({
+                "id": s.id,
+                "user": s.user,
+                "replica": self.replica,
+                "client": s.client.to_string(),
+                "listener": s.listener,
+                "protocol": s.protocol.as_str(),
+                "backend": s.backend,
+                "started_unix": s.started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            })
+        };
+        let Some(shared) = &self.shared else {
+            let (_, registry) = self.context.get()?;
+            return Some(registry.list().iter().map(|s| record(s)).collect());
+        };
+        if !self.store_up() {
+            return None;
+        }
+        let store = shared.store.get()?;
+        let mut conn = store.conn.clone();
+        let pattern = self.key("s:i", "*");
+        let scan = async {
+            let mut out = Vec::new();
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await?;
+                for k in keys {
+                    let live: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                        .arg(k.replacen(":s:i:", ":s:", 1))
+                        .arg(now_unix_ms())
+                        .arg("+inf")
+                        .query_async(&mut conn)
+                        .await?;
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let records: Vec<Option<String>> = redis::cmd("HMGET")
+                        .arg(&k)
+                        .arg(&live)
+                        .query_async(&mut conn)
+                        .await?;
+                    out.extend(
+                        records
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|r| serde_json::from_str(&r).ok()),
+                    );
+                }
+                cursor = next;
+                if cursor == 0 || out.len() > 2_000_000 {
+                    return redis::RedisResult::Ok(out);
+                }
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(60), scan).await {
+            Ok(Ok(out)) => Some(out),
+            _ => None,
+        }
+    }
+
     /// The unix time in milliseconds, for replies.
     pub fn now_ms() -> u64 {
         now_unix_ms()

@@ -720,6 +720,19 @@ impl Pool {
         Ok(route)
     }
 
+    /// Where the hash places `user`, whatever the backends' health and
+    /// drains: the first backend of their pool's order.
+    pub fn hash_choice(&self, user: &str) -> Option<String> {
+        let identity = Identity {
+            user: user.to_owned(),
+            backend: None,
+            pool: None,
+            backend_password: None,
+        };
+        let group = &self.groups[self.group_of(&identity).ok()?];
+        self.order_in(group, user).first().map(|b| b.name.clone())
+    }
+
     /// The backend a directory or an administrator names: by name, or by
     /// address (`host:port`, a bare host, or a name and any port).
     fn named(&self, name: &str) -> Option<Arc<Backend>> {
