@@ -41,6 +41,14 @@ POP3_COLUMNS = [
 ]
 
 
+def helper_name(proxy):
+    """What a peer's helper process is: nginx's auth_http service, or the
+    cluster store of `postern-cluster`."""
+    if proxy == "postern-cluster":
+        return "its cluster store (redis-server)"
+    return "its auth_http helper (Python)"
+
+
 def login_metrics(logins, cpu_ms):
     """Rate, latency and CPU per login of a logins or pop3 phase."""
     m = {}
@@ -95,7 +103,7 @@ def footnotes(r):
         notes.append(f"{name}: {idle['teardown_errors']} idle sessions did not log out cleanly")
     if r.get("helper_cpu_ms") is not None and logins.get("logins"):
         per_login = r["helper_cpu_ms"] / logins["logins"]
-        notes.append(f"{name}: its auth_http helper (Python) used a further {number(per_login)} CPU ms/login, not included above")
+        notes.append(f"{name}: {helper_name(name)} used a further {number(per_login)} CPU ms/login, not included above")
     return notes
 
 
@@ -113,7 +121,7 @@ def pop3_footnotes(r):
         notes.append(f"{name}: {pop3['errors']} POP3 login errors")
     if r.get("pop3_helper_cpu_ms") is not None and pop3.get("logins"):
         per_login = r["pop3_helper_cpu_ms"] / pop3["logins"]
-        notes.append(f"{name}: its auth_http helper (Python) used a further {number(per_login)} CPU ms/login, not included above")
+        notes.append(f"{name}: {helper_name(name)} used a further {number(per_login)} CPU ms/login, not included above")
     return notes
 
 

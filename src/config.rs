@@ -592,9 +592,23 @@ impl Cluster {
     fn validate(&self) -> Result<(), String> {
         let url = &self.store.url;
         if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-            return Err(format!(
-                "key `cluster.store.url`: `{url}` is not a redis:// or rediss:// URL"
-            ));
+            return Err("key `cluster.store.url`: not a redis:// or rediss:// URL".into());
+        }
+        let authority = url
+            .split("://")
+            .nth(1)
+            .unwrap_or("")
+            .split('/')
+            .next()
+            .unwrap_or("");
+        if authority
+            .rsplit_once('@')
+            .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+        {
+            return Err(
+                "key `cluster.store.url`: no password in the URL; put it in `cluster.store.password_file`"
+                    .into(),
+            );
         }
         if self.store.ca_file.is_some() && !url.starts_with("rediss://") {
             return Err("key `cluster.store.ca_file`: only for a rediss:// URL".into());
@@ -1870,6 +1884,53 @@ backends:
             .unwrap_err()
             .to_string();
         assert!(err.contains("one of"), "{err}");
+    }
+
+    #[test]
+    fn the_cluster_block_is_checked() {
+        let cluster = |block: &str| {
+            Config::parse(&format!("{MINIMAL}cluster:\n{block}"), Path::new("p.yaml"))
+                .map_err(|e| e.to_string())
+        };
+        let c = cluster("  store: { url: \"redis://127.0.0.1:6379/0\" }\n").unwrap();
+        let cl = c.cluster.unwrap();
+        assert_eq!(cl.store.timeout, Duration::from_millis(50));
+        assert_eq!(cl.store.key_prefix, "postern");
+        assert_eq!(cl.lease_ttl, Duration::from_secs(60));
+        assert_eq!(cl.user_expire, Duration::from_secs(60));
+        assert_eq!(cl.hold_wait, Duration::from_secs(10));
+        for (block, says) in [
+            (
+                "  store: { url: \"http://cache:6379\" }\n",
+                "not a redis://",
+            ),
+            (
+                "  store: { url: \"redis://:hunter2@cache:6379\" }\n",
+                "no password in the URL",
+            ),
+            (
+                "  store: { url: \"redis://cache:6379\", ca_file: ca.pem }\n",
+                "only for a rediss://",
+            ),
+            (
+                "  store: { url: \"redis://cache\", timeout: 0s }\n",
+                "cluster.store.timeout",
+            ),
+            (
+                "  store: { url: \"redis://cache\" }\n  lease_ttl: 1s\n",
+                "cluster.lease_ttl",
+            ),
+            (
+                "  store: { url: \"redis://cache\", key_prefix: \"a b\" }\n",
+                "key_prefix",
+            ),
+        ] {
+            let err = cluster(block).unwrap_err();
+            assert!(err.contains(says), "{block}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        // A user name without a password is fine.
+        assert!(cluster("  store: { url: \"rediss://postern@cache:6380/1\" }\n").is_ok());
     }
 
     #[test]

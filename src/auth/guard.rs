@@ -670,6 +670,34 @@ mod tests {
     }
 
     #[test]
+    fn networks_are_named_for_the_store_and_read_back() {
+        for ip in ["203.0.113.7", "2001:db8:1:2::5"] {
+            let net = Key::network(ip.parse().unwrap(), 32, 64);
+            let ident = net.ident();
+            assert_eq!(Key::from_ident(&ident), Some(net), "{ident}");
+        }
+        assert_eq!(
+            Key::network("203.0.113.7".parse().unwrap(), 32, 64).ident(),
+            "4:cb007107"
+        );
+        assert_eq!(Key::from_ident("5:00"), None);
+        assert_eq!(Key::from_ident("4:xyz"), None);
+    }
+
+    #[test]
+    fn a_block_from_another_replica_holds_here() {
+        let g = Guard::default();
+        let net = Key::network("192.0.2.1".parse().unwrap(), 32, 64);
+        let now = Instant::now();
+        assert_eq!(g.blocked(&net, now), None);
+        g.block(&net, Duration::from_secs(60));
+        assert!(g.blocked(&net, now).is_some());
+        // A shorter block does not cut a longer one short.
+        g.block(&net, Duration::from_secs(1));
+        assert!(g.blocked(&net, now + Duration::from_secs(30)).is_some());
+    }
+
+    #[test]
     fn networks_group_ipv6_by_prefix_and_mapped_ipv4_as_ipv4() {
         let a = Key::network("2001:db8:1:2::1".parse().unwrap(), 32, 64);
         let b = Key::network("2001:db8:1:2:ffff::9".parse().unwrap(), 32, 64);
