@@ -156,6 +156,9 @@ pub struct LoginRequest<'a> {
     pub session_id: &'a str,
     pub connect_timeout: Duration,
     pub login_timeout: Duration,
+    /// The client's EHLO name (submission), passed on where the backend
+    /// takes it.
+    pub helo: Option<&'a str>,
 }
 
 /// Who logs in at a backend: the authorization identity (empty when the
@@ -209,6 +212,9 @@ pub struct BackendSession {
     pub capabilities: Capabilities,
     /// Bytes the backend sent after its tagged OK; they belong to the client.
     pub pending: Vec<u8>,
+    /// The backend's own answer to the login, where the client is to hear
+    /// it as it was said (ManageSieve's `OK`).
+    pub answer: Option<Vec<u8>>,
 }
 
 /// One health check: connect, PROXY header (LOCAL), TLS as configured,
@@ -230,6 +236,7 @@ pub async fn probe(backend: &Backend, login: Option<(&str, &Secret)>) -> Result<
             session_id: "health-check",
             connect_timeout: Duration::ZERO,
             login_timeout: Duration::ZERO,
+            helo: None,
         };
         let session = self::login(conn, caps, &req).await?;
         conn = Conn::new(session.stream);
@@ -460,6 +467,7 @@ async fn login(
         stream: conn.stream,
         capabilities,
         pending: conn.buf,
+        answer: None,
     })
 }
 

@@ -54,6 +54,12 @@ pub struct Config {
     /// State shared by replicas in a store; single node when absent.
     #[serde(default)]
     pub cluster: Option<Cluster>,
+    /// What submission listeners say and where their mail goes.
+    #[serde(default)]
+    pub submission: Option<Submission>,
+    /// What ManageSieve listeners say before login.
+    #[serde(default)]
+    pub managesieve: Managesieve,
     /// Directory of the config file; relative paths are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
@@ -129,7 +135,8 @@ pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
     pub tls: ListenerTls,
-    /// The mail protocol spoken on it: `imap` (the default) or `pop3`.
+    /// The mail protocol spoken on it: `imap` (the default), `pop3`,
+    /// `submission` or `managesieve`.
     #[serde(default)]
     pub protocol: Protocol,
     /// Allow LOGIN/AUTHENTICATE before STARTTLS on a `starttls` listener.
@@ -165,6 +172,10 @@ pub enum Protocol {
     Imap,
     /// POP3 (995 implicit TLS, 110 STLS).
     Pop3,
+    /// SMTP message submission (465 implicit TLS, 587 STARTTLS).
+    Submission,
+    /// ManageSieve (4190, STARTTLS).
+    Managesieve,
 }
 
 impl Protocol {
@@ -173,6 +184,8 @@ impl Protocol {
         match self {
             Protocol::Imap => "imap",
             Protocol::Pop3 => "pop3",
+            Protocol::Submission => "submission",
+            Protocol::Managesieve => "managesieve",
         }
     }
 
@@ -181,6 +194,32 @@ impl Protocol {
         match self {
             Protocol::Imap => b"imap",
             Protocol::Pop3 => b"pop3",
+            Protocol::Submission => b"smtp",
+            Protocol::Managesieve => b"managesieve",
+        }
+    }
+
+    /// Every protocol, in a fixed order ([`Protocol::index`]).
+    pub const ALL: [Protocol; 4] = [
+        Protocol::Imap,
+        Protocol::Pop3,
+        Protocol::Submission,
+        Protocol::Managesieve,
+    ];
+
+    /// Its place in [`Protocol::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The backend key naming this protocol's port, for protocols served
+    /// beside IMAP on the backend's host.
+    pub fn port_key(self) -> Option<&'static str> {
+        match self {
+            Protocol::Imap => None,
+            Protocol::Pop3 => Some("pop3_port"),
+            Protocol::Submission => Some("submission_port"),
+            Protocol::Managesieve => Some("sieve_port"),
         }
     }
 }
@@ -558,6 +597,77 @@ impl Default for BruteForce {
     }
 }
 
+/// SMTP submission (RFC 6409): the proxy's greeting and EHLO list, and
+/// where a logged-in client's mail goes.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submission {
+    /// The name in the greeting and the EHLO answer, and Postern's EHLO to
+    /// backends; the host name when absent.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// The `SIZE` advertised (RFC 1870), bytes; 0 says no fixed limit.
+    /// Should match the backends' own limit.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u64,
+    /// Advertise `CHUNKING` (BDAT, RFC 3030): only when every backend
+    /// offers it.
+    #[serde(default)]
+    pub chunking: bool,
+    /// Advertise `SMTPUTF8` (RFC 6531): only when every backend offers it.
+    #[serde(default)]
+    pub smtputf8: bool,
+    /// Wait this long before the greeting; a client that talks first gets
+    /// `554` and is closed (a spam bot's habit). Off by default.
+    #[serde(default, deserialize_with = "duration")]
+    pub greeting_delay: Duration,
+    /// Send submissions to these servers (MTAs such as Postfix, each
+    /// `address` its submission port), chosen per user by rendezvous hash
+    /// and tried in that order, instead of to the `submission_port` of the
+    /// user's own backend.
+    #[serde(default)]
+    pub relays: Vec<BackendServer>,
+}
+
+impl Default for Submission {
+    fn default() -> Self {
+        Submission {
+            hostname: None,
+            max_message_size: default_max_message_size(),
+            chunking: false,
+            smtputf8: false,
+            greeting_delay: Duration::ZERO,
+            relays: Vec::new(),
+        }
+    }
+}
+
+fn default_max_message_size() -> u64 {
+    50 * 1024 * 1024
+}
+
+/// ManageSieve (RFC 5804) before login.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Managesieve {
+    /// The `SIEVE` capability (the script language's extensions) told to
+    /// clients before login, until a backend's own list has been seen.
+    #[serde(default = "default_sieve_extensions")]
+    pub sieve_extensions: String,
+}
+
+impl Default for Managesieve {
+    fn default() -> Self {
+        Managesieve {
+            sieve_extensions: default_sieve_extensions(),
+        }
+    }
+}
+
+fn default_sieve_extensions() -> String {
+    "fileinto reject envelope encoded-character vacation subaddress comparator-i;ascii-numeric relational regex imap4flags copy include variables body enotify environment mailbox date index ihave duplicate mime foreverypart extracttext".into()
+}
+
 /// Replicas acting as one: the login defence's records, per-user session
 /// counts, stickiness, holds and pins, and admin actions shared through a
 /// Valkey or Redis store (see `cluster`).
@@ -814,6 +924,28 @@ pub struct BackendServer {
     /// `implicit`: POP3S). Needed when a listener speaks POP3.
     #[serde(default)]
     pub pop3_port: Option<u16>,
+    /// The backend's SMTP submission service (Dovecot's `submission`, or an
+    /// MTA such as Postfix), on the same host and with the same kind of
+    /// TLS. Needed when a submission listener routes to users' backends.
+    #[serde(default)]
+    pub submission_port: Option<u16>,
+    /// The backend's ManageSieve service, likewise. Needed when a listener
+    /// speaks ManageSieve.
+    #[serde(default)]
+    pub sieve_port: Option<u16>,
+}
+
+impl BackendServer {
+    /// The port of the backend's service for `protocol`; IMAP's is in
+    /// `address`.
+    pub fn port_for(&self, protocol: Protocol) -> Option<u16> {
+        match protocol {
+            Protocol::Imap => None,
+            Protocol::Pop3 => self.pop3_port,
+            Protocol::Submission => self.submission_port,
+            Protocol::Managesieve => self.sieve_port,
+        }
+    }
 }
 
 /// How backends with `discover: true` are resolved.
@@ -1382,7 +1514,12 @@ impl Config {
                     "key `listeners[{i}].allow_plaintext_auth`: only meaningful on a `starttls` listener"
                 ));
             }
-            if l.protocol == Protocol::Pop3 {
+            let relayed = l.protocol == Protocol::Submission
+                && self
+                    .submission
+                    .as_ref()
+                    .is_some_and(|s| !s.relays.is_empty());
+            if let Some(port_key) = l.protocol.port_key().filter(|_| !relayed) {
                 let pools = std::iter::once(("backends.pool".to_owned(), &self.backends.pool))
                     .chain(
                         self.backends.pools.iter().enumerate().map(|(p, pool)| {
@@ -1390,10 +1527,14 @@ impl Config {
                         }),
                     );
                 for (key, servers) in pools {
-                    if let Some(j) = servers.iter().position(|b| b.pop3_port.is_none()) {
+                    if let Some(j) = servers
+                        .iter()
+                        .position(|b| b.port_for(l.protocol).is_none())
+                    {
                         return Err(format!(
-                            "key `{key}[{j}].pop3_port`: listener `{}` speaks POP3, so every backend needs its POP3 port",
-                            l.name
+                            "key `{key}[{j}].{port_key}`: listener `{}` speaks {}, so every backend needs that port",
+                            l.name,
+                            l.protocol.as_str()
                         ));
                     }
                 }
@@ -1653,6 +1794,12 @@ impl Config {
                             .enumerate()
                             .map(move |(i, b)| (format!("backends.pools[{p}].servers[{i}]"), b))
                     }),
+            )
+            .chain(
+                self.submission
+                    .iter()
+                    .flat_map(|s| s.relays.iter().enumerate())
+                    .map(|(i, b)| (format!("submission.relays[{i}]"), b)),
             );
         for (at, b) in servers {
             check_name(&format!("{at}.name"), &b.name)?;

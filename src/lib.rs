@@ -61,6 +61,8 @@ pub mod route;
 pub mod server;
 pub mod session;
 pub mod shutdown;
+pub mod sieve;
+pub mod smtp;
 pub mod stream;
 pub mod tls;
 pub mod tls_conn;

@@ -31,11 +31,15 @@ use crate::tls::SelfSignedMode;
 pub struct Runtime {
     pub config: Config,
     pub tls: Arc<rustls::ServerConfig>,
-    /// The same, offering ALPN `pop3` instead of `imap`; certificates,
-    /// session tickets and their keys are shared.
-    pub tls_pop3: Arc<rustls::ServerConfig>,
+    /// The same for each protocol (its own ALPN ID), in
+    /// [`crate::config::Protocol::ALL`]'s order; certificates, session
+    /// tickets and their keys are shared.
+    pub tls_by_protocol: [Arc<rustls::ServerConfig>; 4],
     pub auth: Arc<dyn Authenticator>,
     pub pool: Arc<Pool>,
+    /// `submission.relays`, when configured: where submissions go instead
+    /// of the users' own backends.
+    pub relays: Option<Arc<Pool>>,
     /// The health checks' probe account, when one is configured.
     pub probe: Option<ProbeAccount>,
     /// The master user for backend logins, when one is configured.
@@ -55,10 +59,7 @@ pub struct Runtime {
 impl Runtime {
     /// The TLS configuration for a listener of `protocol` (its ALPN ID).
     pub fn tls_for(&self, protocol: crate::config::Protocol) -> Arc<rustls::ServerConfig> {
-        match protocol {
-            crate::config::Protocol::Imap => Arc::clone(&self.tls),
-            crate::config::Protocol::Pop3 => Arc::clone(&self.tls_pop3),
-        }
+        Arc::clone(&self.tls_by_protocol[protocol.index()])
     }
 
     /// Builds and checks a snapshot: certificates load and match their keys,
@@ -133,7 +134,8 @@ impl Runtime {
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.
         let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
-        let tls_pop3 = crate::tls::for_protocol(&tls, crate::config::Protocol::Pop3);
+        let tls_by_protocol =
+            crate::config::Protocol::ALL.map(|p| crate::tls::for_protocol(&tls, p));
         let probe = match &config.backends.health_check.login {
             Some(login) => Some(ProbeAccount {
                 user: login.user.clone(),
@@ -216,16 +218,36 @@ impl Runtime {
             &|p| config.resolve(p),
             previous.map(|r| r.pool.as_ref()),
         )?);
-        // A reload commits the pool itself, once everything else is good.
+        let relays = match config.submission.as_ref().filter(|s| !s.relays.is_empty()) {
+            Some(s) => {
+                let backends = crate::config::Backends {
+                    pool: s.relays.clone(),
+                    pools: Vec::new(),
+                    ..config.backends.clone()
+                };
+                Some(Arc::new(Pool::new(
+                    &backends,
+                    &metrics,
+                    &|p| config.resolve(p),
+                    previous.and_then(|r| r.relays.as_deref()),
+                )?))
+            }
+            None => None,
+        };
+        // A reload commits the pools itself, once everything else is good.
         if previous.is_none() {
             pool.commit();
+            if let Some(relays) = &relays {
+                relays.commit();
+            }
         }
         Ok(Runtime {
             config,
             tls,
-            tls_pop3,
+            tls_by_protocol,
             auth,
             pool,
+            relays,
             probe,
             master,
             oauth,

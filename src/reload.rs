@@ -191,10 +191,16 @@ impl Reloader {
                 }
                 let runtime = Arc::new(runtime);
                 runtime.pool.commit();
+                if let Some(relays) = &runtime.relays {
+                    relays.commit();
+                }
                 // Discovered members are found before the pool goes live.
                 self.start_probes(&runtime).await;
                 self.live.store(Arc::clone(&runtime));
                 runtime.pool.retire_replaced(&old.pool);
+                if let (Some(new), Some(old)) = (&runtime.relays, &old.relays) {
+                    new.retire_replaced(old);
+                }
                 tracing::info!(why, version, "configuration reloaded");
                 self.metrics
                     .config_reloads

@@ -263,6 +263,12 @@ pub async fn accept_loop(
                             crate::config::Protocol::Pop3 => {
                                 b"-ERR [SYS/TEMP] Server busy, try again later\r\n"
                             }
+                            crate::config::Protocol::Submission => {
+                                b"421 4.3.2 Server busy, try again later\r\n"
+                            }
+                            crate::config::Protocol::Managesieve => {
+                                b"BYE (TRYLATER) \"Server busy, try again later\"\r\n"
+                            }
                         };
                         let _ = tcp.try_write(busy);
                     }

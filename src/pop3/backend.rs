@@ -33,7 +33,7 @@ pub async fn connect_and_login(
     backend: &Backend,
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let Some(address) = backend.pop3_address() else {
+    let Some(address) = backend.address_for(crate::config::Protocol::Pop3) else {
         return Err(BackendError::Unsuitable("backend has no pop3_port".into()));
     };
     let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&address))
@@ -293,6 +293,7 @@ async fn login(
         stream: conn.stream,
         capabilities: Capabilities::default(),
         pending: conn.buf,
+        answer: None,
     })
 }
 

@@ -126,9 +126,14 @@ impl Backend {
         self.up.load(Ordering::Acquire)
     }
 
-    /// The backend's POP3 service: `address` with its `pop3_port`.
-    pub fn pop3_address(&self) -> Option<String> {
-        let port = self.config.pop3_port?;
+    /// The backend's service for `protocol`: `address` for IMAP, else its
+    /// host with the protocol's port (`pop3_port`, `submission_port`,
+    /// `sieve_port`).
+    pub fn address_for(&self, protocol: crate::config::Protocol) -> Option<String> {
+        if protocol == crate::config::Protocol::Imap {
+            return Some(self.address.to_string());
+        }
+        let port = self.config.port_for(protocol)?;
         let host = self
             .address
             .rsplit_once(':')

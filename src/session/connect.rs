@@ -125,6 +125,25 @@ impl Session {
             });
             hint.pinned = None;
         }
+        // Submissions may go to relays (MTAs) instead of the user's
+        // backend: any relay will do, chosen by the hash alone; the user's
+        // backend, pin and stickiness are not theirs to follow.
+        let relays = match protocol {
+            Protocol::Submission => rt.relays.clone(),
+            _ => None,
+        };
+        let (pool, identity) = match &relays {
+            Some(relays) => {
+                hint = crate::route::Hint::default();
+                let placed = crate::auth::Identity {
+                    backend: None,
+                    pool: None,
+                    ..identity.clone()
+                };
+                (relays, placed)
+            }
+            None => (&rt.pool, identity),
+        };
         let config = &rt.config.backends;
         // Connecting is bounded by connect_timeout over every backend tried:
         // a hash-placed user whose backend cannot be reached moves on to
@@ -133,7 +152,7 @@ impl Session {
         let mut unreachable: Vec<String> = Vec::new();
         loop {
             let exclude: Vec<&str> = unreachable.iter().map(String::as_str).collect();
-            let route = match rt.pool.select_with(&identity, &exclude, &hint) {
+            let route = match pool.select_with(&identity, &exclude, &hint) {
                 Ok(route) => route,
                 Err(e) => {
                     let text = match &e {
@@ -181,11 +200,35 @@ impl Session {
                 session_id: &self.id,
                 connect_timeout: connect_deadline.saturating_duration_since(Instant::now()),
                 login_timeout: config.login_timeout,
+                helo: self.helo.as_deref(),
             };
             let result = match protocol {
                 Protocol::Imap => backend::connect_and_login(&route.backend, &request).await,
                 Protocol::Pop3 => {
                     crate::pop3::backend::connect_and_login(&route.backend, &request).await
+                }
+                Protocol::Submission => {
+                    let target = if relays.is_some() {
+                        crate::smtp::backend::Target::Relay
+                    } else {
+                        crate::smtp::backend::Target::UserBackend
+                    };
+                    let hostname = rt
+                        .config
+                        .submission
+                        .as_ref()
+                        .and_then(|s| s.hostname.clone())
+                        .unwrap_or_else(crate::smtp::front::host_name);
+                    crate::smtp::backend::connect_and_login(
+                        &route.backend,
+                        &request,
+                        target,
+                        &hostname,
+                    )
+                    .await
+                }
+                Protocol::Managesieve => {
+                    crate::sieve::backend::connect_and_login(&route.backend, &request).await
                 }
             };
             let label = match &result {
@@ -212,14 +255,15 @@ impl Session {
                 // sessions are: a backend that answers is up, and one user's
                 // mail must not be split across two.
                 BackendError::Greeting(_) | BackendError::Unavailable(_) => {
-                    protocol == Protocol::Pop3 && route.reason != RouteReason::Sticky
+                    protocol != Protocol::Imap && route.reason != RouteReason::Sticky
                 }
                 _ => false,
             };
             match result {
                 Ok(session) => {
                     self.backend = Some(route.backend.name.clone());
-                    self.lease = Some(rt.pool.lease(&identity.user, &route.backend));
+                    self.lease = Some(pool.lease(&identity.user, &route.backend));
+                    self.relayed = relays.is_some();
                     self.cluster_lease = cluster_lease;
                     self.user_slot = user_slot;
                     return Ok(Entered {
@@ -232,7 +276,7 @@ impl Session {
                     if next(&e)
                         && route.reason != RouteReason::Directory
                         && Instant::now() < connect_deadline
-                        && unreachable.len() + 1 < rt.pool.backends().len() =>
+                        && unreachable.len() + 1 < pool.backends().len() =>
                 {
                     tracing::warn!(user = identity.user, backend = %route.backend.name, error = %e, "backend unreachable, trying the next");
                     unreachable.push(route.backend.name.clone());

@@ -80,6 +80,8 @@ impl Protocol {
         match self {
             Protocol::Imap => &crate::imap::front::FAREWELLS,
             Protocol::Pop3 => &crate::pop3::front::FAREWELLS,
+            Protocol::Submission => &crate::smtp::front::FAREWELLS,
+            Protocol::Managesieve => &crate::sieve::front::FAREWELLS,
         }
     }
 }
@@ -114,6 +116,8 @@ pub async fn run(
             user: None,
             backend: None,
             client_id: None,
+            helo: None,
+            relayed: false,
             bad_commands: 0,
             auth_failures: 0,
             handed_over: (0, 0),
@@ -184,6 +188,11 @@ pub struct Session {
     backend: Option<String>,
     /// The client's `ID` fields, kept for the log.
     pub client_id: Option<IdFields>,
+    /// The client's EHLO name (submission).
+    pub helo: Option<String>,
+    /// Logged in at a submission relay, not at the user's backend: the
+    /// cluster is not told the user's backend is there.
+    relayed: bool,
     pub bad_commands: u32,
     pub auth_failures: u32,
     /// Bytes passed on at login (client to backend, backend to client),
@@ -262,6 +271,8 @@ impl Session {
             match protocol {
                 Protocol::Imap => Box::pin(crate::imap::front::preauth(self, &mut stream)),
                 Protocol::Pop3 => Box::pin(crate::pop3::front::preauth(self, &mut stream)),
+                Protocol::Submission => Box::pin(crate::smtp::front::preauth(self, &mut stream)),
+                Protocol::Managesieve => Box::pin(crate::sieve::front::preauth(self, &mut stream)),
             };
         let logged_in = match gate::within(deadline, &own_waits, preauth).await {
             Some(Ok(l)) => l,
@@ -292,7 +303,9 @@ impl Session {
             self.backend.as_deref().unwrap_or("-"),
         ));
         let info = Arc::clone(registration.info());
-        rt.cluster.register(&info);
+        if !self.relayed {
+            rt.cluster.register(&info);
+        }
         let counters = Counters {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
@@ -335,37 +348,26 @@ impl Session {
             }
         };
         let idle = limits.idle_timeout;
+        macro_rules! follow {
+            ($watch:expr) => {
+                relay::relay_following(
+                    $watch,
+                    &mut stream,
+                    &mut backend_stream,
+                    backend_said,
+                    client_said,
+                    idle,
+                    &counters,
+                    stop,
+                )
+                .await
+            };
+        }
         let outcome = match protocol {
-            Protocol::Imap => {
-                let watch = crate::imap::watch::Watch::new();
-                let (c, b) = (&mut stream, &mut backend_stream);
-                relay::relay_following(
-                    watch,
-                    c,
-                    b,
-                    backend_said,
-                    client_said,
-                    idle,
-                    &counters,
-                    stop,
-                )
-                .await
-            }
-            Protocol::Pop3 => {
-                let watch = crate::pop3::watch::Watch::new();
-                let (c, b) = (&mut stream, &mut backend_stream);
-                relay::relay_following(
-                    watch,
-                    c,
-                    b,
-                    backend_said,
-                    client_said,
-                    idle,
-                    &counters,
-                    stop,
-                )
-                .await
-            }
+            Protocol::Imap => follow!(crate::imap::watch::Watch::new()),
+            Protocol::Pop3 => follow!(crate::pop3::watch::Watch::new()),
+            Protocol::Submission => follow!(crate::smtp::watch::Watch::new()),
+            Protocol::Managesieve => follow!(crate::sieve::watch::Watch::new()),
         };
         drop(registration);
         // Shutting down, or ended by an administrator: the client is told

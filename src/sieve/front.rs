@@ -1,0 +1,462 @@
+//! ManageSieve's pre-auth front (RFC 5804): the greeting with the
+//! capability list (`IMPLEMENTATION`, `SIEVE` with the extensions the
+//! backends last listed, `SASL` only where logging in is allowed,
+//! `STARTTLS` before TLS, `VERSION`), `CAPABILITY`, `STARTTLS` (the list
+//! sent again after TLS), `AUTHENTICATE` with PLAIN, LOGIN, OAUTHBEARER and
+//! XOAUTH2 (initial response, continuations as strings or literals, `"*"`
+//! cancels), `NOOP` and `LOGOUT`. Script commands before login get `NO`.
+//!
+//! It owns framing, commands and replies only: the credentials go to the
+//! gate ([`crate::session::gate`]), the login to [`crate::session::connect`]
+//! and [`crate::sieve::backend`]. Commands are bounded by `limits.max_line`
+//! (text and literals each), raised for bearer tokens as for IMAP.
+
+use crate::config::ListenerTls;
+use crate::imap::framing::{CommandReader, FramingError, RawCommand};
+use crate::imap::sasl;
+use crate::imap::{printable, Secret};
+use crate::session::connect::{EnterError, Entered};
+use crate::session::gate::{
+    Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
+};
+use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
+use crate::stream::ClientStream;
+
+use super::{quoted, tokens, Token};
+
+/// What ManageSieve says when Postern ends a session: `BYE`, written only
+/// at a response boundary.
+pub static FAREWELLS: Farewells = Farewells {
+    too_many_connections: b"BYE (TRYLATER) \"Too many connections from your network\"\r\n",
+    preauth_timeout: b"BYE \"Disconnected: pre-authentication time limit reached\"\r\n",
+    shutdown: b"BYE (TRYLATER) \"Server shutting down\"\r\n",
+    kicked: b"BYE \"Session ended by the administrator\"\r\n",
+    moved:
+        b"BYE (TRYLATER) \"Your account is moving to another server, try again in a moment\"\r\n",
+    backend_gone: b"BYE (TRYLATER) \"Sieve server is unavailable, please reconnect\"\r\n",
+};
+
+const AUTHENTICATION_FAILED: &str = "NO \"Authentication failed.\"";
+
+/// Runs the pre-auth phase to a login at a backend, or to its end.
+pub async fn preauth(session: &mut Session, stream: &mut ClientStream) -> Step<LoggedIn> {
+    let max_line = session.max_line();
+    let mut front = Front {
+        reader: CommandReader::new(max_line, max_line),
+        s: session,
+    };
+    front.run(stream).await
+}
+
+struct Front<'a> {
+    s: &'a mut Session,
+    reader: CommandReader,
+}
+
+impl Front<'_> {
+    fn auth_allowed(&self, stream: &ClientStream) -> bool {
+        stream.is_tls() || self.s.listener.allow_plaintext_auth
+    }
+
+    fn mechanisms(&self) -> &'static str {
+        if self.s.rt.oauth.is_some() {
+            "PLAIN LOGIN OAUTHBEARER XOAUTH2"
+        } else {
+            "PLAIN LOGIN"
+        }
+    }
+
+    /// The capability list and the `OK` that ends it.
+    fn capabilities(&self, stream: &ClientStream, ok: &str) -> String {
+        let sieve = super::backend::seen_extensions()
+            .unwrap_or_else(|| self.s.rt.config.managesieve.sieve_extensions.clone());
+        let mut out = format!(
+            "\"IMPLEMENTATION\" \"Postern\"\r\n\"SIEVE\" {}\r\n",
+            quoted(&sieve)
+        );
+        if self.auth_allowed(stream) {
+            out.push_str(&format!("\"SASL\" \"{}\"\r\n", self.mechanisms()));
+        }
+        if !stream.is_tls() && self.s.listener.tls == ListenerTls::Starttls {
+            out.push_str("\"STARTTLS\"\r\n");
+        }
+        out.push_str("\"VERSION\" \"1.0\"\r\n");
+        out.push_str(&format!("OK {}\r\n", quoted(ok)));
+        out
+    }
+
+    async fn read(&mut self, stream: &mut ClientStream) -> Step<RawCommand> {
+        match self.reader.read_command(stream).await {
+            Ok(c) => Ok(c),
+            Err(e) => Err(framing_failed(stream, e).await),
+        }
+    }
+
+    async fn run(&mut self, stream: &mut ClientStream) -> Step<LoggedIn> {
+        let greeting = self.capabilities(stream, "Postern ready.");
+        reply(stream, greeting).await?;
+        loop {
+            let command = self.read(stream).await?;
+            let words = match tokens(&command) {
+                Ok(w) => w,
+                Err(e) => {
+                    self.bad(stream, e.0).await?;
+                    continue;
+                }
+            };
+            drop(command);
+            let Some(Token::Atom(name)) = words.first() else {
+                self.bad(stream, "Expected a command").await?;
+                continue;
+            };
+            let admitted = match name.as_str() {
+                "CAPABILITY" => {
+                    let out = self.capabilities(stream, "Capability completed.");
+                    reply(stream, out).await?;
+                    continue;
+                }
+                "LOGOUT" => {
+                    let _ = send(stream, b"OK \"Logout completed.\"\r\n").await;
+                    return Err("logout");
+                }
+                "NOOP" => {
+                    let out = match words.get(1).and_then(Token::as_str) {
+                        Some(tag) => format!(
+                            "OK (TAG {}) \"Done\"\r\n",
+                            quoted(&String::from_utf8_lossy(tag))
+                        ),
+                        None => "OK \"NOOP completed.\"\r\n".into(),
+                    };
+                    reply(stream, out).await?;
+                    continue;
+                }
+                "STARTTLS" => {
+                    self.starttls(stream).await?;
+                    continue;
+                }
+                "AUTHENTICATE" => {
+                    if !self.auth_allowed(stream) {
+                        self.s.count_auth("none", "privacy_required");
+                        self.refuse(
+                            stream,
+                            "NO (ENCRYPT-NEEDED) \"Use STARTTLS first: logins over plaintext are disabled\"",
+                        )
+                        .await?;
+                        continue;
+                    }
+                    self.authenticate(stream, words).await?
+                }
+                "HAVESPACE" | "PUTSCRIPT" | "LISTSCRIPTS" | "SETACTIVE" | "GETSCRIPT"
+                | "DELETESCRIPT" | "RENAMESCRIPT" | "CHECKSCRIPT" | "UNAUTHENTICATE" => {
+                    self.bad(stream, "Authenticate first").await?;
+                    continue;
+                }
+                _ => {
+                    self.bad(stream, "Unknown command").await?;
+                    continue;
+                }
+            };
+            let Some(admitted) = admitted else { continue };
+            if let Some(mut l) = self.enter(stream, admitted).await? {
+                l.client_pending = self.reader.take_buffered();
+                return Ok(l);
+            }
+        }
+    }
+
+    /// `AUTHENTICATE "mechanism" ["initial response"]` and its exchange.
+    async fn authenticate(
+        &mut self,
+        stream: &mut ClientStream,
+        words: Vec<Token>,
+    ) -> Step<Option<Admitted>> {
+        let mut words = words.into_iter().skip(1);
+        let mechanism = match words.next() {
+            Some(Token::Str(m)) => String::from_utf8_lossy(&m).to_ascii_uppercase(),
+            _ => {
+                return self
+                    .bad(stream, "Syntax: AUTHENTICATE \"mechanism\" [\"response\"]")
+                    .await
+                    .map(|_| None)
+            }
+        };
+        let initial = match words.next() {
+            Some(Token::Str(ir)) => Some(Secret::new(ir)),
+            Some(Token::Atom(_)) => {
+                return self
+                    .bad(stream, "The initial response must be a string")
+                    .await
+                    .map(|_| None)
+            }
+            None => None,
+        };
+        match mechanism.as_str() {
+            "XOAUTH2" | "OAUTHBEARER" if self.s.rt.oauth.is_some() => {
+                self.token_login(stream, mechanism == "XOAUTH2", initial)
+                    .await
+            }
+            "PLAIN" => {
+                let message = match initial {
+                    Some(ir) => sasl::decode_response(ir.expose()),
+                    None => match self.continuation(stream, "").await? {
+                        Some(answer) => sasl::decode_response(answer.expose()),
+                        None => return Ok(None),
+                    },
+                };
+                match message.and_then(|m| sasl::decode_plain(&m)) {
+                    Ok(creds) => {
+                        let checked = self.s.check_password("PLAIN", creds, stream.is_tls()).await;
+                        self.settled(stream, checked).await
+                    }
+                    Err(e) => {
+                        self.s.count_auth("PLAIN", "invalid");
+                        self.bad(stream, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            "LOGIN" => {
+                let user = match initial {
+                    Some(ir) => ir,
+                    None => match self
+                        .continuation(stream, sasl::LOGIN_USERNAME_PROMPT)
+                        .await?
+                    {
+                        Some(answer) => answer,
+                        None => return Ok(None),
+                    },
+                };
+                let Some(password) = self
+                    .continuation(stream, sasl::LOGIN_PASSWORD_PROMPT)
+                    .await?
+                else {
+                    return Ok(None);
+                };
+                match sasl::decode_login(&user, &password) {
+                    Ok(creds) => {
+                        let checked = self.s.check_password("LOGIN", creds, stream.is_tls()).await;
+                        self.settled(stream, checked).await
+                    }
+                    Err(e) => {
+                        self.s.count_auth("LOGIN", "invalid");
+                        self.bad(stream, &e.to_string()).await.map(|_| None)
+                    }
+                }
+            }
+            _ => self
+                .bad(stream, "Unsupported authentication mechanism")
+                .await
+                .map(|_| None),
+        }
+    }
+
+    async fn token_login(
+        &mut self,
+        stream: &mut ClientStream,
+        xoauth2: bool,
+        initial: Option<Secret>,
+    ) -> Step<Option<Admitted>> {
+        let mechanism = if xoauth2 { "XOAUTH2" } else { "OAUTHBEARER" };
+        let message = match initial {
+            Some(ir) => ir,
+            None => match self.continuation(stream, "").await? {
+                Some(answer) => answer,
+                None => return Ok(None),
+            },
+        };
+        let bearer = match sasl::decode_bearer(&message, xoauth2) {
+            Ok(b) => b,
+            Err(e) => {
+                self.s.count_auth(mechanism, "invalid");
+                return self.bad(stream, &e.to_string()).await.map(|_| None);
+            }
+        };
+        let checked = self
+            .s
+            .check_token(mechanism, bearer.authzid.as_deref(), &bearer.token)
+            .await;
+        match checked {
+            Err(Refusal::Failed {
+                at,
+                why: Failure::Token,
+            }) => {
+                let challenge = sasl::bearer_error_challenge(xoauth2);
+                reply(stream, format!("{}\r\n", quoted(&challenge))).await?;
+                self.read(stream).await?;
+                self.failed_at(stream, at, AUTHENTICATION_FAILED)
+                    .await
+                    .map(|_| None)
+            }
+            checked => self.settled(stream, checked).await,
+        }
+    }
+
+    /// Sends a challenge (a string of base64) and reads the client's
+    /// answer, a string. `Ok(None)` when the client cancelled with `"*"`.
+    async fn continuation(
+        &mut self,
+        stream: &mut ClientStream,
+        prompt: &str,
+    ) -> Step<Option<Secret>> {
+        reply(stream, format!("{}\r\n", quoted(prompt))).await?;
+        let command = self.read(stream).await?;
+        let answer = match tokens(&command).as_deref() {
+            Ok([Token::Str(s)]) => Secret::new(s.clone()),
+            _ => {
+                drop(command);
+                self.bad(stream, "Expected a string answering the challenge")
+                    .await?;
+                return Ok(None);
+            }
+        };
+        drop(command);
+        if answer.expose() == b"*" {
+            reply(stream, "NO \"Authentication cancelled.\"\r\n".into()).await?;
+            return Ok(None);
+        }
+        Ok(Some(answer))
+    }
+
+    async fn settled(
+        &mut self,
+        stream: &mut ClientStream,
+        checked: Result<Admitted, Refusal>,
+    ) -> Step<Option<Admitted>> {
+        match checked {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
+        }
+    }
+
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+        match refusal {
+            Refusal::Failed { at, why } => {
+                let response = match why {
+                    Failure::Credentials | Failure::Token | Failure::Disabled(None) => {
+                        AUTHENTICATION_FAILED.to_owned()
+                    }
+                    Failure::Disabled(Some(reason)) => format!("NO {}", quoted(&reason)),
+                    Failure::Authorization => format!("NO {}", quoted(AUTHORIZATION_TEXT)),
+                    Failure::Blocked => format!("NO (TRYLATER) {}", quoted(BLOCKED_TEXT)),
+                    Failure::Source(text) => format!("NO {}", quoted(&text)),
+                };
+                self.failed_at(stream, at, &response).await
+            }
+            Refusal::Final { at, text } => {
+                self.s.own_wait(tokio::time::sleep_until(at)).await;
+                let out = format!("BYE {}\r\n", quoted(&printable(&text, 200)));
+                let _ = send(stream, out.as_bytes()).await;
+                Err("auth_refused")
+            }
+            Refusal::Busy(scope) => {
+                reply(
+                    stream,
+                    format!("NO (TRYLATER) {}\r\n", quoted(scope.text())),
+                )
+                .await
+            }
+            Refusal::Unavailable => {
+                reply(
+                    stream,
+                    format!("NO (TRYLATER) {}\r\n", quoted(UNAVAILABLE_TEXT)),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn failed_at(
+        &mut self,
+        stream: &mut ClientStream,
+        at: tokio::time::Instant,
+        response: &str,
+    ) -> Step<()> {
+        let last = self.s.answer_failure_at(at).await;
+        if last {
+            let out = format!("{response}\r\nBYE \"Too many failed logins, closing.\"\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_auth_failures");
+        }
+        reply(stream, format!("{response}\r\n")).await
+    }
+
+    async fn enter(
+        &mut self,
+        stream: &mut ClientStream,
+        admitted: Admitted,
+    ) -> Step<Option<LoggedIn>> {
+        match self.s.enter(admitted).await {
+            Ok(Entered {
+                mut backend,
+                route,
+                received,
+            }) => Ok(Some(LoggedIn {
+                answer: backend
+                    .answer
+                    .take()
+                    .unwrap_or_else(|| b"OK \"Logged in.\"\r\n".to_vec()),
+                backend,
+                route,
+                credentials_at: received,
+                client_pending: Vec::new(),
+            })),
+            Err(e) => {
+                let text = match e {
+                    EnterError::UserLimit => "Too many sessions for this user, try again later",
+                    EnterError::Unavailable(text) => text,
+                    EnterError::InUse(_) => "Sieve server is busy, try again later",
+                };
+                reply(stream, format!("NO (TRYLATER) {}\r\n", quoted(text)))
+                    .await
+                    .map(|_| None)
+            }
+        }
+    }
+
+    async fn bad(&mut self, stream: &mut ClientStream, reason: &str) -> Step<()> {
+        self.refuse(stream, &format!("NO {}", quoted(reason))).await
+    }
+
+    /// Sends a refusal that counts towards `max_bad_commands`.
+    async fn refuse(&mut self, stream: &mut ClientStream, out: &str) -> Step<()> {
+        self.s.bad_commands += 1;
+        if self.s.bad_commands >= self.s.rt.config.limits.max_bad_commands {
+            let out = format!("{out}\r\nBYE \"Too many invalid commands, closing.\"\r\n");
+            let _ = send(stream, out.as_bytes()).await;
+            return Err("too_many_bad_commands");
+        }
+        reply(stream, format!("{out}\r\n")).await
+    }
+
+    async fn starttls(&mut self, stream: &mut ClientStream) -> Step<()> {
+        if stream.is_tls() {
+            let reason = match self.s.listener.tls {
+                ListenerTls::Implicit => "STARTTLS is not available on an implicit-TLS port",
+                ListenerTls::Starttls => "TLS is already active",
+            };
+            return self.bad(stream, reason).await;
+        }
+        reply(stream, "OK \"Begin TLS negotiation now.\"\r\n".into()).await?;
+        let dropped = self.reader.discard_buffered();
+        self.s.upgrade(stream, dropped).await?;
+        // RFC 5804 2.2: the capabilities again, now with SASL.
+        let out = self.capabilities(stream, "TLS negotiation successful.");
+        reply(stream, out).await
+    }
+}
+
+async fn framing_failed(stream: &mut ClientStream, e: FramingError) -> EndReason {
+    let (text, reason) = match e {
+        FramingError::LineTooLong(limit) => (
+            format!("BYE \"Command longer than {limit} bytes\"\r\n"),
+            "line_too_long",
+        ),
+        FramingError::LiteralTooBig { limit, .. } => (
+            format!("BYE \"Literal larger than {limit} bytes\"\r\n"),
+            "literal_too_big",
+        ),
+        FramingError::Closed => return "client_closed",
+        FramingError::Io(_) => return "client_error",
+    };
+    let _ = send(stream, text.as_bytes()).await;
+    reason
+}
