@@ -1975,6 +1975,53 @@ backends:
     }
 
     #[test]
+    fn submission_and_sieve_listeners_need_their_backend_ports() {
+        let parse = |listener: &str, server: &str, extra: &str| {
+            let text = MINIMAL
+                .replace(
+                    "tls: implicit }\n",
+                    &format!("tls: implicit }}\n  - {listener}\n"),
+                )
+                .replace(
+                    "address: \"127.0.0.1:10143\" }",
+                    &format!("address: \"127.0.0.1:10143\"{server} }}"),
+                )
+                + extra;
+            Config::parse(&text, Path::new("p.yaml")).map_err(|e| e.to_string())
+        };
+        let submission =
+            "{ name: sub, bind: \"127.0.0.1:9587\", tls: starttls, protocol: submission }";
+        let err = parse(submission, "", "").unwrap_err();
+        assert!(err.contains("backends.pool[0].submission_port"), "{err}");
+        let c = parse(submission, ", submission_port: 587", "").unwrap();
+        assert_eq!(c.listeners[1].protocol, Protocol::Submission);
+        assert_eq!(c.backends.pool[0].port_for(Protocol::Submission), Some(587));
+        // With relays the users' backends need no submission port.
+        let relays = "submission:\n  hostname: edge.example\n  relays:\n    - { name: mta, address: \"127.0.0.1:2525\" }\n";
+        let c = parse(submission, "", relays).unwrap();
+        let s = c.submission.unwrap();
+        assert_eq!(s.hostname.as_deref(), Some("edge.example"));
+        assert_eq!(s.max_message_size, 50 * 1024 * 1024);
+        let err = parse(
+            submission,
+            "",
+            "submission:\n  relays:\n    - { name: mail-a, address: \"127.0.0.1:2525\" }\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("submission.relays[0].name"), "{err}");
+        let sieve =
+            "{ name: sieve, bind: \"127.0.0.1:9190\", tls: starttls, protocol: managesieve }";
+        let err = parse(sieve, "", "").unwrap_err();
+        assert!(err.contains("backends.pool[0].sieve_port"), "{err}");
+        assert!(parse(sieve, ", sieve_port: 4190", "").is_ok());
+        assert_eq!(Protocol::Submission.alpn(), b"smtp");
+        assert_eq!(Protocol::Managesieve.alpn(), b"managesieve");
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::ALL[p.index()], p);
+        }
+    }
+
+    #[test]
     fn http_source_and_master_user_are_checked() {
         let http = |block: &str| {
             let text = MINIMAL.replace("  source: static\n", &format!("  source: http\n{block}"));

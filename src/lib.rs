@@ -1,4 +1,5 @@
-//! Postern: a TLS-terminating mail proxy and load balancer (IMAP and POP3)
+//! Postern: a TLS-terminating mail proxy and load balancer (IMAP, POP3,
+//! submission, ManageSieve)
 //! that authenticates users at the edge.
 //!
 //! The data path, in the order a connection meets it:
@@ -14,8 +15,11 @@
 //! - the protocol fronts, which own only framing, commands, replies and
 //!   capability lists: [`imap`] ([`imap::front`] before login, framing,
 //!   parsing, SASL; after login [`imap::watch`] over response boundaries
-//!   and COMPRESS) and [`pop3`] ([`pop3::front`], [`pop3::backend`],
-//!   [`pop3::watch`]).
+//!   and COMPRESS), [`pop3`] ([`pop3::front`], [`pop3::backend`],
+//!   [`pop3::watch`]), [`smtp`] for submission ([`smtp::front`],
+//!   [`smtp::backend`] with XCLIENT or AUTH, [`smtp::watch`]) and
+//!   [`sieve`] for ManageSieve ([`sieve::front`], [`sieve::backend`],
+//!   [`sieve::watch`]).
 //! - [`auth`]: the [`auth::Authenticator`] trait, its sources, password
 //!   hashes, and the login defence ([`auth::guard`]: lanes of checks per
 //!   network and user, failure delays, familiar users, network blocks).
@@ -24,7 +28,7 @@
 //!   and DNS discovery.
 //! - [`backend`]: connect (TLS or STARTTLS, PROXY header) and log in to the
 //!   chosen IMAP backend for the user; the connection and login request
-//!   POP3's backend login shares.
+//!   the other protocols' backend logins share.
 //! - [`relay`]: the byte pump after login, with [`buffer`]'s borrowed
 //!   buffers; it follows the responses through the protocol's watch (a
 //!   [`relay::Follow`]) only to know when a backend's close is orderly and

@@ -55,6 +55,12 @@ pub struct DovecotBackend {
     pub port: u16,
     /// The POP3 port on `ip`, for backends made by `start_pop3*`.
     pub pop3_port: Option<u16>,
+    /// The submission and ManageSieve ports on `ip`, for backends made by
+    /// `start_services`.
+    pub submission_port: Option<u16>,
+    pub sieve_port: Option<u16>,
+    /// Where Dovecot's submission service relays (host:port).
+    submission_relay: Option<String>,
     pub dir: PathBuf,
     /// Passed to every (re)start; `None` means the script's demo users.
     users_file: Option<PathBuf>,
@@ -102,6 +108,35 @@ impl DovecotBackend {
         env: &[(&str, &str)],
     ) -> DovecotBackend {
         Self::launch(name, Some(users), env, false)
+    }
+
+    /// Like `start_with_env`, also serving SMTP submission (relaying to
+    /// `relay`, host:port, e.g. a `PostfixServer`) and ManageSieve, each on
+    /// a free loopback port (`submission_port`, `sieve_port`), and POP3
+    /// with `pop3`.
+    pub fn start_services(
+        name: &str,
+        users: &[(&str, &str)],
+        env: &[(&str, &str)],
+        relay: &str,
+    ) -> DovecotBackend {
+        ensure_installed();
+        let mut backend = Self::prepare(name, Some(users), env);
+        backend.submission_relay = Some(relay.to_owned());
+        for _ in 0..PORT_ATTEMPTS {
+            backend.port = free_port();
+            backend.submission_port = Some(free_port());
+            backend.sieve_port = Some(free_port());
+            match backend.run_start() {
+                Ok(()) => return backend,
+                Err(stderr) if stderr.contains("Address already in use") => continue,
+                Err(stderr) => panic!(
+                    "dovecot backend {name:?} did not start on {}:\n{stderr}",
+                    backend.addr()
+                ),
+            }
+        }
+        panic!("dovecot backend {name:?}: the port was taken {PORT_ATTEMPTS} times in a row")
     }
 
     /// A backend listening on `ip:port` (another loopback address), e.g.
@@ -159,6 +194,9 @@ impl DovecotBackend {
             ip: "127.0.0.1".to_owned(),
             port: 0,
             pop3_port: None,
+            submission_port: None,
+            sieve_port: None,
+            submission_relay: None,
             dir,
             users_file,
             env: env
@@ -178,6 +216,15 @@ impl DovecotBackend {
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         if let Some(pop3) = self.pop3_port {
             command.env("DOVECOT_POP3_PORT", pop3.to_string());
+        }
+        if let Some(port) = self.submission_port {
+            command.env("DOVECOT_SUBMISSION_PORT", port.to_string());
+        }
+        if let Some(relay) = &self.submission_relay {
+            command.env("DOVECOT_SUBMISSION_RELAY", relay);
+        }
+        if let Some(port) = self.sieve_port {
+            command.env("DOVECOT_SIEVE_PORT", port.to_string());
         }
         if let Some(users) = &self.users_file {
             command.arg(users);

@@ -7,6 +7,7 @@ pub mod client;
 pub mod ldap;
 pub mod pki;
 pub mod postern;
+pub mod postfix;
 pub mod redis;
 
 use std::collections::BTreeSet;

@@ -24,6 +24,11 @@ pub struct Postern {
     /// POP3S and POP3-with-STLS listeners, with `Setup::pop3` (else 0).
     pub pop3s: u16,
     pub pop3: u16,
+    /// Submission (STARTTLS and implicit TLS) and ManageSieve listeners,
+    /// with `Setup::submission` and `Setup::sieve` (else 0).
+    pub submission: u16,
+    pub submissions: u16,
+    pub sieve: u16,
 }
 
 /// What a test changes about the default test configuration.
@@ -56,6 +61,14 @@ pub struct Setup<'a> {
     pub pop3: bool,
     /// Extra keys for the POP3 STLS listener.
     pub pop3_options: &'a str,
+    /// Also listen for submission (`submission`, STARTTLS, and
+    /// `submissions`, implicit TLS); every backend must serve it
+    /// (`DovecotBackend::start_services`) unless `extra` names relays.
+    pub submission: bool,
+    /// Extra keys for both submission listeners.
+    pub submission_options: &'a str,
+    /// Also listen for ManageSieve (`sieve`, STARTTLS).
+    pub sieve: bool,
 }
 
 /// The password every test user has on the test backends.
@@ -85,10 +98,14 @@ impl Postern {
                 .backends
                 .iter()
                 .map(|b| {
-                    let pop3_port = b
-                        .pop3_port
-                        .map(|p| format!(", pop3_port: {p}"))
-                        .unwrap_or_default();
+                    let pop3_port = [
+                        ("pop3_port", b.pop3_port),
+                        ("submission_port", b.submission_port),
+                        ("sieve_port", b.sieve_port),
+                    ]
+                    .iter()
+                    .filter_map(|(k, p)| p.map(|p| format!(", {k}: {p}")))
+                    .collect::<String>();
                     format!(
                         "    - {{ name: {}, address: \"{}\"{pop3_port} }}\n",
                         b.name,
@@ -105,6 +122,29 @@ impl Postern {
             } else {
                 String::new()
             };
+            let (submission, submissions) = if setup.submission {
+                (free_port(), free_port())
+            } else {
+                (0, 0)
+            };
+            let sieve = if setup.sieve { free_port() } else { 0 };
+            let mut more_listeners = String::new();
+            if setup.submission {
+                let opts = if setup.submission_options.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", setup.submission_options)
+                };
+                more_listeners.push_str(&format!(
+                    "  - {{ name: submission, bind: \"127.0.0.1:{submission}\", tls: starttls, protocol: submission{opts} }}\n  - {{ name: submissions, bind: \"127.0.0.1:{submissions}\", tls: implicit, protocol: submission{opts} }}\n"
+                ));
+            }
+            if setup.sieve {
+                more_listeners.push_str(&format!(
+                    "  - {{ name: sieve, bind: \"127.0.0.1:{sieve}\", tls: starttls, protocol: managesieve }}\n"
+                ));
+            }
+            let pop3_listeners = pop3_listeners + &more_listeners;
             let config = format!(
                 "listeners:\n  - {{ name: imaps, bind: \"127.0.0.1:{imaps}\", tls: implicit {imaps_opts} }}\n  - {{ name: imap, bind: \"127.0.0.1:{imap}\", tls: starttls {starttls} }}\n{pop3_listeners}\
                  {tls}\n\
@@ -141,6 +181,9 @@ impl Postern {
                 metrics,
                 pop3s,
                 pop3,
+                submission,
+                submissions,
+                sieve,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
