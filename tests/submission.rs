@@ -541,3 +541,39 @@ fn shutdown_says_421_between_commands_and_nothing_inside_a_message() {
         "nothing written inside the message: {rest:?}"
     );
 }
+
+#[test]
+fn early_talkers_long_lines_and_too_many_bad_commands() {
+    let d = DovecotBackend::start_with_users("sub-limits", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&d],
+        users: &user("alice"),
+        submission: true,
+        extra: "submission:\n  greeting_delay: 2s\n  relays:\n    - { name: nowhere, address: \"127.0.0.1:9\" }\n",
+        ..Setup::default()
+    });
+    // Talking before the greeting: 554 and a close, no greeting at all.
+    let mut c = Client::from_stream(tcp(p.submission));
+    c.send(b"EHLO hasty.example\r\n");
+    let answer = c.line();
+    assert!(answer.starts_with("554 5.5.0"), "{answer}");
+    assert!(c.closed());
+    p.wait_metric(
+        r#"postern_sessions_ended_total{protocol="submission",reason="early_talker"}"#,
+        |v| v >= 1.0,
+    );
+    // A patient client is greeted after the delay.
+    let mut c = plain(p.submission);
+    let long = format!("NOOP {}", "x".repeat(600));
+    assert!(
+        say(&mut c, &long).starts_with("500 5.5.2"),
+        "a command line over 512 octets"
+    );
+    for _ in 0..8 {
+        assert!(say(&mut c, "FROB").starts_with("500 5.5.1"));
+    }
+    c.send(b"FROB\r\n");
+    assert!(c.line().starts_with("500 5.5.1"));
+    assert_eq!(c.line(), "421 4.7.0 Too many invalid commands, closing");
+    assert!(c.closed());
+}
