@@ -9,8 +9,9 @@
 //! where the backend lists `XCLIENT` (Pigeonhole does, to
 //! `login_trusted_networks`), then `AUTHENTICATE "PLAIN"` with an initial
 //! response, with the user's password or as the master user. The backend's
-//! `OK` to the login is passed on to the client as it said it; the `SIEVE`
-//! extensions it listed are what the pre-auth front tells later clients.
+//! `OK` to the login is passed on to the client as it said it; the
+//! language capabilities it listed (`SIEVE`, `NOTIFY`, `MAXREDIRECTS`)
+//! are what the pre-auth front tells later clients.
 
 use std::sync::RwLock;
 
@@ -29,12 +30,16 @@ use super::{line_tokens, quoted, Token};
 /// Most lines of a capability list read; a longer one is a broken backend.
 const MAX_CAPABILITY_LINES: usize = 64;
 
-/// The `SIEVE` capability a backend listed last.
-static SEEN_EXTENSIONS: RwLock<Option<String>> = RwLock::new(None);
+/// The capabilities that describe the script language, not the session.
+pub const LANGUAGE: [&str; 3] = ["SIEVE", "NOTIFY", "MAXREDIRECTS"];
 
-/// The `SIEVE` extensions the backends listed last, if any has been seen.
-pub fn seen_extensions() -> Option<String> {
-    SEEN_EXTENSIONS
+/// The language capabilities a backend listed last.
+static SEEN_LANGUAGE: RwLock<Option<Vec<(String, String)>>> = RwLock::new(None);
+
+/// The language capabilities (name, value) the backends listed last, if
+/// any has been seen.
+pub fn seen_language() -> Option<Vec<(String, String)>> {
+    SEEN_LANGUAGE
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .clone()
@@ -194,10 +199,16 @@ async fn login(
     caps: Listed,
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    if let Some(sieve) = caps.get("SIEVE") {
-        let mut seen = SEEN_EXTENSIONS.write().unwrap_or_else(|e| e.into_inner());
-        if seen.as_deref() != Some(sieve) {
-            *seen = Some(sieve.to_owned());
+    if caps.has("SIEVE") {
+        let language: Vec<(String, String)> = caps
+            .capabilities
+            .iter()
+            .filter(|(n, _)| LANGUAGE.iter().any(|l| n.eq_ignore_ascii_case(l)))
+            .map(|(n, v)| (n.to_ascii_uppercase(), v.clone()))
+            .collect();
+        let mut seen = SEEN_LANGUAGE.write().unwrap_or_else(|e| e.into_inner());
+        if seen.as_ref() != Some(&language) {
+            *seen = Some(language);
         }
     }
     if let Some(addrs) = req.client.filter(|_| req.send_id && caps.has("XCLIENT")) {

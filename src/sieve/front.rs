@@ -1,6 +1,7 @@
 //! ManageSieve's pre-auth front (RFC 5804): the greeting with the
 //! capability list (`IMPLEMENTATION`, `SIEVE` with the extensions the
-//! backends last listed, `SASL` only where logging in is allowed,
+//! backends last listed, with `NOTIFY` and `MAXREDIRECTS` where they list
+//! them, `SASL` only where logging in is allowed,
 //! `STARTTLS` before TLS, `VERSION`), `CAPABILITY`, `STARTTLS` (the list
 //! sent again after TLS), `AUTHENTICATE` with PLAIN, LOGIN, OAUTHBEARER and
 //! XOAUTH2 (initial response, continuations as strings or literals, `"*"`
@@ -68,12 +69,19 @@ impl Front<'_> {
 
     /// The capability list and the `OK` that ends it.
     fn capabilities(&self, stream: &ClientStream, ok: &str) -> String {
-        let sieve = super::backend::seen_extensions()
-            .unwrap_or_else(|| self.s.rt.config.managesieve.sieve_extensions.clone());
-        let mut out = format!(
-            "\"IMPLEMENTATION\" \"Postern\"\r\n\"SIEVE\" {}\r\n",
-            quoted(&sieve)
-        );
+        let language = super::backend::seen_language().unwrap_or_else(|| {
+            let sieve = self.s.rt.config.managesieve.sieve_extensions.clone();
+            let mut caps = vec![("SIEVE".to_owned(), sieve.clone())];
+            // RFC 5804 1.7: with enotify, the NOTIFY methods.
+            if sieve.split(' ').any(|e| e == "enotify") {
+                caps.push(("NOTIFY".to_owned(), "mailto".to_owned()));
+            }
+            caps
+        });
+        let mut out = String::from("\"IMPLEMENTATION\" \"Postern\"\r\n");
+        for (name, value) in language {
+            out.push_str(&format!("{} {}\r\n", quoted(&name), quoted(&value)));
+        }
         if self.auth_allowed(stream) {
             out.push_str(&format!("\"SASL\" \"{}\"\r\n", self.mechanisms()));
         }
