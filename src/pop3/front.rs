@@ -12,14 +12,16 @@
 
 use crate::config::ListenerTls;
 use crate::imap::framing::{CommandReader, FramingError};
-use crate::imap::sasl::{self, Credentials};
+use crate::imap::sasl::Credentials;
 use crate::imap::{printable, Secret};
 use crate::session::connect::{EnterError, Entered};
 use crate::session::gate::{
     Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
 };
+use crate::session::sasl::{exchange as sasl_exchange, Dialect};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
+use tokio::time::Instant;
 
 /// What POP3 says when Postern ends a session. POP3 has no unsolicited
 /// responses; these are written only at a response boundary, where a
@@ -200,146 +202,7 @@ impl Front<'_> {
         }
         let (mechanism, initial) = split(args);
         let initial = (!initial.is_empty()).then(|| Secret::new(initial.to_vec()));
-        match mechanism.as_str() {
-            "XOAUTH2" | "OAUTHBEARER" if self.s.rt.oauth.is_some() => {
-                self.token_login(stream, mechanism == "XOAUTH2", initial)
-                    .await
-            }
-            "PLAIN" => {
-                let message = match initial {
-                    Some(ir) => sasl::decode_response(ir.expose()),
-                    None => match self.continuation(stream, "").await? {
-                        Some(line) => sasl::decode_response(line.expose()),
-                        None => return Ok(None),
-                    },
-                };
-                match message.and_then(|m| sasl::decode_plain(&m)) {
-                    Ok(creds) => {
-                        let checked = self.s.check_password("PLAIN", creds, stream.is_tls()).await;
-                        self.settled(stream, checked).await
-                    }
-                    Err(e) => {
-                        self.s.count_auth("PLAIN", "invalid");
-                        self.bad(stream, &e.to_string()).await.map(|_| None)
-                    }
-                }
-            }
-            "LOGIN" => {
-                let user = match initial {
-                    Some(ir) => ir,
-                    None => match self
-                        .continuation(stream, sasl::LOGIN_USERNAME_PROMPT)
-                        .await?
-                    {
-                        Some(line) => line,
-                        None => return Ok(None),
-                    },
-                };
-                let Some(password) = self
-                    .continuation(stream, sasl::LOGIN_PASSWORD_PROMPT)
-                    .await?
-                else {
-                    return Ok(None);
-                };
-                match sasl::decode_login(&user, &password) {
-                    Ok(creds) => {
-                        let checked = self.s.check_password("LOGIN", creds, stream.is_tls()).await;
-                        self.settled(stream, checked).await
-                    }
-                    Err(e) => {
-                        self.s.count_auth("LOGIN", "invalid");
-                        self.bad(stream, &e.to_string()).await.map(|_| None)
-                    }
-                }
-            }
-            _ => self
-                .refuse(
-                    stream,
-                    "-ERR Unsupported authentication mechanism\r\n".into(),
-                )
-                .await
-                .map(|_| None),
-        }
-    }
-
-    /// An OAUTHBEARER or XOAUTH2 exchange: a refused token is answered with
-    /// the mechanism's JSON error challenge, the client's dummy answer
-    /// read, then `-ERR` (RFC 7628 3.2.3).
-    async fn token_login(
-        &mut self,
-        stream: &mut ClientStream,
-        xoauth2: bool,
-        initial: Option<Secret>,
-    ) -> Step<Option<Admitted>> {
-        let mechanism = if xoauth2 { "XOAUTH2" } else { "OAUTHBEARER" };
-        let message = match initial {
-            Some(ir) => ir,
-            None => match self.continuation(stream, "").await? {
-                Some(line) => line,
-                None => return Ok(None),
-            },
-        };
-        let bearer = match sasl::decode_bearer(&message, xoauth2) {
-            Ok(b) => b,
-            Err(e) => {
-                self.s.count_auth(mechanism, "invalid");
-                return self.bad(stream, &e.to_string()).await.map(|_| None);
-            }
-        };
-        let checked = self
-            .s
-            .check_token(mechanism, bearer.authzid.as_deref(), &bearer.token)
-            .await;
-        match checked {
-            Err(Refusal::Failed {
-                at,
-                why: Failure::Token,
-            }) => {
-                let challenge = sasl::bearer_error_challenge(xoauth2);
-                reply(stream, format!("+ {challenge}\r\n")).await?;
-                let limit = self.s.max_line();
-                if let Err(e) = self.reader.read_line(stream, limit).await {
-                    return Err(framing_failed(stream, e).await);
-                }
-                self.failed_at(stream, at, AUTHENTICATION_FAILED)
-                    .await
-                    .map(|_| None)
-            }
-            checked => self.settled(stream, checked).await,
-        }
-    }
-
-    /// Sends `+ prompt` and reads the client's answer line. `Ok(None)`
-    /// when the client cancelled with `*` (answered with `-ERR`).
-    async fn continuation(
-        &mut self,
-        stream: &mut ClientStream,
-        prompt: &str,
-    ) -> Step<Option<Secret>> {
-        reply(stream, format!("+ {prompt}\r\n")).await?;
-        let limit = self.s.max_line();
-        let line = match self.reader.read_line(stream, limit).await {
-            Ok(line) => Secret::new(line),
-            Err(e) => return Err(framing_failed(stream, e).await),
-        };
-        if line.expose() == b"*" {
-            reply(stream, "-ERR Authentication cancelled\r\n".into()).await?;
-            return Ok(None);
-        }
-        Ok(Some(line))
-    }
-
-    /// The gate's verdict: the admitted login, or `None` once a refusal
-    /// has been answered.
-    async fn settled(
-        &mut self,
-        stream: &mut ClientStream,
-        checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>> {
-        match checked {
-            Ok(admitted) => Ok(Some(admitted)),
-            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
-        }
+        sasl_exchange(self, stream, &mechanism, initial).await
     }
 
     /// Words a refusal of the login gate with RFC 3206 codes.
@@ -462,6 +325,52 @@ impl Front<'_> {
         self.user = None;
         let dropped = self.reader.discard_buffered();
         self.s.upgrade(stream, dropped).await
+    }
+}
+
+impl Dialect for Front<'_> {
+    fn session(&mut self) -> &mut Session {
+        self.s
+    }
+
+    fn challenge(&self, prompt: &str) -> String {
+        format!("+ {prompt}\r\n")
+    }
+
+    fn cancelled(&self) -> &'static str {
+        "-ERR Authentication cancelled\r\n"
+    }
+
+    async fn answer(&mut self, stream: &mut ClientStream) -> Step<Option<Secret>> {
+        let limit = self.s.max_line();
+        match self.reader.read_line(stream, limit).await {
+            Ok(line) => Ok(Some(Secret::new(line))),
+            Err(e) => Err(framing_failed(stream, e).await),
+        }
+    }
+
+    async fn malformed(&mut self, stream: &mut ClientStream, reason: &str) -> Step<()> {
+        self.bad(stream, reason).await
+    }
+
+    async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()> {
+        let out = "-ERR Unsupported authentication mechanism\r\n";
+        self.refuse(stream, out.into()).await
+    }
+
+    async fn settled(
+        &mut self,
+        stream: &mut ClientStream,
+        checked: Result<Admitted, Refusal>,
+    ) -> Step<Option<Admitted>> {
+        match checked {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
+        }
+    }
+
+    async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()> {
+        self.failed_at(stream, at, AUTHENTICATION_FAILED).await
     }
 }
 

@@ -17,6 +17,7 @@
 
 pub mod connect;
 pub mod gate;
+pub mod sasl;
 #[cfg(test)]
 mod tests;
 

@@ -14,14 +14,15 @@
 
 use crate::config::ListenerTls;
 use crate::imap::framing::{CommandReader, FramingError, RawCommand};
-use crate::imap::sasl;
 use crate::imap::{printable, Secret};
 use crate::session::connect::{EnterError, Entered};
 use crate::session::gate::{
     Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
 };
+use crate::session::sasl::{exchange as sasl_exchange, Dialect};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
+use tokio::time::Instant;
 
 use super::{quoted, tokens, Token};
 
@@ -198,141 +199,7 @@ impl Front<'_> {
             }
             None => None,
         };
-        match mechanism.as_str() {
-            "XOAUTH2" | "OAUTHBEARER" if self.s.rt.oauth.is_some() => {
-                self.token_login(stream, mechanism == "XOAUTH2", initial)
-                    .await
-            }
-            "PLAIN" => {
-                let message = match initial {
-                    Some(ir) => sasl::decode_response(ir.expose()),
-                    None => match self.continuation(stream, "").await? {
-                        Some(answer) => sasl::decode_response(answer.expose()),
-                        None => return Ok(None),
-                    },
-                };
-                match message.and_then(|m| sasl::decode_plain(&m)) {
-                    Ok(creds) => {
-                        let checked = self.s.check_password("PLAIN", creds, stream.is_tls()).await;
-                        self.settled(stream, checked).await
-                    }
-                    Err(e) => {
-                        self.s.count_auth("PLAIN", "invalid");
-                        self.bad(stream, &e.to_string()).await.map(|_| None)
-                    }
-                }
-            }
-            "LOGIN" => {
-                let user = match initial {
-                    Some(ir) => ir,
-                    None => match self
-                        .continuation(stream, sasl::LOGIN_USERNAME_PROMPT)
-                        .await?
-                    {
-                        Some(answer) => answer,
-                        None => return Ok(None),
-                    },
-                };
-                let Some(password) = self
-                    .continuation(stream, sasl::LOGIN_PASSWORD_PROMPT)
-                    .await?
-                else {
-                    return Ok(None);
-                };
-                match sasl::decode_login(&user, &password) {
-                    Ok(creds) => {
-                        let checked = self.s.check_password("LOGIN", creds, stream.is_tls()).await;
-                        self.settled(stream, checked).await
-                    }
-                    Err(e) => {
-                        self.s.count_auth("LOGIN", "invalid");
-                        self.bad(stream, &e.to_string()).await.map(|_| None)
-                    }
-                }
-            }
-            _ => self
-                .bad(stream, "Unsupported authentication mechanism")
-                .await
-                .map(|_| None),
-        }
-    }
-
-    async fn token_login(
-        &mut self,
-        stream: &mut ClientStream,
-        xoauth2: bool,
-        initial: Option<Secret>,
-    ) -> Step<Option<Admitted>> {
-        let mechanism = if xoauth2 { "XOAUTH2" } else { "OAUTHBEARER" };
-        let message = match initial {
-            Some(ir) => ir,
-            None => match self.continuation(stream, "").await? {
-                Some(answer) => answer,
-                None => return Ok(None),
-            },
-        };
-        let bearer = match sasl::decode_bearer(&message, xoauth2) {
-            Ok(b) => b,
-            Err(e) => {
-                self.s.count_auth(mechanism, "invalid");
-                return self.bad(stream, &e.to_string()).await.map(|_| None);
-            }
-        };
-        let checked = self
-            .s
-            .check_token(mechanism, bearer.authzid.as_deref(), &bearer.token)
-            .await;
-        match checked {
-            Err(Refusal::Failed {
-                at,
-                why: Failure::Token,
-            }) => {
-                let challenge = sasl::bearer_error_challenge(xoauth2);
-                reply(stream, format!("{}\r\n", quoted(&challenge))).await?;
-                self.read(stream).await?;
-                self.failed_at(stream, at, AUTHENTICATION_FAILED)
-                    .await
-                    .map(|_| None)
-            }
-            checked => self.settled(stream, checked).await,
-        }
-    }
-
-    /// Sends a challenge (a string of base64) and reads the client's
-    /// answer, a string. `Ok(None)` when the client cancelled with `"*"`.
-    async fn continuation(
-        &mut self,
-        stream: &mut ClientStream,
-        prompt: &str,
-    ) -> Step<Option<Secret>> {
-        reply(stream, format!("{}\r\n", quoted(prompt))).await?;
-        let command = self.read(stream).await?;
-        let answer = match tokens(&command).as_deref() {
-            Ok([Token::Str(s)]) => Secret::new(s.clone()),
-            _ => {
-                drop(command);
-                self.bad(stream, "Expected a string answering the challenge")
-                    .await?;
-                return Ok(None);
-            }
-        };
-        drop(command);
-        if answer.expose() == b"*" {
-            reply(stream, "NO \"Authentication cancelled.\"\r\n".into()).await?;
-            return Ok(None);
-        }
-        Ok(Some(answer))
-    }
-
-    async fn settled(
-        &mut self,
-        stream: &mut ClientStream,
-        checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>> {
-        match checked {
-            Ok(admitted) => Ok(Some(admitted)),
-            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
-        }
+        sasl_exchange(self, stream, &mechanism, initial).await
     }
 
     async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
@@ -449,6 +316,60 @@ impl Front<'_> {
         // RFC 5804 2.2: the capabilities again, now with SASL.
         let out = self.capabilities(stream, "TLS negotiation successful.");
         reply(stream, out).await
+    }
+}
+
+impl Dialect for Front<'_> {
+    fn session(&mut self) -> &mut Session {
+        self.s
+    }
+
+    /// A challenge is a string of base64 (RFC 5804 2.1).
+    fn challenge(&self, prompt: &str) -> String {
+        format!("{}\r\n", quoted(prompt))
+    }
+
+    fn cancelled(&self) -> &'static str {
+        "NO \"Authentication cancelled.\"\r\n"
+    }
+
+    /// The answer is a string, quoted or a literal.
+    async fn answer(&mut self, stream: &mut ClientStream) -> Step<Option<Secret>> {
+        let command = self.read(stream).await?;
+        let answer = match tokens(&command).as_deref() {
+            Ok([Token::Str(s)]) => Some(Secret::new(s.clone())),
+            _ => None,
+        };
+        drop(command);
+        if answer.is_none() {
+            self.bad(stream, "Expected a string answering the challenge")
+                .await?;
+        }
+        Ok(answer)
+    }
+
+    async fn malformed(&mut self, stream: &mut ClientStream, reason: &str) -> Step<()> {
+        self.bad(stream, reason).await
+    }
+
+    async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()> {
+        self.bad(stream, "Unsupported authentication mechanism")
+            .await
+    }
+
+    async fn settled(
+        &mut self,
+        stream: &mut ClientStream,
+        checked: Result<Admitted, Refusal>,
+    ) -> Step<Option<Admitted>> {
+        match checked {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
+        }
+    }
+
+    async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()> {
+        self.failed_at(stream, at, AUTHENTICATION_FAILED).await
     }
 }
 
