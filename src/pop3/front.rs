@@ -18,7 +18,7 @@ use crate::session::connect::{EnterError, Entered};
 use crate::session::gate::{
     Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
 };
-use crate::session::sasl::{exchange as sasl_exchange, Dialect};
+use crate::session::sasl::{exchange as sasl_exchange, mechanisms, split, Dialect};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
 use tokio::time::Instant;
@@ -56,34 +56,14 @@ struct Front<'a> {
     user: Option<Vec<u8>>,
 }
 
-/// A command line split into its keyword (upper-cased) and the rest.
-fn split(line: &[u8]) -> (String, &[u8]) {
-    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
-    let keyword = String::from_utf8_lossy(&line[..end]).to_ascii_uppercase();
-    let rest = line.get(end + 1..).unwrap_or_default();
-    (keyword, rest)
-}
-
 impl Front<'_> {
-    fn auth_allowed(&self, stream: &ClientStream) -> bool {
-        stream.is_tls() || self.s.listener.allow_plaintext_auth
-    }
-
-    fn mechanisms(&self) -> &'static str {
-        if self.s.rt.oauth.is_some() {
-            "PLAIN LOGIN OAUTHBEARER XOAUTH2"
-        } else {
-            "PLAIN LOGIN"
-        }
-    }
-
     /// The proxy's own capability list (RFC 2449): `USER` and `SASL` only
     /// where logging in is allowed, `STLS` only before TLS.
     fn capabilities(&self, stream: &ClientStream) -> String {
         let mut out = String::from("+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n");
-        if self.auth_allowed(stream) {
+        if self.s.logins_allowed(stream) {
             out.push_str("USER\r\nSASL ");
-            out.push_str(self.mechanisms());
+            out.push_str(mechanisms(self.s));
             out.push_str("\r\n");
         }
         if !stream.is_tls() && self.s.listener.tls == ListenerTls::Starttls {
@@ -124,7 +104,7 @@ impl Front<'_> {
                     continue;
                 }
                 "USER" => {
-                    if !self.auth_allowed(stream) {
+                    if !self.s.logins_allowed(stream) {
                         self.privacy_required(stream, "USER").await?;
                         continue;
                     }
@@ -137,7 +117,7 @@ impl Front<'_> {
                     continue;
                 }
                 "PASS" => {
-                    if !self.auth_allowed(stream) {
+                    if !self.s.logins_allowed(stream) {
                         self.privacy_required(stream, "PASS").await?;
                         continue;
                     }
@@ -155,7 +135,7 @@ impl Front<'_> {
                     self.settled(stream, checked).await?
                 }
                 "AUTH" => {
-                    if !self.auth_allowed(stream) {
+                    if !self.s.logins_allowed(stream) {
                         self.privacy_required(stream, "AUTH").await?;
                         continue;
                     }
@@ -196,7 +176,7 @@ impl Front<'_> {
     /// (as clients that predate CAPA ask); with one, its exchange.
     async fn auth(&mut self, stream: &mut ClientStream, args: &[u8]) -> Step<Option<Admitted>> {
         if args.is_empty() {
-            let list = self.mechanisms().replace(' ', "\r\n");
+            let list = mechanisms(self.s).replace(' ', "\r\n");
             reply(stream, format!("+OK\r\n{list}\r\n.\r\n")).await?;
             return Ok(None);
         }
@@ -206,7 +186,7 @@ impl Front<'_> {
     }
 
     /// Words a refusal of the login gate with RFC 3206 codes.
-    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+    async fn word_refusal(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
         match refusal {
             Refusal::Failed { at, why } => {
                 let response = match why {
@@ -329,6 +309,10 @@ impl Front<'_> {
 }
 
 impl Dialect for Front<'_> {
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+        self.word_refusal(stream, refusal).await
+    }
+
     fn session(&mut self) -> &mut Session {
         self.s
     }
@@ -356,17 +340,6 @@ impl Dialect for Front<'_> {
     async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()> {
         let out = "-ERR Unsupported authentication mechanism\r\n";
         self.refuse(stream, out.into()).await
-    }
-
-    async fn settled(
-        &mut self,
-        stream: &mut ClientStream,
-        checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>> {
-        match checked {
-            Ok(admitted) => Ok(Some(admitted)),
-            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
-        }
     }
 
     async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()> {

@@ -503,6 +503,12 @@ impl Session {
         }
     }
 
+    /// Whether credentials may be sent now: over TLS, or where the
+    /// listener allows plaintext logins.
+    pub fn logins_allowed(&self, stream: &ClientStream) -> bool {
+        stream.is_tls() || self.listener.allow_plaintext_auth
+    }
+
     /// The longest pre-auth line a front reads: `limits.max_line`, with
     /// room for a bearer token in base64 when tokens are accepted.
     pub fn max_line(&self) -> usize {

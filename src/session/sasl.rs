@@ -33,15 +33,42 @@ pub(crate) trait Dialect {
     async fn malformed(&mut self, stream: &mut ClientStream, reason: &str) -> Step<()>;
     /// Tells the client the mechanism is not offered.
     async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()>;
+    /// Words a refusal of the login gate, answering no earlier than it
+    /// says.
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()>;
     /// The gate's verdict: the admitted login, or `None` once a refusal
     /// has been answered.
     async fn settled(
         &mut self,
         stream: &mut ClientStream,
         checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>>;
+    ) -> Step<Option<Admitted>> {
+        match checked {
+            Ok(admitted) => Ok(Some(admitted)),
+            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
+        }
+    }
     /// Answers a refused token at `at`, after its error challenge.
     async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()>;
+}
+
+/// The mechanisms offered: PLAIN and LOGIN, and the token ones where
+/// `auth.oauth` is configured.
+pub fn mechanisms(session: &Session) -> &'static str {
+    if session.rt.oauth.is_some() {
+        "PLAIN LOGIN OAUTHBEARER XOAUTH2"
+    } else {
+        "PLAIN LOGIN"
+    }
+}
+
+/// A command line split into its keyword (upper-cased) and the rest after
+/// one space.
+pub fn split(line: &[u8]) -> (String, &[u8]) {
+    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
+    let keyword = String::from_utf8_lossy(&line[..end]).to_ascii_uppercase();
+    let rest = line.get(end + 1..).unwrap_or_default();
+    (keyword, rest)
 }
 
 /// Runs the exchange for `mechanism` (upper-cased), with the client's

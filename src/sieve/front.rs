@@ -19,7 +19,7 @@ use crate::session::connect::{EnterError, Entered};
 use crate::session::gate::{
     Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
 };
-use crate::session::sasl::{exchange as sasl_exchange, Dialect};
+use crate::session::sasl::{exchange as sasl_exchange, mechanisms, Dialect};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
 use tokio::time::Instant;
@@ -56,18 +56,6 @@ struct Front<'a> {
 }
 
 impl Front<'_> {
-    fn auth_allowed(&self, stream: &ClientStream) -> bool {
-        stream.is_tls() || self.s.listener.allow_plaintext_auth
-    }
-
-    fn mechanisms(&self) -> &'static str {
-        if self.s.rt.oauth.is_some() {
-            "PLAIN LOGIN OAUTHBEARER XOAUTH2"
-        } else {
-            "PLAIN LOGIN"
-        }
-    }
-
     /// The capability list and the `OK` that ends it.
     fn capabilities(&self, stream: &ClientStream, ok: &str) -> String {
         let language = super::backend::seen_language().unwrap_or_else(|| {
@@ -83,8 +71,8 @@ impl Front<'_> {
         for (name, value) in language {
             out.push_str(&format!("{} {}\r\n", quoted(&name), quoted(&value)));
         }
-        if self.auth_allowed(stream) {
-            out.push_str(&format!("\"SASL\" \"{}\"\r\n", self.mechanisms()));
+        if self.s.logins_allowed(stream) {
+            out.push_str(&format!("\"SASL\" \"{}\"\r\n", mechanisms(self.s)));
         }
         if !stream.is_tls() && self.s.listener.tls == ListenerTls::Starttls {
             out.push_str("\"STARTTLS\"\r\n");
@@ -144,7 +132,7 @@ impl Front<'_> {
                     continue;
                 }
                 "AUTHENTICATE" => {
-                    if !self.auth_allowed(stream) {
+                    if !self.s.logins_allowed(stream) {
                         self.s.count_auth("none", "privacy_required");
                         self.refuse(
                             stream,
@@ -202,7 +190,7 @@ impl Front<'_> {
         sasl_exchange(self, stream, &mechanism, initial).await
     }
 
-    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+    async fn word_refusal(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
         match refusal {
             Refusal::Failed { at, why } => {
                 let response = match why {
@@ -320,6 +308,10 @@ impl Front<'_> {
 }
 
 impl Dialect for Front<'_> {
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+        self.word_refusal(stream, refusal).await
+    }
+
     fn session(&mut self) -> &mut Session {
         self.s
     }
@@ -355,17 +347,6 @@ impl Dialect for Front<'_> {
     async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()> {
         self.bad(stream, "Unsupported authentication mechanism")
             .await
-    }
-
-    async fn settled(
-        &mut self,
-        stream: &mut ClientStream,
-        checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>> {
-        match checked {
-            Ok(admitted) => Ok(Some(admitted)),
-            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
-        }
     }
 
     async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()> {

@@ -27,7 +27,7 @@ use crate::session::connect::{EnterError, Entered};
 use crate::session::gate::{
     Admitted, Failure, Refusal, AUTHORIZATION_TEXT, BLOCKED_TEXT, UNAVAILABLE_TEXT,
 };
-use crate::session::sasl::{exchange as sasl_exchange, Dialect};
+use crate::session::sasl::{exchange as sasl_exchange, mechanisms, split, Dialect};
 use crate::session::{reply, send, EndReason, Farewells, LoggedIn, Session, Step};
 use crate::stream::ClientStream;
 
@@ -79,27 +79,7 @@ struct Front<'a> {
     hostname: String,
 }
 
-/// A command line split into its keyword (upper-cased) and the rest.
-fn split(line: &[u8]) -> (String, &[u8]) {
-    let end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
-    let keyword = String::from_utf8_lossy(&line[..end]).to_ascii_uppercase();
-    let rest = line.get(end + 1..).unwrap_or_default();
-    (keyword, rest)
-}
-
 impl Front<'_> {
-    fn auth_allowed(&self, stream: &ClientStream) -> bool {
-        stream.is_tls() || self.s.listener.allow_plaintext_auth
-    }
-
-    fn mechanisms(&self) -> &'static str {
-        if self.s.rt.oauth.is_some() {
-            "PLAIN LOGIN OAUTHBEARER XOAUTH2"
-        } else {
-            "PLAIN LOGIN"
-        }
-    }
-
     /// The proxy's own EHLO answer: `AUTH` only where logging in is
     /// allowed, `STARTTLS` only before TLS, `CHUNKING` and `SMTPUTF8` only
     /// where configured (every backend must offer them).
@@ -112,8 +92,8 @@ impl Front<'_> {
         }
         lines.push("8BITMIME".into());
         lines.push("ENHANCEDSTATUSCODES".into());
-        if self.auth_allowed(stream) {
-            lines.push(format!("AUTH {}", self.mechanisms()));
+        if self.s.logins_allowed(stream) {
+            lines.push(format!("AUTH {}", mechanisms(self.s)));
         }
         if !stream.is_tls() && self.s.listener.tls == ListenerTls::Starttls {
             lines.push("STARTTLS".into());
@@ -205,7 +185,7 @@ impl Front<'_> {
                     continue;
                 }
                 "AUTH" => {
-                    if !self.auth_allowed(stream) {
+                    if !self.s.logins_allowed(stream) {
                         self.s.count_auth("none", "privacy_required");
                         let out = "538 5.7.11 Encryption required: use STARTTLS first";
                         self.bad(stream, out).await?;
@@ -256,7 +236,7 @@ impl Front<'_> {
     }
 
     /// Words a refusal of the login gate (RFC 4954 6 codes).
-    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+    async fn word_refusal(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
         match refusal {
             Refusal::Failed { at, why } => {
                 let response = match why {
@@ -365,6 +345,10 @@ impl Front<'_> {
 }
 
 impl Dialect for Front<'_> {
+    async fn refused(&mut self, stream: &mut ClientStream, refusal: Refusal) -> Step<()> {
+        self.word_refusal(stream, refusal).await
+    }
+
     fn session(&mut self) -> &mut Session {
         self.s
     }
@@ -392,17 +376,6 @@ impl Dialect for Front<'_> {
     async fn unsupported(&mut self, stream: &mut ClientStream) -> Step<()> {
         self.bad(stream, "504 5.5.4 Unrecognized authentication type")
             .await
-    }
-
-    async fn settled(
-        &mut self,
-        stream: &mut ClientStream,
-        checked: Result<Admitted, Refusal>,
-    ) -> Step<Option<Admitted>> {
-        match checked {
-            Ok(admitted) => Ok(Some(admitted)),
-            Err(refusal) => self.refused(stream, refusal).await.map(|_| None),
-        }
     }
 
     async fn token_failed(&mut self, stream: &mut ClientStream, at: Instant) -> Step<()> {
