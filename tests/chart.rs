@@ -5,9 +5,11 @@
 //! Operator objects, which it has no schema for, are checked here), the
 //! rendered Postern configuration through `postern check-config`, the
 //! PrometheusRule through promtool, the plain manifests equal to the
-//! default render, the cluster store (an external one, or the Valkey
-//! StatefulSet the chart runs) with its mounts and network policies, and
-//! the chart README naming every value.
+//! default render, the client listeners (IMAP, POP3, submission,
+//! ManageSieve) with their ports, policies and backend-port checks, the
+//! cluster store (an external one, or the Valkey StatefulSet the chart
+//! runs) with its mounts and network policies, and the chart README
+//! naming every value.
 //!
 //! The tools come from scripts/test: helm v3.18.0 (checked by its sha256),
 //! kubernetes-validate from PyPI, promtool from Debian's prometheus.
@@ -434,120 +436,148 @@ fn pods_are_locked_down_and_outlive_their_drain() {
     }
 }
 
+/// A render's client port names: the container's, the client Service's
+/// (name, port), and the NetworkPolicy's client ingress rule's (empty
+/// without a policy).
+fn client_ports(docs: &[Value]) -> (Vec<String>, Vec<(String, u64)>, Vec<String>) {
+    let container = &find(docs, "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0];
+    let container_ports = container["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| str_at(p, &["name"]).to_owned())
+        .collect();
+    let service_ports = client_service(docs)["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert_eq!(p["targetPort"], p["name"], "{p:?}");
+            (str_at(p, &["name"]).to_owned(), p["port"].as_u64().unwrap())
+        })
+        .collect();
+    let ingress = find(docs, "NetworkPolicy")
+        .map(|np| {
+            np["spec"]["ingress"][0]["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|p| str_at(p, &["port"]).to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (container_ports, service_ports, ingress)
+}
+
+fn client_service(docs: &[Value]) -> &Value {
+    docs.iter()
+        .find(|d| kind(d) == "Service" && str_at(d, &["metadata", "name"]) == "postern")
+        .unwrap()
+}
+
+/// The client Service's node port for the port named `name`.
+fn node_port(docs: &[Value], name: &str) -> Option<u64> {
+    client_service(docs)["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no Service port {name}"))["nodePort"]
+        .as_u64()
+}
+
+/// The rendered Postern configuration.
+fn rendered_config(docs: &[Value]) -> Value {
+    serde_yaml::from_str(
+        find(docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// The rendered configuration's listeners: (name, protocol, "tls bind").
+fn rendered_listeners(docs: &[Value]) -> Vec<(String, String, String)> {
+    rendered_config(docs)["listeners"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                str_at(l, &["name"]).to_owned(),
+                l["protocol"].as_str().unwrap_or("imap").to_owned(),
+                format!("{} {}", str_at(l, &["tls"]), str_at(l, &["bind"])),
+            )
+        })
+        .collect()
+}
+
+/// The NetworkPolicy's egress rules: (ports, peers) each.
+fn egress_rules(docs: &[Value]) -> Vec<(Vec<u64>, Value)> {
+    find(docs, "NetworkPolicy").unwrap()["spec"]["egress"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|rule| {
+            let ports = rule["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|p| p["port"].as_u64().unwrap())
+                .collect();
+            (ports, rule["to"].clone())
+        })
+        .collect()
+}
+
+fn owned<const N: usize>(rows: [(&str, &str, &str); N]) -> Vec<(String, String, String)> {
+    rows.iter()
+        .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        .collect()
+}
+
+fn named_ports<const N: usize>(rows: [(&str, u64); N]) -> Vec<(String, u64)> {
+    rows.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+}
+
 /// The POP3 listeners are off by default; enabled, their ports appear on
 /// the container, the Service (995, 110) and the NetworkPolicy, the
 /// configuration gets `protocol: pop3` listeners, and egress allows the
 /// backends' POP3 ports.
 #[test]
 fn pop3_ports_render_only_when_enabled() {
-    let port_names = |docs: &[Value]| -> (Vec<String>, Vec<(String, u64)>, Vec<String>) {
-        let container =
-            &find(docs, "Deployment").unwrap()["spec"]["template"]["spec"]["containers"][0];
-        let container_ports = container["ports"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|p| str_at(p, &["name"]).to_owned())
-            .collect();
-        let service = docs
-            .iter()
-            .find(|d| kind(d) == "Service" && str_at(d, &["metadata", "name"]) == "postern")
-            .unwrap();
-        let service_ports = service["spec"]["ports"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|p| {
-                assert_eq!(p["targetPort"], p["name"], "{p:?}");
-                (str_at(p, &["name"]).to_owned(), p["port"].as_u64().unwrap())
-            })
-            .collect();
-        let ingress = find(docs, "NetworkPolicy")
-            .map(|np| {
-                np["spec"]["ingress"][0]["ports"]
-                    .as_sequence()
-                    .unwrap()
-                    .iter()
-                    .map(|p| str_at(p, &["port"]).to_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        (container_ports, service_ports, ingress)
-    };
-    let listeners = |docs: &[Value]| -> Vec<(String, String, String)> {
-        let config: Value = serde_yaml::from_str(
-            find(docs, "ConfigMap").unwrap()["data"]["postern.yaml"]
-                .as_str()
-                .unwrap(),
-        )
-        .unwrap();
-        config["listeners"]
-            .as_sequence()
-            .unwrap()
-            .iter()
-            .map(|l| {
-                (
-                    str_at(l, &["name"]).to_owned(),
-                    l["protocol"].as_str().unwrap_or("imap").to_owned(),
-                    format!("{} {}", str_at(l, &["tls"]), str_at(l, &["bind"])),
-                )
-            })
-            .collect()
-    };
-
     let docs = documents(&render(&[
         "--set".to_owned(),
         "networkPolicy.enabled=true".to_owned(),
     ]));
-    let (container, service, ingress) = port_names(&docs);
+    let (container, service, ingress) = client_ports(&docs);
     assert_eq!(container, ["imaps", "imap", "metrics"]);
-    assert_eq!(
-        service,
-        [("imaps".to_owned(), 993), ("imap".to_owned(), 143)]
-    );
+    assert_eq!(service, named_ports([("imaps", 993), ("imap", 143)]));
     assert_eq!(ingress, ["imaps", "imap"]);
-    assert!(listeners(&docs)
+    assert!(rendered_listeners(&docs)
         .iter()
         .all(|(_, protocol, _)| protocol == "imap"));
 
     let values = chart().join("ci/pop3-values.yaml");
     let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
-    let (container, service, ingress) = port_names(&docs);
+    let (container, service, ingress) = client_ports(&docs);
     assert_eq!(container, ["imaps", "imap", "pop3s", "pop3", "metrics"]);
-    let want: Vec<(String, u64)> = [("imaps", 993), ("imap", 143), ("pop3s", 995), ("pop3", 110)]
-        .iter()
-        .map(|(n, p)| (n.to_string(), *p))
-        .collect();
-    assert_eq!(service, want);
+    assert_eq!(
+        service,
+        named_ports([("imaps", 993), ("imap", 143), ("pop3s", 995), ("pop3", 110)])
+    );
     assert_eq!(ingress, ["imaps", "imap", "pop3s", "pop3"]);
-    let want: Vec<(String, String, String)> = [
-        ("imaps", "imap", "implicit [::]:9993"),
-        ("imap", "imap", "starttls [::]:9143"),
-        ("pop3s", "pop3", "implicit [::]:9995"),
-        ("pop3", "pop3", "starttls [::]:9110"),
-    ]
-    .iter()
-    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
-    .collect();
-    assert_eq!(listeners(&docs), want);
-    let service = docs
-        .iter()
-        .find(|d| kind(d) == "Service" && str_at(d, &["metadata", "name"]) == "postern")
-        .unwrap();
-    let pop3s = service["spec"]["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"].as_str() == Some("pop3s"))
-        .unwrap();
-    assert_eq!(pop3s["nodePort"].as_u64(), Some(30995));
-    let egress: Vec<u64> = find(&docs, "NetworkPolicy").unwrap()["spec"]["egress"][1]["ports"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|p| p["port"].as_u64().unwrap())
-        .collect();
-    assert_eq!(egress, [143, 993, 110, 995]);
+    assert_eq!(
+        rendered_listeners(&docs),
+        owned([
+            ("imaps", "imap", "implicit [::]:9993"),
+            ("imap", "imap", "starttls [::]:9143"),
+            ("pop3s", "pop3", "implicit [::]:9995"),
+            ("pop3", "pop3", "starttls [::]:9110"),
+        ])
+    );
+    assert_eq!(node_port(&docs, "pop3s"), Some(30995));
+    assert_eq!(egress_rules(&docs)[1].0, [143, 993, 110, 995]);
 
     // POP3 alone: the IMAP ports go, the POP3 ones stay.
     let docs = documents(&render(&[
@@ -558,9 +588,156 @@ fn pop3_ports_render_only_when_enabled() {
         "--set".to_owned(),
         "listeners.imap=false".to_owned(),
     ]));
-    let (container, _, ingress) = port_names(&docs);
+    let (container, _, ingress) = client_ports(&docs);
     assert_eq!(container, ["pop3s", "pop3", "metrics"]);
     assert_eq!(ingress, ["pop3s", "pop3"]);
+}
+
+/// The submission (587 STARTTLS, 465 implicit TLS) and ManageSieve (4190)
+/// listeners are off by default; enabled, their ports appear on the
+/// container (9587, 9465, 9190), the Service (with node ports) and the
+/// NetworkPolicy, the configuration gets `protocol: submission` and
+/// `protocol: managesieve` listeners and the values' `submission` and
+/// `managesieve` blocks as they are, and egress allows the backends'
+/// submission and ManageSieve ports.
+#[test]
+fn submission_and_sieve_ports_render_only_when_enabled() {
+    let docs = documents(&render(&[]));
+    let config = rendered_config(&docs);
+    assert!(config.get("submission").is_none(), "{config:?}");
+    assert!(config.get("managesieve").is_none(), "{config:?}");
+
+    let values = chart().join("ci/submission-values.yaml");
+    let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
+    let (container, service, ingress) = client_ports(&docs);
+    assert_eq!(
+        container,
+        [
+            "imaps",
+            "imap",
+            "submission",
+            "submissions",
+            "sieve",
+            "metrics"
+        ]
+    );
+    assert_eq!(
+        service,
+        named_ports([
+            ("imaps", 993),
+            ("imap", 143),
+            ("submission", 587),
+            ("submissions", 465),
+            ("sieve", 4190),
+        ])
+    );
+    assert_eq!(
+        ingress,
+        ["imaps", "imap", "submission", "submissions", "sieve"]
+    );
+    assert_eq!(
+        rendered_listeners(&docs),
+        owned([
+            ("imaps", "imap", "implicit [::]:9993"),
+            ("imap", "imap", "starttls [::]:9143"),
+            ("submission", "submission", "starttls [::]:9587"),
+            ("submissions", "submission", "implicit [::]:9465"),
+            ("sieve", "managesieve", "starttls [::]:9190"),
+        ])
+    );
+    assert_eq!(node_port(&docs, "submission"), None);
+    assert_eq!(node_port(&docs, "submissions"), Some(30465));
+    assert_eq!(node_port(&docs, "sieve"), Some(30190));
+    let config = rendered_config(&docs);
+    assert_eq!(
+        str_at(&config, &["submission", "hostname"]),
+        "mail.example.com"
+    );
+    assert_eq!(
+        config["submission"]["max_message_size"].as_u64(),
+        Some(36700160)
+    );
+    assert_eq!(str_at(&config, &["submission", "greeting_delay"]), "2s");
+    assert!(str_at(&config, &["managesieve", "sieve_extensions"]).starts_with("fileinto "));
+    // DNS, then the backends: IMAP's ports, then each backend's submission
+    // and ManageSieve ports (587 and 4190, the archive's 465 and 14190).
+    let egress = egress_rules(&docs);
+    assert_eq!(egress.len(), 2, "{egress:?}");
+    assert_eq!(egress[1].0, [143, 993, 587, 465, 4190, 14190]);
+
+    // One listener at a time: only its ports, and only its backend port
+    // in egress.
+    for (on, port) in [("submission", 587), ("submissions", 465), ("sieve", 4190)] {
+        let mut args = vec!["-f".to_owned(), values.display().to_string()];
+        for name in ["imaps", "imap", "submission", "submissions", "sieve"] {
+            args.extend([
+                "--set".to_owned(),
+                format!("listeners.{name}={}", name == on),
+            ]);
+        }
+        let docs = documents(&render(&args));
+        let (container, service, ingress) = client_ports(&docs);
+        assert_eq!(container, [on, "metrics"]);
+        assert_eq!(service, named_ports([(on, port)]));
+        assert_eq!(ingress, [on]);
+        let want: &[u64] = if on == "sieve" {
+            &[143, 993, 4190, 14190]
+        } else {
+            &[143, 993, 587, 465]
+        };
+        assert_eq!(egress_rules(&docs)[1].0, want, "{on}");
+    }
+}
+
+/// With `submission.relays` every submission goes to those MTAs: the
+/// backends need no `submission_port`, and egress gets a rule of its own
+/// for the relays' ports, to `networkPolicy.egress.relayTo`, while a
+/// submission listener runs; the backends' submission ports are not opened.
+#[test]
+fn submission_relays_lift_the_backend_port_and_get_their_own_egress() {
+    let values = chart().join("ci/submission-relays-values.yaml");
+    let docs = documents(&render(&["-f".to_owned(), values.display().to_string()]));
+    let config = rendered_config(&docs);
+    let relays = config["submission"]["relays"].as_sequence().unwrap();
+    assert_eq!(relays.len(), 2);
+    assert!(config["backends"]["pool"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .all(|b| b.get("submission_port").is_none()));
+    let egress = egress_rules(&docs);
+    assert_eq!(egress.len(), 3, "{egress:?}");
+    assert_eq!(egress[1].0, [143, 993]);
+    assert_eq!(
+        egress[1].1[0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"].as_str(),
+        Some("mail")
+    );
+    assert_eq!(egress[2].0, [587, 465]);
+    assert_eq!(
+        str_at(&egress[2].1[0], &["ipBlock", "cidr"]),
+        "10.40.0.0/24"
+    );
+
+    // Backends that have submission ports anyway: relays win, their ports
+    // stay closed.
+    let docs = documents(&render(&[
+        "-f".to_owned(),
+        values.display().to_string(),
+        "--set".to_owned(),
+        "backends.pool[0].submission_port=10587".to_owned(),
+    ]));
+    let egress = egress_rules(&docs);
+    assert_eq!(egress[1].0, [143, 993]);
+    assert_eq!(egress[2].0, [587, 465]);
+
+    // No submission listener: no relay rule.
+    let docs = documents(&render(&[
+        "-f".to_owned(),
+        values.display().to_string(),
+        "--set".to_owned(),
+        "listeners.submissions=false".to_owned(),
+    ]));
+    assert_eq!(egress_rules(&docs).len(), 2);
 }
 
 /// Users from a chart-made Secret are mounted by its own key, whatever
@@ -1020,6 +1197,71 @@ fn bad_values_are_refused_with_the_key_named() {
         ),
         (&["containerPorts.pop3=0"], "containerPorts.pop3"),
         (
+            &["listeners.submission=true"],
+            "backends.pool[0].submission_port",
+        ),
+        (
+            &[
+                "listeners.submissions=true",
+                "backends.pool[0].name=a",
+                "backends.pool[0].address=a:143",
+                "backends.pool[0].submission_port=587",
+                "backends.pools[0].name=p",
+                "backends.pools[0].servers[0].name=b",
+                "backends.pools[0].servers[0].address=b:143",
+            ],
+            "backends.pools[0].servers[0].submission_port",
+        ),
+        (
+            // Relays set through `config` lift the requirement too; a
+            // ManageSieve listener still needs sieve_port.
+            &[
+                "listeners.submission=true",
+                "listeners.sieve=true",
+                "config.submission.relays[0].name=mta",
+                "config.submission.relays[0].address=mta:587",
+            ],
+            "backends.pool[0].sieve_port",
+        ),
+        (&["listeners.sieve=true"], "backends.pool[0].sieve_port"),
+        (
+            &[
+                "listeners.sieve=true",
+                "backends.pool[0].name=a",
+                "backends.pool[0].address=a:143",
+                "backends.pool[0].sieve_port=4190",
+                "backends.pools[0].name=p",
+                "backends.pools[0].servers[0].name=b",
+                "backends.pools[0].servers[0].address=b:143",
+            ],
+            "backends.pools[0].servers[0].sieve_port",
+        ),
+        (
+            &["containerPorts.submission=0"],
+            "containerPorts.submission",
+        ),
+        (&["containerPorts.sieve=70000"], "containerPorts.sieve"),
+        (&["service.nodePorts.sieve=80"], "service.nodePorts.sieve"),
+        (
+            &[
+                "submission.relays[0].name=mta",
+                "submission.relays[0].address=mta",
+            ],
+            "submission.relays",
+        ),
+        (
+            &[
+                "config.submission.relays[0].name=mta",
+                "config.submission.relays[0].address=mta",
+            ],
+            "submission.relays[0].address",
+        ),
+        (
+            &["submission.max_message_size=50M"],
+            "submission.max_message_size",
+        ),
+        (&["managesieve.extensions=x"], "managesieve"),
+        (
             &[
                 "users.format=passwd-file",
                 "users.entries[0].user=a",
@@ -1116,6 +1358,8 @@ fn chart_readme_documents_every_value() {
 fn leaf_keys(v: &Value, prefix: &str, out: &mut Vec<String>) {
     const WHOLE: &[&str] = &[
         "backends",
+        "submission",
+        "managesieve",
         "config",
         "resources",
         "podSecurityContext",

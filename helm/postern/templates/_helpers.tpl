@@ -71,7 +71,16 @@ app.kubernetes.io/part-of: postern
 
 {{/* The client listeners, in the order they are rendered everywhere. */}}
 {{- define "postern.clientListeners" -}}
-{{- list "imaps" "imap" "pop3s" "pop3" | toJson }}
+{{- list "imaps" "imap" "pop3s" "pop3" "submission" "submissions" "sieve" | toJson }}
+{{- end }}
+
+{{/* The protocol a client listener speaks, by its name. */}}
+{{- define "postern.listenerProtocol" -}}
+{{- if hasPrefix "pop3" . }}pop3
+{{- else if hasPrefix "submission" . }}submission
+{{- else if eq . "sieve" }}managesieve
+{{- else }}imap
+{{- end }}
 {{- end }}
 
 {{/* "true" when a POP3 listener runs, else "". */}}
@@ -79,18 +88,42 @@ app.kubernetes.io/part-of: postern
 {{- if or .Values.listeners.pop3s .Values.listeners.pop3 }}true{{ end }}
 {{- end }}
 
-{{/* The ports of the backends' POP3 services (their pop3_port), as JSON. */}}
-{{- define "postern.backendPop3Ports" -}}
-{{- $backends := (include "postern.config" . | fromYaml).backends }}
+{{/* "true" when a submission listener runs, else "". */}}
+{{- define "postern.submission" -}}
+{{- if or .Values.listeners.submission .Values.listeners.submissions }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the ManageSieve listener runs, else "". */}}
+{{- define "postern.sieve" -}}
+{{- if .Values.listeners.sieve }}true{{ end }}
+{{- end }}
+
+{{/* The ports of one of the backends' other services, as JSON: called
+with (list $ "pop3_port"), "submission_port" or "sieve_port". */}}
+{{- define "postern.backendServicePorts" -}}
+{{- $root := index . 0 }}
+{{- $key := index . 1 }}
+{{- $backends := (include "postern.config" $root | fromYaml).backends }}
 {{- $servers := concat (default list $backends.pool) }}
 {{- range (default list $backends.pools) }}
 {{- $servers = concat $servers (default list .servers) }}
 {{- end }}
 {{- $ports := list }}
 {{- range $servers }}
-{{- if .pop3_port }}
-{{- $ports = append $ports (int .pop3_port) }}
+{{- with index . $key }}
+{{- $ports = append $ports (int .) }}
 {{- end }}
+{{- end }}
+{{- $ports | uniq | toJson }}
+{{- end }}
+
+{{/* The ports of the submission relays (submission.relays: each address's
+port), as JSON; [] without relays. */}}
+{{- define "postern.relayPorts" -}}
+{{- $config := include "postern.config" . | fromYaml }}
+{{- $ports := list }}
+{{- range (dig "submission" "relays" list $config) }}
+{{- $ports = append $ports (regexFind ":[0-9]+$" .address | trimPrefix ":" | int) }}
 {{- end }}
 {{- $ports | uniq | toJson }}
 {{- end }}
@@ -101,9 +134,10 @@ app.kubernetes.io/part-of: postern
 {{- $listeners := list }}
 {{- range $name := include "postern.clientListeners" . | fromJsonArray }}
 {{- if index $v.listeners $name }}
-{{- $l := dict "name" $name "bind" (printf "%s:%d" $v.listeners.bindAddress (int (index $v.containerPorts $name))) "tls" (ternary "implicit" "starttls" (has $name (list "imaps" "pop3s"))) }}
-{{- if hasPrefix "pop3" $name }}
-{{- $_ := set $l "protocol" "pop3" }}
+{{- $l := dict "name" $name "bind" (printf "%s:%d" $v.listeners.bindAddress (int (index $v.containerPorts $name))) "tls" (ternary "implicit" "starttls" (has $name (list "imaps" "pop3s" "submissions"))) }}
+{{- $protocol := include "postern.listenerProtocol" $name }}
+{{- if ne $protocol "imap" }}
+{{- $_ := set $l "protocol" $protocol }}
 {{- end }}
 {{- if $v.proxyProtocol.enabled }}
 {{- if not $v.proxyProtocol.trustedNetworks }}
@@ -115,7 +149,7 @@ app.kubernetes.io/part-of: postern
 {{- end }}
 {{- end }}
 {{- if not $listeners }}
-{{- fail "listeners: enable at least one of listeners.imaps, listeners.imap, listeners.pop3s and listeners.pop3" }}
+{{- fail "listeners: enable at least one of listeners.imaps, listeners.imap, listeners.pop3s, listeners.pop3, listeners.submission, listeners.submissions and listeners.sieve" }}
 {{- end }}
 {{- $tls := dict }}
 {{- if include "postern.tlsSecret" . }}
@@ -134,6 +168,12 @@ app.kubernetes.io/part-of: postern
   "reload" (dict "watch" true)
   "log" (dict "format" $v.log.format "level" $v.log.level)
 }}
+{{- with $v.submission }}
+{{- $_ := set $config "submission" (deepCopy .) }}
+{{- end }}
+{{- with $v.managesieve }}
+{{- $_ := set $config "managesieve" (deepCopy .) }}
+{{- end }}
 {{- if $v.admin.enabled }}
 {{- $_ := set $config "admin" (dict "bind" (printf "127.0.0.1:%d" (int $v.admin.port)) "token_file" "/etc/postern/admin/token") }}
 {{- end }}
@@ -164,7 +204,19 @@ app.kubernetes.io/part-of: postern
 {{- fail "users.entries makes a YAML users file: use users.format yaml with it, or users.existingSecret for a passwd-file" }}
 {{- end }}
 {{- $config = mustMergeOverwrite $config (deepCopy $v.config) }}
+{{- /* The ports each running protocol needs on every backend. */}}
+{{- $relays := dig "submission" "relays" list $config }}
+{{- $needs := list }}
 {{- if include "postern.pop3" . }}
+{{- $needs = append $needs (list "pop3_port" "a POP3 listener (listeners.pop3s or listeners.pop3) runs, so every backend needs its POP3 port") }}
+{{- end }}
+{{- if and (include "postern.submission" .) (not $relays) }}
+{{- $needs = append $needs (list "submission_port" "a submission listener (listeners.submission or listeners.submissions) runs and submission.relays is empty, so every backend needs its submission port") }}
+{{- end }}
+{{- if include "postern.sieve" . }}
+{{- $needs = append $needs (list "sieve_port" "the ManageSieve listener (listeners.sieve) runs, so every backend needs its ManageSieve port") }}
+{{- end }}
+{{- if $needs }}
 {{- $pools := list (list "backends.pool" (default list $config.backends.pool)) }}
 {{- range $p, $pool := (default list $config.backends.pools) }}
 {{- $pools = append $pools (list (printf "backends.pools[%d].servers" $p) (default list $pool.servers)) }}
@@ -172,10 +224,17 @@ app.kubernetes.io/part-of: postern
 {{- range $pools }}
 {{- $key := index . 0 }}
 {{- range $j, $server := index . 1 }}
-{{- if not $server.pop3_port }}
-{{- fail (printf "%s[%d].pop3_port: a POP3 listener (listeners.pop3s or listeners.pop3) runs, so every backend needs its POP3 port" $key $j) }}
+{{- range $needs }}
+{{- if not (index $server (index . 0)) }}
+{{- fail (printf "%s[%d].%s: %s" $key $j (index . 0) (index . 1)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $i, $relay := $relays }}
+{{- if not (regexMatch ":[0-9]+$" (toString (default "" $relay.address))) }}
+{{- fail (printf "submission.relays[%d].address: the relay's host:port (its submission port), not %q" $i (toString (default "" $relay.address))) }}
 {{- end }}
 {{- end }}
 {{- toYaml $config }}
