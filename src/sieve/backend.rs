@@ -230,8 +230,9 @@ async fn login(
         .get("SASL")
         .is_some_and(|m| m.split(' ').any(|m| m.eq_ignore_ascii_case("PLAIN")));
     if !plain {
-        return Err(BackendError::Unsuitable(
-            "backend offers no SASL PLAIN".into(),
+        // The backend's set-up, not the user's: a protocol error.
+        return Err(BackendError::Protocol(
+            "backend offers no SASL PLAIN; nothing sent".into(),
         ));
     }
     let ids = req.identities()?;

@@ -291,8 +291,10 @@ async fn login(
     if !(vouched && auth.is_none()) {
         let plain = auth.is_some_and(|m| m.iter().any(|m| m.eq_ignore_ascii_case("PLAIN")));
         if !plain {
-            return Err(BackendError::Unsuitable(
-                "backend offers neither XCLIENT LOGIN nor AUTH PLAIN".into(),
+            // The backend's set-up, not the user's: counted as a
+            // protocol error, which the alert rules watch.
+            return Err(BackendError::Protocol(
+                "backend offers neither XCLIENT LOGIN nor AUTH PLAIN; nothing sent".into(),
             ));
         }
         let ids = req.identities()?;
