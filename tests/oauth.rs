@@ -516,3 +516,125 @@ fn token_login(port: u16, authenticate: &str) -> String {
     }
     first
 }
+
+/// Tokens over submission and ManageSieve: the same checks, the words of
+/// each protocol, the master user at the backend.
+#[test]
+fn tokens_log_in_over_submission_and_managesieve() {
+    use common::client::{tcp, tls_over};
+    use std::io::{BufRead, BufReader, Write};
+    let mta = common::postfix::PostfixServer::start("oauth-sub");
+    let b = DovecotBackend::start_services(
+        "oauth-services",
+        &[("alice@example.com", "only-dovecot-knows")],
+        &[],
+        &mta.addr(),
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "postern-test-oauth-{}-services",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = KeyPair::generate().unwrap();
+    std::fs::write(dir.join("jwks.json"), jwks(&key, "k1").to_string()).unwrap();
+    std::fs::write(dir.join("master.password"), "master-secret\n").unwrap();
+    let auth = format!(
+        "oauth: {{ jwks_file: {}, issuer: \"{ISSUER}\", audience: \"{AUDIENCE}\", user_claim: email }}",
+        dir.join("jwks.json").display()
+    );
+    let backend = format!(
+        "master_user: {{ user: proxymaster, password_file: {} }}",
+        dir.join("master.password").display()
+    );
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        auth_options: &auth,
+        backend_options: &backend,
+        submission: true,
+        sieve: true,
+        ..Setup::default()
+    });
+    let token = token_with(&key, es256(), claims("alice@example.com"));
+
+    // Submission over implicit TLS: XOAUTH2 with an initial response.
+    let tls = tls_over(tcp(p.submissions), "localhost", &[b"smtp"]).unwrap();
+    let mut c = Client::from_stream(tls);
+    assert!(c.line().starts_with("220 "));
+    c.send(b"EHLO client.example\r\n");
+    let mut ehlo = Vec::new();
+    loop {
+        let l = c.line();
+        let last = l.as_bytes()[3] == b' ';
+        ehlo.push(l);
+        if last {
+            break;
+        }
+    }
+    assert!(
+        ehlo.iter()
+            .any(|l| l.contains("AUTH PLAIN LOGIN OAUTHBEARER XOAUTH2")),
+        "{ehlo:?}"
+    );
+    c.send(format!("AUTH XOAUTH2 {}\r\n", xoauth2("alice@example.com", &token)).as_bytes());
+    assert_eq!(c.line(), "235 2.7.0 Authentication successful");
+    b.wait_log("submission-login: Info: Login: user=<alice@example.com>");
+    // A refused token: the error challenge, then 535.
+    let tls = tls_over(tcp(p.submissions), "localhost", &[b"smtp"]).unwrap();
+    let mut c = Client::from_stream(tls);
+    c.line();
+    c.send(b"EHLO client.example\r\n");
+    while c.line().as_bytes()[3] != b' ' {}
+    let forged = token_with(
+        &KeyPair::generate().unwrap(),
+        es256(),
+        claims("alice@example.com"),
+    );
+    c.send(
+        format!(
+            "AUTH OAUTHBEARER {}\r\n",
+            oauthbearer("alice@example.com", &forged)
+        )
+        .as_bytes(),
+    );
+    assert!(c.line().starts_with("334 "), "the JSON error challenge");
+    c.send(b"AQ==\r\n");
+    assert!(c.line().starts_with("535 5.7.8"));
+
+    // ManageSieve: OAUTHBEARER after STARTTLS.
+    let s = tcp(p.sieve);
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("OK") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    (&s).write_all(b"STARTTLS\r\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK"), "{line}");
+    let mut c = Client::from_stream(tls_over(s, "localhost", &[b"managesieve"]).unwrap());
+    let mut caps = Vec::new();
+    loop {
+        let l = c.line();
+        let done = l.starts_with("OK");
+        caps.push(l);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        caps.iter()
+            .any(|l| l == "\"SASL\" \"PLAIN LOGIN OAUTHBEARER XOAUTH2\""),
+        "{caps:?}"
+    );
+    c.send(
+        format!(
+            "AUTHENTICATE \"OAUTHBEARER\" \"{}\"\r\n",
+            oauthbearer("alice@example.com", &token)
+        )
+        .as_bytes(),
+    );
+    assert_eq!(c.line(), "OK \"Logged in.\"");
+    b.wait_log("managesieve-login: Info: Login: user=<alice@example.com>");
+    let _ = std::fs::remove_dir_all(&dir);
+}

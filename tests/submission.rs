@@ -425,6 +425,7 @@ fn a_backend_without_xclient_or_auth_gets_nothing() {
     let port = listener.local_addr().unwrap().port();
     let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let log = std::sync::Arc::clone(&heard);
+    let log_of_bare = std::sync::Arc::clone(&heard);
     std::thread::spawn(move || {
         for conn in listener.incoming().flatten() {
             let log = std::sync::Arc::clone(&log);
@@ -473,6 +474,31 @@ fn a_backend_without_xclient_or_auth_gets_nothing() {
             .iter()
             .all(|l| !l.starts_with("AUTH") && !l.contains(PASSWORD)),
         "no credential left the edge: {heard:?}"
+    );
+    // The same relay with `tls: starttls`: it offers no STARTTLS, so it
+    // gets nothing past EHLO.
+    let before = heard.len();
+    let extra = format!(
+        "submission:\n  relays:\n    - {{ name: bare, address: \"127.0.0.1:{port}\", tls: starttls }}\n"
+    );
+    let p2 = Postern::start(Setup {
+        backends: &[&d],
+        users: &user("alice"),
+        submission: true,
+        extra: &extra,
+        ..Setup::default()
+    });
+    let (mut t, _) = upgraded(p2.submission);
+    let answer = say(
+        &mut t,
+        &format!("AUTH PLAIN {}", plain_auth("alice", PASSWORD)),
+    );
+    assert!(answer.starts_with("454 4.7.0"), "{answer}");
+    p2.wait_for_log("backend does not offer STARTTLS; nothing sent");
+    let heard = log_of_bare.lock().unwrap()[before..].to_vec();
+    assert!(
+        heard.iter().all(|l| l.starts_with("EHLO")),
+        "nothing but EHLO reached the backend: {heard:?}"
     );
 }
 
