@@ -1831,6 +1831,16 @@ impl Config {
                 ));
             }
         }
+        if let Some(i) = self
+            .submission
+            .iter()
+            .flat_map(|s| s.relays.iter())
+            .position(|r| r.discover)
+        {
+            return Err(format!(
+                "key `submission.relays[{i}].discover`: relays are named one by one, not discovered"
+            ));
+        }
         if self.backends.discovery.interval < Duration::from_millis(100) {
             return Err("key `backends.discovery.interval`: must be at least 100ms".into());
         }

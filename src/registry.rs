@@ -24,6 +24,9 @@ pub struct SessionInfo {
     pub protocol: crate::config::Protocol,
     pub backend: String,
     pub started: SystemTime,
+    /// Logged in at a submission relay, not at the user's backend: the
+    /// cluster store never records it as the user's backend.
+    pub relayed: bool,
     /// Relayed bytes so far, client to backend and back.
     pub bytes_in: Arc<AtomicU64>,
     pub bytes_out: Arc<AtomicU64>,
@@ -49,6 +52,7 @@ impl SessionInfo {
             protocol,
             backend: backend.to_owned(),
             started: SystemTime::now(),
+            relayed: false,
             bytes_in: Arc::default(),
             bytes_out: Arc::default(),
             kicked: Latch::default(),

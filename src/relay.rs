@@ -71,6 +71,17 @@ pub trait Follow {
     fn compressed(&self) -> bool {
         false
     }
+    /// The client completed a command Postern must not pass on (SMTP's
+    /// `XCLIENT` after login would let it claim another user): the chunk
+    /// that completed it is not written, and the session ends.
+    fn forbidden(&self) -> bool {
+        false
+    }
+    /// Once stopped, how long the backend's response in flight may take
+    /// to finish.
+    fn finish_within(&self) -> Duration {
+        FINISH
+    }
 }
 
 /// How long the other direction may go on after one side has closed.
@@ -112,6 +123,8 @@ pub enum RelayEnd {
     /// The backend closed without saying `* BYE` first: it went away. The
     /// client's side is left open for the caller to say so.
     BackendLost,
+    /// The client sent a command Postern does not pass on after login.
+    Forbidden,
 }
 
 impl RelayEnd {
@@ -128,6 +141,7 @@ impl RelayEnd {
             RelayEnd::Stopped(StopCause::Drained) => "backend_drained",
             RelayEnd::Stopped(StopCause::BackendDown) => "backend_down",
             RelayEnd::BackendLost => "backend_lost",
+            RelayEnd::Forbidden => "forbidden_command",
         }
     }
 }
@@ -160,6 +174,8 @@ enum PumpEnd {
     /// Stopping: the backend's stream stands at a response boundary and
     /// the client has every byte read up to it.
     Boundary,
+    /// The client completed a command that is not passed on.
+    Forbidden,
 }
 
 enum State {
@@ -267,6 +283,12 @@ impl Pump {
                             let mut end = read.filled().len();
                             if !self.from_backend {
                                 watch.client_sent(read.filled());
+                                if watch.forbidden() {
+                                    // Not written: the backend never gets the
+                                    // command's line end.
+                                    give_buffer(buf);
+                                    return Poll::Ready(self.finish(PumpEnd::Forbidden));
+                                }
                             } else if let Some(cut) =
                                 watch.backend_sent(read.filled(), self.stopping)
                             {
@@ -431,7 +453,8 @@ where
     let end = poll_fn(|cx| {
         if stopping.is_none() {
             if let Poll::Ready(cause) = stop.as_mut().poll(cx) {
-                stopping = Some((cause, Box::pin(tokio::time::sleep(FINISH))));
+                let finish = watch.finish_within();
+                stopping = Some((cause, Box::pin(tokio::time::sleep(finish))));
                 down.stopping = true;
             }
         }
@@ -462,6 +485,7 @@ where
                 Poll::Ready(PumpEnd::ReadError) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::ClientError))
                 }
+                Poll::Ready(PumpEnd::Forbidden) => return Poll::Ready(RelayEnd::Forbidden),
                 // Not judged yet: the other direction reads on to the
                 // backend's own end (its BYE, then the reset), within LINGER.
                 Poll::Ready(PumpEnd::WriteError) => backend_write_failed = true,
@@ -486,7 +510,7 @@ where
                 Poll::Ready(PumpEnd::Lost) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::BackendLost))
                 }
-                Poll::Ready(PumpEnd::ReadError) => {
+                Poll::Ready(PumpEnd::ReadError | PumpEnd::Forbidden) => {
                     return Poll::Ready(closed.unwrap_or(RelayEnd::BackendError))
                 }
                 Poll::Ready(PumpEnd::WriteError) => {

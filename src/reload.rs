@@ -198,8 +198,14 @@ impl Reloader {
                 self.start_probes(&runtime).await;
                 self.live.store(Arc::clone(&runtime));
                 runtime.pool.retire_replaced(&old.pool);
-                if let (Some(new), Some(old)) = (&runtime.relays, &old.relays) {
-                    new.retire_replaced(old);
+                match (&runtime.relays, &old.relays) {
+                    (Some(new), Some(old)) => new.retire_replaced(old),
+                    (None, Some(old)) => {
+                        for relay in old.backends() {
+                            relay.retire();
+                        }
+                    }
+                    _ => {}
                 }
                 tracing::info!(why, version, "configuration reloaded");
                 self.metrics

@@ -159,6 +159,15 @@ fn sieve_connect_uploads_lists_activates_and_downloads_through_postern() {
         r#"postern_backend_logins_total{protocol="managesieve",result="success"}"#,
         |v| v >= 5.0,
     );
+    // Each run logged out: the backend's close after its OK is orderly.
+    p.wait_metric(
+        r#"postern_sessions_ended_total{protocol="managesieve",reason="backend_closed"}"#,
+        |v| v >= 5.0,
+    );
+    assert_eq!(
+        p.metric(r#"postern_sessions_ended_total{protocol="managesieve",reason="backend_lost"}"#),
+        0.0
+    );
 }
 
 #[test]

@@ -394,6 +394,21 @@ fn postfix_as_a_relay_takes_the_login_by_xclient() {
     let log = mta.wait_log("sasl_method=XCLIENT, sasl_username=alice");
     assert!(log.contains("client=unknown[127.0.0.7]"), "{log}");
 
+    // XCLIENT from the client after login never reaches the MTA: the
+    // session is closed before its line ends.
+    let (mut t, _) = upgraded(p.submission);
+    assert!(say(
+        &mut t,
+        &format!("AUTH PLAIN {}", plain_auth("alice", PASSWORD))
+    )
+    .starts_with("235"));
+    t.send(b"XCLIENT LOGIN=ceo ADDR=10.9.9.9\r\n");
+    assert!(t.closed(), "the session ends");
+    p.wait_metric(
+        r#"postern_sessions_ended_total{protocol="submission",reason="forbidden_command"}"#,
+        |v| v >= 1.0,
+    );
+
     // A wrong password never opens a connection to the MTA.
     let connects = |log: &str| log.matches(": connect from").count();
     let before = connects(&mta.log());
@@ -415,6 +430,10 @@ fn postfix_as_a_relay_takes_the_login_by_xclient() {
         connects(&log),
         before + 1,
         "only the marker connected:\n{log}"
+    );
+    assert!(
+        !log.contains("sasl_username=ceo") && !log.contains("10.9.9.9"),
+        "{log}"
     );
 }
 

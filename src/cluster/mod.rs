@@ -734,6 +734,10 @@ impl Cluster {
     #[allow(clippy::type_complexity)]
     fn registration(&self, s: &SessionInfo) -> Option<([String; 3], Vec<String>)> {
         let shared = self.shared.as_ref()?;
+        if s.relayed {
+            // Its backend is a relay, not where the user's mail lives.
+            return None;
+        }
         let c = &shared.config;
         let fp = self.fingerprint(&s.user);
         let info = serde_json::json!({

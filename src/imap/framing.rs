@@ -82,6 +82,9 @@ pub struct CommandReader {
     buf: Vec<u8>,
     max_line: usize,
     max_literal: usize,
+    /// Answer a synchronizing literal with `+ Ready` (IMAP); off for
+    /// ManageSieve, whose clients send only `{n+}` and get no continuation.
+    continuations: bool,
 }
 
 impl CommandReader {
@@ -90,7 +93,15 @@ impl CommandReader {
             buf: Vec::new(),
             max_line,
             max_literal,
+            continuations: true,
         }
+    }
+
+    /// A reader that never writes a continuation request: every literal
+    /// is read as if non-synchronizing.
+    pub fn without_continuations(mut self) -> Self {
+        self.continuations = false;
+        self
     }
 
     /// Forgets every byte read but not yet consumed. STARTTLS calls this so
@@ -134,7 +145,7 @@ impl CommandReader {
             }
             let size = size as usize;
             literal_len += size;
-            if marker.synchronizing {
+            if marker.synchronizing && self.continuations {
                 stream.write_all(b"+ Ready for literal data\r\n").await?;
                 stream.flush().await?;
             }

@@ -162,7 +162,7 @@ impl Backend {
         config == *server
     }
 
-    fn retire(&self) {
+    pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
     }
 

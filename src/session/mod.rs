@@ -295,18 +295,18 @@ impl Session {
 
         let m = &self.rt.metrics;
         let relay_started = Instant::now();
-        let registration = self.registry.register(SessionInfo::new(
+        let mut info = SessionInfo::new(
             &self.id,
             self.user.as_deref().unwrap_or("-"),
             self.peer,
             &self.listener.name,
             self.listener.protocol,
             self.backend.as_deref().unwrap_or("-"),
-        ));
+        );
+        info.relayed = self.relayed;
+        let registration = self.registry.register(info);
         let info = Arc::clone(registration.info());
-        if !self.relayed {
-            rt.cluster.register(&info);
-        }
+        rt.cluster.register(&info);
         let counters = Counters {
             client_to_backend: m.relay_bytes.with_label_values(&["client_to_backend"]),
             backend_to_client: m.relay_bytes.with_label_values(&["backend_to_client"]),
@@ -371,6 +371,13 @@ impl Session {
             Protocol::Managesieve => follow!(crate::sieve::watch::Watch::new()),
         };
         drop(registration);
+        if outcome.end == RelayEnd::Forbidden {
+            tracing::warn!(
+                client = %self.peer,
+                user = self.user.as_deref().unwrap_or("-"),
+                "session closed: the client sent XCLIENT or XFORWARD after login"
+            );
+        }
         // Shutting down, or ended by an administrator: the client is told
         // at once. The backend went down or away under the session: say so
         // at a random moment within the jitter, so its clients do not all

@@ -44,7 +44,8 @@ const AUTHENTICATION_FAILED: &str = "NO \"Authentication failed.\"";
 pub async fn preauth(session: &mut Session, stream: &mut ClientStream) -> Step<LoggedIn> {
     let max_line = session.max_line();
     let mut front = Front {
-        reader: CommandReader::new(max_line, max_line),
+        // RFC 5804 4: clients send only non-synchronizing literals.
+        reader: CommandReader::new(max_line, max_line).without_continuations(),
         s: session,
     };
     front.run(stream).await

@@ -10,8 +10,9 @@
 //! is any number of data lines ended by a line starting with `OK`, `NO` or
 //! `BYE`. The state is a few dozen bytes; nothing is buffered.
 //!
-//! The backend's `BYE` (to `LOGOUT` it answers `OK` and closes, which is
-//! orderly too) is its last word. What the watch cannot follow (a line
+//! The backend's `BYE`, and its answer to `LOGOUT` (`OK`, then it
+//! closes), are its last word. Postern's `BYE` is written only where the
+//! client is not in the middle of a command (a `PUTSCRIPT` literal). What the watch cannot follow (a line
 //! longer than it reads, a response nothing asked for, `STARTTLS` or
 //! `AUTHENTICATE` after login, too many commands pending) makes it give
 //! up: Postern then only closes.
@@ -144,6 +145,8 @@ pub struct Watch {
     client: Lines,
     backend: Lines,
     pending: u32,
+    /// Responses until the one answering `LOGOUT`, when one is owed.
+    logout_in: Option<u32>,
     bye: bool,
     gave_up: bool,
 }
@@ -157,7 +160,7 @@ impl Watch {
         if self.gave_up {
             return;
         }
-        let mut pending = self.pending;
+        let (mut pending, mut logout_in) = (self.pending, self.logout_in);
         let mut gave_up = false;
         let fed = self.client.feed(chunk, |line, _| {
             let word = line.first_word();
@@ -169,9 +172,13 @@ impl Watch {
                 return true;
             }
             pending += 1;
+            if word.eq_ignore_ascii_case(b"LOGOUT") && logout_in.is_none() {
+                logout_in = Some(pending);
+            }
             false
         });
         self.pending = pending;
+        self.logout_in = logout_in;
         if fed.is_err() || gave_up {
             self.gave_up = true;
         }
@@ -182,6 +189,7 @@ impl Watch {
             return None;
         }
         let (mut pending, mut bye, mut gave_up) = (self.pending, self.bye, false);
+        let mut logout_in = self.logout_in;
         let mut cut = None;
         let fed = self.backend.feed(chunk, |line, at| {
             let word = line.first_word();
@@ -190,6 +198,13 @@ impl Watch {
                 .any(|w| word.eq_ignore_ascii_case(w));
             if !status {
                 return false;
+            }
+            if let Some(n) = logout_in {
+                // The answer to LOGOUT: the backend closes next.
+                if n == 1 {
+                    bye = true;
+                }
+                logout_in = n.checked_sub(1).filter(|&n| n > 0);
             }
             if word.eq_ignore_ascii_case(b"BYE") {
                 bye = true;
@@ -208,6 +223,7 @@ impl Watch {
         });
         self.pending = pending;
         self.bye = bye;
+        self.logout_in = logout_in;
         if fed.is_err() || gave_up {
             self.gave_up = true;
             return None;
@@ -228,7 +244,8 @@ impl Watch {
     }
 
     pub fn farewell(&mut self) -> Farewell {
-        if self.gave_up || self.bye || !self.at_boundary() {
+        let mid_command = !self.client.at_line_start();
+        if self.gave_up || self.bye || mid_command || !self.at_boundary() {
             Farewell::Silent
         } else {
             Farewell::Plain
@@ -334,6 +351,28 @@ mod tests {
         let mut w = Watch::new();
         feed(&mut w, &vec![b'a'; MAX_LINE as usize + 2], b"", 4096);
         assert!(!w.following());
+    }
+
+    #[test]
+    fn the_answer_to_logout_is_the_last_word() {
+        let mut w = Watch::new();
+        feed(
+            &mut w,
+            b"NOOP\r\nLOGOUT\r\n",
+            b"OK \"NOOP completed.\"\r\n",
+            3,
+        );
+        assert!(!w.bye_seen());
+        feed(&mut w, b"", b"OK \"Logout completed.\"\r\n", 3);
+        assert!(w.bye_seen() && w.following());
+    }
+
+    #[test]
+    fn no_bye_while_the_client_sends_a_literal() {
+        let mut w = Watch::new();
+        w.client_sent(b"PUTSCRIPT \"big\" {200000+}\r\nrequire");
+        assert!(w.at_boundary(), "the backend owes nothing yet");
+        assert!(matches!(w.farewell(), Farewell::Silent));
     }
 
     #[test]

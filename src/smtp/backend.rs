@@ -231,7 +231,9 @@ pub fn xtext(value: &str) -> String {
 fn xclient_line(attributes: &[&str], req: &LoginRequest<'_>) -> Option<(String, bool)> {
     let listed = |a: &str| attributes.iter().any(|x| x.eq_ignore_ascii_case(a));
     let mut line = String::from("XCLIENT");
-    if let Some(addrs) = req.client {
+    // The address only where the configuration forwards it; the login and
+    // EHLO name always.
+    if let Some(addrs) = req.client.filter(|_| req.send_id) {
         let ip = addrs.peer.ip().to_canonical();
         if listed("ADDR") {
             match ip {
@@ -271,7 +273,7 @@ async fn login(
             .map(|s| s.to_ascii_uppercase())
             .collect::<Vec<String>>()
     });
-    if let Some(attributes) = xclient.filter(|_| req.send_id) {
+    if let Some(attributes) = xclient {
         let attributes: Vec<&str> = attributes.iter().map(String::as_str).collect();
         if let Some((line, login)) = xclient_line(&attributes, req) {
             conn.send(line.as_bytes()).await?;

@@ -15,6 +15,15 @@
 //! each last line answers the oldest command pending. The state is a few
 //! dozen bytes; nothing is allocated or buffered.
 //!
+//! After login the client may not send `XCLIENT` or `XFORWARD`: an MTA
+//! that trusts Postern's address would take the client's word for another
+//! user or address. Such a command is never passed on whole (its line end
+//! is held back) and the session ends ([`Watch::forbidden`]). Once the
+//! client has sent a message's end, a stop waits up to
+//! [`VERDICT_WAIT`] for the backend's verdict on it, not the usual two
+//! seconds, so that a slow relay or filter does not leave the client
+//! without an answer to a message the backend then delivers.
+//!
 //! The backend's last word is `221` (to `QUIT`) or `421` (it is closing):
 //! its end of stream is orderly after either. What the watch cannot
 //! follow makes it give up for good (`STARTTLS` or a `334` challenge after
@@ -23,9 +32,13 @@
 
 use crate::relay::Farewell;
 
-/// Commands pending a reply beyond which the watch gives up; each is one
-/// bit here.
-pub const MAX_PENDING: u32 = u64::BITS;
+/// Commands pending a reply beyond which the watch gives up (RFC 5321
+/// 4.5.3.1.8: at least 100 recipients per message, pipelined).
+pub const MAX_PENDING: u32 = 1000;
+
+/// How long a stopped relay waits for the backend's verdict on a message
+/// whose end the client has sent.
+pub const VERDICT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The longest command line followed, CRLF included (RFC 5321 allows 512
 /// octets, extensions add parameters).
@@ -60,10 +73,15 @@ pub struct Watch {
     /// The start of the client's command line so far, and its length.
     head: [u8; HEAD],
     line_len: u32,
-    /// Replies owed, oldest in the lowest bit: 1 for `DATA` (answered by
-    /// `354`, or refused), 0 for anything else.
-    kinds: u64,
+    /// Replies owed, and how many come before `DATA`'s (answered by `354`,
+    /// or refused) when one is owed: a client waits for it before anything
+    /// else (RFC 2920), so there is at most one.
     pending: u32,
+    data_at: Option<u32>,
+    /// A message's end (or a `BDAT` chunk) was sent and replies are owed.
+    verdict_owed: bool,
+    /// The client sent a command that must not reach the backend.
+    forbidden: bool,
     /// The start of the backend's reply line so far, and its length.
     reply: [u8; 4],
     reply_len: u32,
@@ -85,8 +103,10 @@ impl Watch {
             client: Client::Commands,
             head: [0; HEAD],
             line_len: 0,
-            kinds: 0,
             pending: 0,
+            data_at: None,
+            verdict_owed: false,
+            forbidden: false,
             reply: [0; 4],
             reply_len: 0,
             more: false,
@@ -100,11 +120,13 @@ impl Watch {
     }
 
     fn push(&mut self, data: bool) {
-        if self.pending == MAX_PENDING {
+        if self.pending == MAX_PENDING || (data && self.data_at.is_some()) {
             self.give_up();
             return;
         }
-        self.kinds |= (data as u64) << self.pending;
+        if data {
+            self.data_at = Some(self.pending);
+        }
         self.pending += 1;
     }
 
@@ -113,10 +135,21 @@ impl Watch {
         if self.pending == 0 {
             return None;
         }
-        let data = self.kinds & 1 == 1;
-        self.kinds >>= 1;
         self.pending -= 1;
-        Some(data)
+        if self.pending == 0 {
+            self.verdict_owed = false;
+        }
+        Some(match self.data_at {
+            Some(0) => {
+                self.data_at = None;
+                true
+            }
+            Some(n) => {
+                self.data_at = Some(n - 1);
+                false
+            }
+            None => false,
+        })
     }
 
     pub fn client_sent(&mut self, mut chunk: &[u8]) {
@@ -189,6 +222,7 @@ impl Watch {
                         // The message's verdict is owed.
                         self.client = Client::Commands;
                         self.push(false);
+                        self.verdict_owed = true;
                     } else {
                         self.client = Client::Message { line_start, dot };
                     }
@@ -228,12 +262,16 @@ impl Watch {
             match size {
                 Some(size) if digits > 0 => {
                     self.push(false);
+                    self.verdict_owed = true;
                     if size > 0 {
                         self.client = Client::Chunk(size);
                     }
                 }
                 _ => self.give_up(),
             }
+        } else if word.eq_ignore_ascii_case(b"XCLIENT") || word.eq_ignore_ascii_case(b"XFORWARD") {
+            self.forbidden = true;
+            self.give_up();
         } else if word.eq_ignore_ascii_case(b"STARTTLS") {
             self.give_up();
         } else {
@@ -369,6 +407,16 @@ impl crate::relay::Follow for Watch {
     fn farewell(&mut self) -> Farewell {
         Watch::farewell(self)
     }
+    fn forbidden(&self) -> bool {
+        self.forbidden
+    }
+    fn finish_within(&self) -> std::time::Duration {
+        if self.verdict_owed && self.following() {
+            VERDICT_WAIT
+        } else {
+            crate::relay::FINISH
+        }
+    }
 }
 
 #[cfg(test)]
@@ -497,6 +545,45 @@ mod tests {
         let mut w = Watch::new();
         backend(&mut w, b"421 4.4.2 Timeout exceeded\r\n", 64);
         assert!(w.bye_seen() && w.following());
+    }
+
+    #[test]
+    fn a_hundred_recipients_pipelined_are_followed() {
+        use crate::relay::Follow;
+        let mut w = Watch::new();
+        let mut commands = b"MAIL FROM:<a@x>\r\n".to_vec();
+        for i in 0..100 {
+            commands.extend_from_slice(format!("RCPT TO:<r{i}@y>\r\n").as_bytes());
+        }
+        commands.extend_from_slice(b"DATA\r\n");
+        client(&mut w, &commands, 1000);
+        backend(&mut w, &b"250 ok\r\n".repeat(101), 999);
+        assert_eq!(w.client, Client::AwaitingData);
+        backend(&mut w, b"354 go\r\n", 64);
+        client(&mut w, b"x\r\n.\r\n", 64);
+        assert_eq!(
+            w.finish_within(),
+            VERDICT_WAIT,
+            "the message's verdict is owed"
+        );
+        backend(&mut w, b"250 queued\r\n", 64);
+        assert!(plain(&mut w) && w.following());
+        assert_eq!(w.finish_within(), crate::relay::FINISH);
+    }
+
+    #[test]
+    fn xclient_and_xforward_after_login_are_forbidden() {
+        use crate::relay::Follow;
+        for line in [
+            &b"XCLIENT LOGIN=ceo ADDR=10.9.9.9\r\n"[..],
+            b"xforward addr=1.2.3.4\r\n",
+        ] {
+            let mut w = Watch::new();
+            client(&mut w, b"NOOP\r\n", 64);
+            assert!(!Follow::forbidden(&w));
+            client(&mut w, line, 64);
+            assert!(Follow::forbidden(&w) && !w.following());
+        }
     }
 
     #[test]
