@@ -266,6 +266,10 @@ fn a_user_stays_where_their_sessions_are_whatever_one_replica_sees() {
         b.logins()
     );
     assert!(rs[1].p.metric("postern_routes_total{reason=\"sticky\"}") >= 1.0);
+    // Registrations are sent without waiting: all three in the store first.
+    common::wait_until("the three sessions recorded in the store", SETTLE, || {
+        live_sessions(&rs[0], &walker) == 3
+    });
 
     // A dry run of a pool without cl-st-a (the file is not watched here):
     // the user and their three sessions, on three replicas, would move.
