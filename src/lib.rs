@@ -9,7 +9,8 @@
 //! - [`tls`]: rustls server config, SNI certificates, the self-signed default.
 //! - [`tls_conn`]: a client's TLS connection, holding no buffer while idle.
 //! - [`session`]: the pipeline every protocol shares, from accept to the
-//!   relay's end; [`session::gate`] (the login gate: names, the defence,
+//!   relay's end; [`session::sasl`] (the SASL exchange of the line
+//!   protocols); [`session::gate`] (the login gate: names, the defence,
 //!   credential and token checks, typed refusals) and [`session::connect`]
 //!   (per-user limit, routing with failover, the protocol's backend login).
 //! - the protocol fronts, which own only framing, commands, replies and
