@@ -159,9 +159,10 @@ fn sieve_connect_uploads_lists_activates_and_downloads_through_postern() {
         r#"postern_backend_logins_total{protocol="managesieve",result="success"}"#,
         |v| v >= 5.0,
     );
-    // Each run logged out: the backend's close after its OK is orderly.
+    // Each run logged out: whichever side closed first after the OK, the
+    // ending is orderly, never a lost backend.
     p.wait_metric(
-        r#"postern_sessions_ended_total{protocol="managesieve",reason="backend_closed"}"#,
+        r#"postern_sessions_ended_total{protocol="managesieve"}"#,
         |v| v >= 5.0,
     );
     assert_eq!(
