@@ -251,7 +251,28 @@ pub async fn connect_and_login(
     backend: &Backend,
     req: &LoginRequest<'_>,
 ) -> Result<BackendSession, BackendError> {
-    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&backend.address))
+    open(backend, &backend.address, req, |tcp| async move {
+        let (conn, caps) = start(backend, tcp).await?;
+        login(conn, caps, req).await
+    })
+    .await
+}
+
+/// What every protocol's backend login starts with: connect to `address`
+/// within `connect_timeout`, then, within `login_timeout`, a PROXY v2
+/// header where the backend wants one and the protocol's `login` on the
+/// connection.
+pub(crate) async fn open<F, Fut>(
+    backend: &Backend,
+    address: &str,
+    req: &LoginRequest<'_>,
+    login: F,
+) -> Result<BackendSession, BackendError>
+where
+    F: FnOnce(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = Result<BackendSession, BackendError>>,
+{
+    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(address))
         .await
         .map_err(|_| BackendError::Timeout("connecting"))??;
     let session = async {
@@ -261,8 +282,7 @@ pub async fn connect_and_login(
             let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
             tcp.write_all(&header).await?;
         }
-        let (conn, caps) = start(backend, tcp).await?;
-        login(conn, caps, req).await
+        login(tcp).await
     };
     tokio::time::timeout(req.login_timeout, session)
         .await

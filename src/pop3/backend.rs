@@ -16,14 +16,11 @@
 //! refusal. Bytes after the backend's `+OK` to the login belong to the
 //! client and are handed to the relay.
 
-use tokio::io::AsyncWriteExt;
-
 use crate::backend::{
-    connect, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
+    open, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
 };
 use crate::config::BackendTlsMode;
 use crate::imap::{sasl, Capabilities, Secret};
-use crate::proxy_protocol;
 use crate::route::Backend;
 
 /// Most lines of a CAPA answer read; a longer list is a broken backend.
@@ -36,20 +33,11 @@ pub async fn connect_and_login(
     let Some(address) = backend.address_for(crate::config::Protocol::Pop3) else {
         return Err(BackendError::Unsuitable("backend has no pop3_port".into()));
     };
-    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&address))
-        .await
-        .map_err(|_| BackendError::Timeout("connecting"))??;
-    let session = async {
-        if backend.proxy_protocol {
-            let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
-            tcp.write_all(&header).await?;
-        }
+    open(backend, &address, req, |tcp| async move {
         let (conn, caps) = start(backend, tcp).await?;
         login(conn, caps, req).await
-    };
-    tokio::time::timeout(req.login_timeout, session)
-        .await
-        .map_err(|_| BackendError::Timeout("logging in"))?
+    })
+    .await
 }
 
 /// The capabilities a POP3 server listed in CAPA (RFC 2449), by keyword.

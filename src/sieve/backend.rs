@@ -15,14 +15,11 @@
 
 use std::sync::RwLock;
 
-use tokio::io::AsyncWriteExt;
-
 use crate::backend::{
-    connect, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
+    open, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
 };
 use crate::config::{BackendTlsMode, Protocol};
 use crate::imap::{sasl, Capabilities, Secret};
-use crate::proxy_protocol;
 use crate::route::Backend;
 
 use super::{line_tokens, quoted, Token};
@@ -52,20 +49,11 @@ pub async fn connect_and_login(
     let Some(address) = backend.address_for(Protocol::Managesieve) else {
         return Err(BackendError::Unsuitable("backend has no sieve_port".into()));
     };
-    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&address))
-        .await
-        .map_err(|_| BackendError::Timeout("connecting"))??;
-    let session = async {
-        if backend.proxy_protocol {
-            let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
-            tcp.write_all(&header).await?;
-        }
+    open(backend, &address, req, |tcp| async move {
         let (conn, caps) = start(backend, tcp).await?;
         login(conn, caps, req).await
-    };
-    tokio::time::timeout(req.login_timeout, session)
-        .await
-        .map_err(|_| BackendError::Timeout("logging in"))?
+    })
+    .await
 }
 
 /// A response's last line: `OK`, `NO` or `BYE`, and its whole text.

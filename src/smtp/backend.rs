@@ -22,14 +22,11 @@
 //! Replies are read by their class: `4xx` is temporary (the pipeline may
 //! try the next backend), `5xx` to the login a refusal.
 
-use tokio::io::AsyncWriteExt;
-
 use crate::backend::{
-    connect, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
+    open, tls_handshake, BackendError, BackendSession, BackendStream, Conn, LoginRequest,
 };
 use crate::config::{BackendTlsMode, Protocol};
 use crate::imap::{sasl, Capabilities, Secret};
-use crate::proxy_protocol;
 use crate::route::Backend;
 
 /// Most lines of one reply read; a longer one is a broken backend.
@@ -55,20 +52,11 @@ pub async fn connect_and_login(
             .address_for(Protocol::Submission)
             .ok_or_else(|| BackendError::Unsuitable("backend has no submission_port".into()))?,
     };
-    let mut tcp = tokio::time::timeout(req.connect_timeout, connect(&address))
-        .await
-        .map_err(|_| BackendError::Timeout("connecting"))??;
-    let session = async {
-        if backend.proxy_protocol {
-            let header = proxy_protocol::v2_header(req.client.map(|c| (c.peer, c.local)));
-            tcp.write_all(&header).await?;
-        }
+    open(backend, &address, req, |tcp| async move {
         let (conn, ehlo) = start(backend, tcp, hostname).await?;
         login(conn, ehlo, req, hostname).await
-    };
-    tokio::time::timeout(req.login_timeout, session)
-        .await
-        .map_err(|_| BackendError::Timeout("logging in"))?
+    })
+    .await
 }
 
 /// One reply: its code and its lines' texts.
