@@ -159,6 +159,10 @@ pub struct LoginRequest<'a> {
     /// The client's EHLO name (submission), passed on where the backend
     /// takes it.
     pub helo: Option<&'a str>,
+    /// Set once the user's credentials (or `XCLIENT LOGIN=`, which vouches
+    /// for the user) are about to leave: a failure before it happened says
+    /// nothing of the user, and the login may go to the next backend.
+    pub credentials_sent: std::sync::atomic::AtomicBool,
 }
 
 /// Who logs in at a backend: the authorization identity (empty when the
@@ -174,8 +178,10 @@ impl LoginRequest<'_> {
     /// authorization identity, or joined to the name with the separator
     /// (refused, as unsuitable, for a name that holds the separator: the
     /// backend would split it and log in as someone else).
+    ///
+    /// Called right before the credentials are written: it marks them sent.
     pub fn identities(&self) -> Result<Identities<'_>, BackendError> {
-        Ok(match self.master {
+        let ids = match self.master {
             None => Identities {
                 authzid: b"",
                 authcid: self.user.as_bytes().into(),
@@ -201,7 +207,21 @@ impl LoginRequest<'_> {
                     password: &m.password,
                 }
             }
-        })
+        };
+        self.mark_credentials_sent();
+        Ok(ids)
+    }
+
+    /// The credentials (or a vouching `XCLIENT LOGIN=`) are about to leave.
+    pub fn mark_credentials_sent(&self) {
+        self.credentials_sent
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the backend may have had the user's credentials.
+    pub fn credentials_were_sent(&self) -> bool {
+        self.credentials_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -237,6 +257,7 @@ pub async fn probe(backend: &Backend, login: Option<(&str, &Secret)>) -> Result<
             connect_timeout: Duration::ZERO,
             login_timeout: Duration::ZERO,
             helo: None,
+            credentials_sent: Default::default(),
         };
         let session = self::login(conn, caps, &req).await?;
         conn = Conn::new(session.stream);

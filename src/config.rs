@@ -861,10 +861,18 @@ pub struct Backends {
     #[serde(default = "default_passive_fall")]
     pub passive_fall: u32,
     /// Sessions on a backend that goes down are closed with
-    /// `* BYE [UNAVAILABLE]` at a random moment within this time, so their
-    /// clients do not reconnect to the survivors in one burst.
+    /// `* BYE [UNAVAILABLE]` at a random moment within a spread, so their
+    /// clients do not reconnect to the survivors in one burst: the spread
+    /// is the herd (the sessions this process had on the backend) over
+    /// `reconnect_rate`, at most this. A session whose client is waiting
+    /// for an answer is told at once.
     #[serde(default = "default_reconnect_jitter", deserialize_with = "duration")]
     pub reconnect_jitter: Duration,
+    /// Logins per second the surviving backends take from this process's
+    /// herd when a backend goes down: 1000 sessions at 200/s are told over
+    /// 5 s, 50 over a quarter of a second. Per replica.
+    #[serde(default = "default_reconnect_rate")]
+    pub reconnect_rate: f64,
     /// Consistent hashing with bounded loads: no backend takes a new
     /// session while it holds more than this factor of the pool's mean
     /// active sessions (counted in this process); the user goes to their
@@ -1215,6 +1223,9 @@ fn default_passive_fall() -> u32 {
 }
 fn default_reconnect_jitter() -> Duration {
     Duration::from_secs(10)
+}
+fn default_reconnect_rate() -> f64 {
+    200.0
 }
 fn default_weight() -> u32 {
     1
@@ -1859,6 +1870,12 @@ impl Config {
                 return Err("key `backends.health_check.login.user`: not a user name".into());
             }
         }
+        let rate = self.backends.reconnect_rate;
+        if !(rate.is_finite() && (0.1..=1_000_000.0).contains(&rate)) {
+            return Err(format!(
+                "key `backends.reconnect_rate`: must be between 0.1 and 1000000 logins per second, not {rate}"
+            ));
+        }
         if let Some(f) = self.backends.bounded_load {
             if !(1.1..=100.0).contains(&f) {
                 return Err(format!(
@@ -2247,6 +2264,11 @@ backends:
                 "  pool:\n",
                 "  bounded_load: 0.9\n  pool:\n",
                 "backends.bounded_load",
+            ),
+            (
+                "  pool:\n",
+                "  reconnect_rate: 0\n  pool:\n",
+                "backends.reconnect_rate",
             ),
             (
                 "  pool:\n",

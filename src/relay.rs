@@ -154,6 +154,10 @@ pub struct RelayOutcome {
     pub farewell: Farewell,
     /// The session had turned COMPRESS=DEFLATE on.
     pub compressed: bool,
+    /// The client spoke last: it sent bytes after the backend's last ones,
+    /// so it is likely waiting for an answer (a command in flight), not
+    /// idling (IMAP IDLE's `+` came from the backend).
+    pub client_waiting: bool,
 }
 
 pub struct Counters {
@@ -202,6 +206,8 @@ struct Pump {
     from_backend: bool,
     /// The relay is stopping: end at the backend's next response boundary.
     stopping: bool,
+    /// Reads that brought bytes.
+    reads: u64,
 }
 
 impl Pump {
@@ -214,6 +220,7 @@ impl Pump {
             tally,
             from_backend,
             stopping: false,
+            reads: 0,
         }
     }
 
@@ -280,6 +287,7 @@ impl Pump {
                             }
                         }
                         Poll::Ready(Ok(())) => {
+                            self.reads += 1;
                             let mut end = read.filled().len();
                             if !self.from_backend {
                                 watch.client_sent(read.filled());
@@ -434,6 +442,8 @@ where
     // commands: it answers none of them.
     watch.backend_sent(&backend_said, false);
     watch.client_sent(&client_said);
+    // Commands pipelined behind the login are the backend's to answer.
+    let mut client_waiting = !client_said.is_empty();
     // Not kept: the client's may be the pre-auth read buffer.
     drop((backend_said, client_said));
     let mut limit = idle;
@@ -476,8 +486,14 @@ where
             };
         }
         let mut active = false;
+        // Who spoke last: the client, if only its direction read this turn.
+        let (up_reads, down_reads) = (up.reads, down.reads);
         if !up.done() {
-            match up.poll(cx, &mut client, &mut backend, &mut active, &mut watch) {
+            let polled = up.poll(cx, &mut client, &mut backend, &mut active, &mut watch);
+            if up.reads != up_reads {
+                client_waiting = true;
+            }
+            match polled {
                 Poll::Pending => {}
                 Poll::Ready(PumpEnd::Eof | PumpEnd::Lost | PumpEnd::Boundary) => {
                     closed.get_or_insert(RelayEnd::ClientClosed);
@@ -494,6 +510,9 @@ where
         if !down.done() {
             let before = down.total;
             let polled = down.poll(cx, &mut backend, &mut client, &mut active, &mut watch);
+            if down.reads != down_reads {
+                client_waiting = false;
+            }
             if down.total != before && watch.inflating() {
                 // The backend spoke: park its shadow once it is quiet.
                 let at = Instant::now() + PARK_AFTER;
@@ -572,6 +591,7 @@ where
         end,
         farewell,
         compressed: watch.compressed(),
+        client_waiting,
     }
 }
 

@@ -102,20 +102,7 @@ pub struct TlsConn {
 /// Accepts a TLS connection on `tcp`: runs the handshake to completion. The
 /// session tickets it produces stay queued and leave with the first write.
 pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsConn> {
-    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-    let mut tls = TlsConn {
-        tcp,
-        conn,
-        rx: Vec::new(),
-        rx_len: 0,
-        tx: Vec::new(),
-        tx_start: 0,
-        tx_end: 0,
-        plain: Vec::new(),
-        plain_start: 0,
-        read_closed: false,
-        close_queued: false,
-    };
+    let mut tls = TlsConn::new(tcp, config)?;
     match poll_fn(|cx| tls.poll_handshake(cx)).await {
         Ok(()) => Ok(tls),
         Err(e) => {
@@ -130,6 +117,22 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 impl TlsConn {
+    fn new(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsConn> {
+        Ok(TlsConn {
+            tcp,
+            conn: UnbufferedServerConnection::new(config).map_err(tls_error)?,
+            rx: Vec::new(),
+            rx_len: 0,
+            tx: Vec::new(),
+            tx_start: 0,
+            tx_end: 0,
+            plain: Vec::new(),
+            plain_start: 0,
+            read_closed: false,
+            close_queued: false,
+        })
+    }
+
     /// The TLS version agreed with the client.
     pub fn protocol_version(&self) -> Option<rustls::ProtocolVersion> {
         self.conn.protocol_version()
@@ -277,8 +280,12 @@ impl TlsConn {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.tcp.poll_read_ready(cx))?;
-            if self.rx.is_empty() {
-                self.rx = buffer::take();
+            if self.rx.len() < buffer::SIZE {
+                // Nothing held, or part of a record parked while the
+                // socket was quiet: back into a full buffer.
+                let mut full = buffer::take();
+                full[..self.rx_len].copy_from_slice(&self.rx[..self.rx_len]);
+                self.rx = full;
             }
             if self.rx_len == self.rx.len() {
                 if self.rx.len() >= MAX_RECEIVE {
@@ -297,7 +304,7 @@ impl TlsConn {
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    self.release_rx_if_empty();
+                    self.park_rx();
                 }
                 Err(e) => {
                     self.release_rx_if_empty();
@@ -305,6 +312,18 @@ impl TlsConn {
                 }
             }
         }
+    }
+
+    /// The socket is quiet: a part of a record waits in a buffer of its own
+    /// size, so that a peer that stalls mid-record (a slow or hostile
+    /// handshake) holds what it sent, not a whole receive buffer.
+    fn park_rx(&mut self) {
+        if self.rx_len == 0 || self.rx_len == self.rx.len() {
+            self.release_rx_if_empty();
+            return;
+        }
+        let parked = self.rx[..self.rx_len].to_vec();
+        buffer::give(std::mem::replace(&mut self.rx, parked));
     }
 
     fn release_rx_if_empty(&mut self) {
@@ -735,5 +754,45 @@ mod tests {
         assert_eq!(*inner, rustls::Error::NoApplicationProtocol);
         let seen = client.join().unwrap();
         assert!(seen.contains("NoApplicationProtocol"), "{seen}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_stalled_half_record_holds_what_arrived_not_a_whole_buffer() {
+        let (server_config, _) = configs(&[&rustls::version::TLS13]);
+        let listener = StdListener::bind("127.0.0.1:0").unwrap();
+        let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let mut tls = TlsConn::new(TcpStream::from_std(sock).unwrap(), server_config).unwrap();
+        // A handshake record announcing 16 KiB, of which 16 000 bytes come.
+        const SENT: usize = 16_000;
+        let mut record = vec![0x16, 0x03, 0x01, 0x40, 0x00];
+        record.resize(SENT, 0);
+        client.write_all(&record).unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tls.rx_len < SENT {
+            let polled = poll_fn(|cx| Poll::Ready(tls.poll_handshake(cx))).await;
+            assert!(polled.is_pending(), "the handshake waits for the rest");
+            if tls.rx_len < SENT {
+                tokio::time::timeout_at(deadline, tls.tcp.readable())
+                    .await
+                    .expect("the bytes arrive")
+                    .unwrap();
+            }
+        }
+        // Stalled: the socket is quiet and the part waits in its own size.
+        let polled = poll_fn(|cx| Poll::Ready(tls.poll_handshake(cx))).await;
+        assert!(polled.is_pending());
+        assert_eq!(tls.rx_len, SENT);
+        assert_eq!(tls.rx.len(), SENT, "a pooled buffer is not held");
+        assert!(tls.rx.capacity() < SENT + 1024);
+        // The rest of the record: the handshake goes on (and fails on the
+        // filler, which is no ClientHello).
+        client.write_all(&[0u8; 16 * 1024 + 5 - SENT]).unwrap();
+        let err = tokio::time::timeout_at(deadline, poll_fn(|cx| tls.poll_handshake(cx)))
+            .await
+            .expect("the whole record is read")
+            .expect_err("filler is no ClientHello");
+        assert_eq!(err.kind(), ErrorKind::InvalidData, "{err}");
     }
 }

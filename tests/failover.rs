@@ -297,3 +297,132 @@ fn sessions_of_a_backend_that_fails_its_checks_end_with_bye_unavailable() {
     );
     assert!(p.metric("postern_backend_checks_total{backend=\"bye\",result=\"fail\"}") >= 2.0);
 }
+
+/// Sends SIGSTOP to a backend's Dovecot (master and children): it holds
+/// its connections open but answers nothing until killed.
+fn freeze(b: &DovecotBackend) {
+    let pid = std::fs::read_to_string(b.dir.join("run/master.pid")).expect("master.pid");
+    let pid = pid.trim();
+    // Children first, so the master cannot start new ones meanwhile.
+    std::process::Command::new("pkill")
+        .args(["-STOP", "-P", pid])
+        .status()
+        .expect("run pkill");
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", pid])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "SIGSTOP to the master {pid}");
+}
+
+/// How long until the client hears `* BYE [UNAVAILABLE]`, from `since`.
+fn told_after(c: &mut Client, since: Instant) -> Duration {
+    let mut seen = Vec::new();
+    while let Some(line) = c.try_line() {
+        if line.starts_with("* BYE [UNAVAILABLE]") {
+            return since.elapsed();
+        }
+        seen.push(line);
+    }
+    panic!("no BYE before the end: {seen:?}");
+}
+
+/// A small herd is told within its own spread (2 sessions at the default
+/// 200 logins/s: 10 ms), not over the whole `reconnect_jitter`.
+#[test]
+fn a_small_herd_is_told_within_its_spread_not_the_whole_jitter() {
+    common::backend::ensure_installed();
+    let creds = [("alice", PASSWORD), ("bob", PASSWORD)];
+    let a = DovecotBackend::start_with_users("herd-a", &creds);
+    let p = Postern::start(Setup {
+        backends: &[&a],
+        users: &(user_on("alice", "herd-a") + &user_on("bob", "herd-a")),
+        backend_options: "health_check: { interval: 1h }\nreconnect_jitter: 60s",
+        ..Setup::default()
+    });
+    let mut clients: Vec<Client> = ["alice", "bob"]
+        .into_iter()
+        .map(|u| logged_in(&p, u))
+        .collect();
+    for c in &mut clients {
+        c.select_and_idle();
+    }
+    let killed = Instant::now();
+    a.stop();
+    for c in &mut clients {
+        let took = told_after(c, killed);
+        assert!(took < Duration::from_secs(5), "told after {took:?}");
+    }
+}
+
+/// With a spread far longer than the test, a client that waits for an
+/// answer when its backend dies is told at once; one in IDLE waits its turn.
+#[test]
+fn a_client_waiting_for_an_answer_is_told_at_once() {
+    common::backend::ensure_installed();
+    let creds = [("alice", PASSWORD), ("bob", PASSWORD)];
+    let a = DovecotBackend::start_with_users("herd-wait", &creds);
+    let p = Postern::start(Setup {
+        backends: &[&a],
+        users: &(user_on("alice", "herd-wait") + &user_on("bob", "herd-wait")),
+        // Two sessions at 0.1/s: a spread of 20 s.
+        backend_options:
+            "health_check: { interval: 1h }\nreconnect_jitter: 60s\nreconnect_rate: 0.1",
+        ..Setup::default()
+    });
+    let mut waiting = logged_in(&p, "alice");
+    assert!(waiting
+        .command("S", "SELECT INBOX")
+        .last()
+        .unwrap()
+        .starts_with("S OK"));
+    let mut idle = logged_in(&p, "bob");
+    idle.select_and_idle();
+    // The backend stops answering; alice's NOOP goes unanswered, then the
+    // backend dies.
+    freeze(&a);
+    let sent = "postern_relay_bytes_total{direction=\"client_to_backend\"}";
+    let before = p.metric(sent);
+    waiting.send(b"N NOOP\r\n");
+    p.wait_metric(sent, |v| v > before);
+    let killed = Instant::now();
+    a.stop();
+    let took = told_after(&mut waiting, killed);
+    assert!(took < Duration::from_secs(5), "told after {took:?}");
+    drop(idle);
+}
+
+/// A backend that accepts the connection and closes it before greeting (a
+/// mail server dying under its listener): nothing of the user was sent,
+/// so the login goes to the user's next backend, as a refused connect does.
+#[test]
+fn a_login_moves_on_when_the_backend_closes_before_its_greeting() {
+    common::backend::ensure_installed();
+    let walker = common::user_preferring(&["closing", "fo-close-b"], "closing");
+    let b = DovecotBackend::start_with_users("fo-close-b", &[(walker.as_str(), PASSWORD)]);
+    let closing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closing_addr = closing.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        for conn in closing.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    let pool = format!("    - {{ name: closing, address: \"{closing_addr}\" }}\n");
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        pool_lines: &pool,
+        users: &user(&walker),
+        // No check runs before the login, nor marks `closing` down.
+        backend_options: "health_check: { interval: 1h, fall: 5 }",
+        ..Setup::default()
+    });
+    let (mut c, _) = Client::imaps(p.imaps);
+    timed_login(&mut c, &walker);
+    c.command("Z", "LOGOUT");
+    assert_eq!(b.wait_logins_of(&walker, 1), 1);
+    assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    p.wait_for_log("backend unreachable, trying the next");
+}

@@ -201,6 +201,7 @@ impl Session {
                 connect_timeout: connect_deadline.saturating_duration_since(Instant::now()),
                 login_timeout: config.login_timeout,
                 helo: self.helo.as_deref(),
+                credentials_sent: Default::default(),
             };
             let result = match protocol {
                 Protocol::Imap => backend::connect_and_login(&route.backend, &request).await,
@@ -247,17 +248,27 @@ impl Session {
                 let reached = matches!(result, Ok(_) | Err(BackendError::Rejected(_)));
                 rt.pool.report(&route.backend, reached);
             }
+            // Before the credentials left, a failure says nothing of the
+            // user and the next backend in their order may take the login:
+            // a refused or reset connection, a TLS failure, a greeting cut
+            // short or garbled, a timeout (a backend dying under its
+            // listener accepts, then resets). A well-formed refusal from a
+            // backend that answers (a BYE or -ERR greeting, POP3
+            // [SYS/TEMP]) moves on only where the user's live sessions are
+            // not: one user's mail must not be split across two backends.
+            let credentials_sent = request.credentials_were_sent();
             let next = |e: &BackendError| match e {
                 BackendError::Connect { .. } | BackendError::Timeout("connecting") => true,
-                // A POP3 backend that greets with -ERR or garbage, or says
-                // [SYS/TEMP], had the credentials not yet or could not use
-                // them: the next backend may. Not where the user's live
-                // sessions are: a backend that answers is up, and one user's
-                // mail must not be split across two.
+                BackendError::Rejected(_)
+                | BackendError::Unsuitable(_)
+                | BackendError::InUse(_) => false,
                 BackendError::Greeting(_) | BackendError::Unavailable(_) => {
-                    protocol != Protocol::Imap && route.reason != RouteReason::Sticky
+                    route.reason != RouteReason::Sticky
                 }
-                _ => false,
+                BackendError::Timeout(_)
+                | BackendError::Tls(_)
+                | BackendError::Protocol(_)
+                | BackendError::Io(_) => !credentials_sent,
             };
             match result {
                 Ok(session) => {

@@ -316,7 +316,7 @@ impl Session {
         // period ends, Postern shuts down or an administrator ends the
         // session, the relay stops and says why; the client is told below.
         let backend = self.lease.as_ref().map(|l| Arc::clone(l.backend()));
-        let jitter = rt.config.backends.reconnect_jitter;
+        let herd_of = backend.clone();
         let shutdown = Arc::clone(&self.shutdown);
         let kick = Arc::clone(&info);
         let stop = async move {
@@ -380,10 +380,11 @@ impl Session {
         }
         // Shutting down, or ended by an administrator: the client is told
         // at once. The backend went down or away under the session: say so
-        // at a random moment within the jitter, so its clients do not all
-        // reconnect at once. Nothing is written where the client would not
-        // read it as a new response (mid-literal, inside a compressed
-        // stream that is not at a flush): it is only closed.
+        // at a random moment within the herd's spread, so its clients do
+        // not all reconnect at once, unless the client is waiting for an
+        // answer (it would only wait longer). Nothing is written where the
+        // client would not read it as a new response (mid-literal, inside
+        // a compressed stream that is not at a flush): it is only closed.
         let (bye, after_jitter): (Option<&[u8]>, bool) = match outcome.end {
             RelayEnd::Stopped(StopCause::Shutdown) => (Some(farewells.shutdown), false),
             RelayEnd::Stopped(StopCause::Kicked) => (Some(farewells.kicked), false),
@@ -398,9 +399,15 @@ impl Session {
             // Encoded before any wait: a shadow inflater is freed now.
             let said = outcome.farewell.encode(bye);
             tracing::debug!(farewell, said = said.is_some(), "relay stopped");
-            if after_jitter {
+            if after_jitter && !outcome.client_waiting {
                 drop(backend_stream);
-                tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())).await;
+                let herd = herd_of.as_ref().map_or(1, |b| b.active_sessions());
+                let spread = herd_spread(
+                    herd,
+                    rt.config.backends.reconnect_rate,
+                    rt.config.backends.reconnect_jitter,
+                );
+                tokio::time::sleep(spread.mul_f64(rand::random::<f64>())).await;
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 if let Some(said) = said {
@@ -583,6 +590,13 @@ impl Session {
             }
         }
     }
+}
+
+/// Over how long the sessions of a lost backend are told: the herd (the
+/// sessions this process holds there, each told at a random moment within
+/// the spread) at `rate` logins per second, at most `cap`.
+pub fn herd_spread(herd: usize, rate: f64, cap: Duration) -> Duration {
+    Duration::from_secs_f64(herd as f64 / rate).min(cap)
 }
 
 /// Writes one response in one write and flushes it through TLS.

@@ -264,6 +264,9 @@ async fn login(
     if let Some(attributes) = xclient {
         let attributes: Vec<&str> = attributes.iter().map(String::as_str).collect();
         if let Some((line, login)) = xclient_line(&attributes, req) {
+            if login {
+                req.mark_credentials_sent();
+            }
             conn.send(line.as_bytes()).await?;
             let answer = reply(&mut conn).await?;
             if answer.code == 220 {
@@ -372,6 +375,7 @@ mod tests {
             connect_timeout: std::time::Duration::from_secs(1),
             login_timeout: std::time::Duration::from_secs(1),
             helo: Some("laptop home"),
+            credentials_sent: Default::default(),
         };
         let (line, login) = xclient_line(&["ADDR", "PORT", "HELO", "LOGIN"], &req).unwrap();
         assert_eq!(
