@@ -50,6 +50,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    postern::tls::install_provider();
     match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => check_config(config),

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::crypto::ring as provider;
+use rustls::crypto::aws_lc_rs as provider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
@@ -36,6 +36,13 @@ pub enum SelfSignedMode {
     Persist,
     /// Make one in memory only (`check-config` writes nothing).
     InMemory,
+}
+
+/// Makes aws-lc-rs the process's crypto provider, for the libraries that
+/// build their TLS configurations from it (the cluster store's client).
+/// Postern's own configurations name it explicitly. Idempotent.
+pub fn install_provider() {
+    let _ = provider::default_provider().install_default();
 }
 
 /// Builds the server config from `tls.certificates`, or from the

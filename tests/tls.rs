@@ -233,3 +233,69 @@ fn tls12_clients_are_served() {
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
 }
+
+/// The key exchange a TLS 1.3 client with these groups gets.
+fn negotiated_group(
+    port: u16,
+    provider: rustls::crypto::CryptoProvider,
+    groups: &[&'static dyn rustls::crypto::SupportedKxGroup],
+) -> rustls::NamedGroup {
+    let mut provider = provider;
+    provider.kx_groups = groups.to_vec();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(common::client::accept_any())
+        .with_no_client_auth();
+    let conn =
+        rustls::ClientConnection::new(std::sync::Arc::new(config), "localhost".try_into().unwrap())
+            .unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp(port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    tls.conn.negotiated_key_exchange_group().unwrap().name()
+}
+
+/// The hybrid post-quantum key exchange for clients that send a key share
+/// for it, X25519 or P-256 for those that do not (no retry round trip).
+#[test]
+fn post_quantum_key_exchange_for_clients_that_offer_it() {
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    use rustls::NamedGroup;
+    let (_b, p) = start("pq", "");
+    assert_eq!(
+        negotiated_group(
+            p.imaps,
+            default_provider(),
+            &[kx_group::X25519MLKEM768, kx_group::X25519]
+        ),
+        NamedGroup::X25519MLKEM768
+    );
+    assert_eq!(
+        negotiated_group(
+            p.imaps,
+            default_provider(),
+            &[kx_group::X25519, kx_group::X25519MLKEM768]
+        ),
+        NamedGroup::X25519,
+        "a client that sends its key share for X25519 gets it, with no extra round trip"
+    );
+    assert_eq!(
+        negotiated_group(
+            p.imaps,
+            rustls::crypto::ring::default_provider(),
+            &[rustls::crypto::ring::kx_group::X25519]
+        ),
+        NamedGroup::X25519
+    );
+    assert_eq!(
+        negotiated_group(
+            p.imaps,
+            rustls::crypto::ring::default_provider(),
+            &[rustls::crypto::ring::kx_group::SECP256R1]
+        ),
+        NamedGroup::secp256r1
+    );
+}

@@ -567,7 +567,7 @@ impl Client<TcpStream> {
     async fn tls_alpn(self, alpn: &[&[u8]]) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
         assert!(self.buf.is_empty(), "bytes before the TLS handshake");
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -620,7 +620,7 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
+        rustls::crypto::aws_lc_rs::default_provider()
             .signature_verification_algorithms
             .supported_schemes()
     }
