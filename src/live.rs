@@ -133,7 +133,11 @@ impl Runtime {
             };
         // Certificates last: a self-signed one is written only for a config
         // that is otherwise good.
-        let tls = crate::tls::server_config(&config, self_signed).map_err(|e| e.to_string())?;
+        // The ticket keys outlive a reload: a client resumes with a ticket
+        // from before it.
+        let ticketer = previous.map(|r| Arc::clone(&r.tls.ticketer));
+        let tls =
+            crate::tls::server_config(&config, self_signed, ticketer).map_err(|e| e.to_string())?;
         let tls_by_protocol =
             crate::config::Protocol::ALL.map(|p| crate::tls::for_protocol(&tls, p));
         let probe = match &config.backends.health_check.login {

@@ -47,7 +47,11 @@ pub fn install_provider() {
 
 /// Builds the server config from `tls.certificates`, or from the
 /// self-signed certificate (made if missing) when none is listed.
-pub fn server_config(config: &Config, mode: SelfSignedMode) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    config: &Config,
+    mode: SelfSignedMode,
+    ticketer: Option<Arc<dyn rustls::server::ProducesTickets>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let resolver = if config.tls.certificates.is_empty() {
         SniResolver::new(self_signed(config, &config.tls.self_signed, mode)?)
     } else {
@@ -84,7 +88,12 @@ pub fn server_config(config: &Config, mode: SelfSignedMode) -> Result<Arc<Server
     // Resumption: a reconnecting phone skips the full handshake. Tickets are
     // encrypted with keys that rotate every few hours; one ticket per
     // handshake is enough for a client that reconnects one session at a time.
-    server.ticketer = provider::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?;
+    // The keys are the process's: every worker thread and every listener
+    // share them, and a reload passes them on.
+    server.ticketer = match ticketer {
+        Some(t) => t,
+        None => provider::Ticketer::new().map_err(|e| TlsError::Setup(e.to_string()))?,
+    };
     server.send_tls13_tickets = 1;
     Ok(Arc::new(server))
 }

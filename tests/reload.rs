@@ -310,3 +310,50 @@ fn a_configmap_style_symlink_swap_is_seen() {
     });
     assert!(login_ok(p.imaps, "bob"));
 }
+
+/// One IMAPS connection with `config` (whose session store keeps the
+/// tickets): reads the greeting, so the ticket sent with it is kept, and
+/// says whether the handshake was a resumption.
+fn resumed(port: u16, config: &Arc<rustls::ClientConfig>) -> bool {
+    use std::io::BufRead;
+    let conn =
+        rustls::ClientConnection::new(Arc::clone(config), "localhost".try_into().unwrap()).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp(port));
+    while tls.conn.is_handshaking() {
+        tls.conn.complete_io(&mut tls.sock).unwrap();
+    }
+    let kind = tls.conn.handshake_kind();
+    let mut greeting = String::new();
+    std::io::BufReader::new(&mut tls)
+        .read_line(&mut greeting)
+        .unwrap();
+    assert!(greeting.starts_with("* OK"), "{greeting:?}");
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+/// TLS 1.3 tickets are the process's: any worker thread takes a ticket
+/// another issued, and a reload keeps the keys, so a reconnecting client
+/// resumes rather than paying for a full handshake.
+#[test]
+fn session_tickets_work_on_every_worker_and_survive_a_reload() {
+    common::backend::ensure_installed();
+    let b = DovecotBackend::start_with_users("tickets", &[("alice", PASSWORD)]);
+    let p = Postern::start(Setup {
+        backends: &[&b],
+        users: &user("alice"),
+        extra: "reload:\n  watch: false\nworkers: 4\n",
+        ..Setup::default()
+    });
+    let mut config = (*common::client::client_config(&[b"imap"])).clone();
+    config.resumption = rustls::client::Resumption::in_memory_sessions(8);
+    let config = Arc::new(config);
+    assert!(!resumed(p.imaps, &config), "the first handshake is full");
+    // Each connection takes the ticket the previous one left; with four
+    // workers they land on different threads.
+    for i in 0..12 {
+        assert!(resumed(p.imaps, &config), "connection {i} resumed");
+    }
+    p.signal("HUP");
+    common::wait_until("SIGHUP reloads", DETECT, || reloads(&p, "success") == 1.0);
+    assert!(resumed(p.imaps, &config), "a ticket from before the reload");
+}
