@@ -10,6 +10,7 @@ Each input line is one peer's record as bench/run writes it:
    "proxy_cpu_ms": N | null, "helper_cpu_ms": N | null,
    "resumed": {loadgen logins --resume JSON} | null,
    "resumed_cpu_ms": N | null, "resumed_helper_cpu_ms": N | null,
+   "resumed_skipped": "why" | null,
    "pop3": {loadgen pop3 JSON} | null, "pop3_cpu_ms": N | null,
    "pop3_helper_cpu_ms": N | null, "pop3_skipped": "why" | null,
    "silent": {loadgen halfopen --bytes 0 JSON} | null,
@@ -220,8 +221,8 @@ def render_storm(records):
     base = next((r.get("storm") for r in records if r["proxy"] == BASELINE), None) or {}
     lines = [
         "| proxy | affected | told p50 / p99 s | all back p50 / p99 / max s | failed tries "
-        "| never back | machine saturated | loadgen CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| never back | machine saturated | proxy CPU s | loadgen CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     notes = []
     for r in records:
@@ -231,26 +232,38 @@ def render_storm(records):
             notes.append(f"{name}: skipped: {r['storm_skipped']}")
             continue
         if storm is None:
-            lines.append(f"| {name} |" + " — |" * 7)
+            lines.append(f"| {name} |" + " — |" * 8)
             notes.append(f"{name}: the storm phase failed (see the log above)")
             continue
         b = base if name != BASELINE else {}
         back = (f"{seconds(storm['back_p50_s'])} / {seconds(storm['back_p99_s'])}"
                 f"{ratio_note(storm['back_p99_s'], b.get('back_p99_s'))} / {seconds(storm['back_max_s'])}"
                 f"{ratio_note(storm['back_max_s'], b.get('back_max_s'))}")
+        proxy_cpu = "—"
         if machine:
             busy = f"peak {machine['peak_busy']:.0%}, mean {machine['mean_busy']:.0%}"
             if machine["longest_saturated_s"] > 0:
                 saturated = f"{machine['longest_saturated_s']:.1f} s ({busy})"
             else:
                 saturated = f"no ({busy})"
+            proxy_cpu = f"{machine['peer_cpu_s']:.1f}"
+            if machine.get("helper_cpu_s"):
+                notes.append(f"{name}: {helper_name(name)} used a further {machine['helper_cpu_s']:.1f} CPU s")
+            # What the machine spent beyond the bench's own processes.
+            own = machine["peer_cpu_s"] + machine["backend_cpu_s"] + machine["helper_cpu_s"] + storm["loadgen_cpu_ms"] / 1000
+            other = machine["busy_cpu_s"] - own
+            capacity = machine["secs"] * machine["cpus"]
+            if capacity and other > 0.05 * capacity:
+                notes.append(f"{name}: processes outside the benchmark used about {other:.0f} of the "
+                             f"{capacity:.0f} CPU s while the storm was followed ({other / capacity:.0%} of "
+                             "the machine); the saturation figure includes them")
         else:
             saturated = "—"
         lines.append(
             f"| {name} | {storm['affected']} of {storm['sessions']} "
             f"| {seconds(storm['told_p50_s'])} / {seconds(storm['told_p99_s'])} | {back} "
             f"| {storm['failed_tries']} | {storm['never_back']} | {saturated} "
-            f"| {storm['loadgen_cpu_ms'] / 1000:.1f} |"
+            f"| {proxy_cpu} | {storm['loadgen_cpu_ms'] / 1000:.1f} |"
         )
         if storm.get("setup_failed"):
             notes.append(f"{name}: {storm['setup_failed']} sessions failed to reach IDLE before the kill")
@@ -309,7 +322,9 @@ def main():
         resumed_notes = []
         for r in resumed_records:
             resumed = r.get("resumed")
-            if resumed is None:
+            if r.get("resumed_skipped"):
+                resumed_notes.append(f"{r['proxy']}: skipped: {r['resumed_skipped']}")
+            elif resumed is None:
                 resumed_notes.append(f"{r['proxy']}: the resumed logins phase failed (see the log above)")
             elif resumed.get("errors"):
                 resumed_notes.append(f"{r['proxy']}: {resumed['errors']} login errors")
@@ -321,7 +336,8 @@ def main():
                   "tickets it receives and offers one on its next connection (its first is a full "
                   "handshake); *share resumed*: of the handshakes after each loop's first, those that "
                   "did resume; *CPU vs full handshakes* divides the peer's CPU ms/login by its own in the logins phase.", ""]
-        lines += render(resumed_records, RESUMED_COLUMNS, resumed_table, resumed_notes)
+        shown = [r for r in resumed_records if not r.get("resumed_skipped")]
+        lines += render(shown, RESUMED_COLUMNS, resumed_table, resumed_notes)
 
     pop3_records = [r for r in records if "pop3" in r]
     if pop3_records:
@@ -352,7 +368,8 @@ def main():
                   "*told*: from the kill until a session gets `* BYE` or its connection closes; "
                   "*back*: until it is in IDLE again (back-off 100 ms ±50 %, doubling to 2 s); "
                   f"*never back*: told but not back within {deadline or '?'} s; "
-                  "*machine saturated*: the longest stretch with less than 5 % of the CPU idle.", ""]
+                  "*machine saturated*: the longest stretch with less than 5 % of the CPU idle "
+                  "(sampled each 0.5 s); *proxy CPU s*: the peer's CPU over the same time.", ""]
         lines += render_storm(storm_records)
     print("\n".join(lines))
 

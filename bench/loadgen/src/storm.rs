@@ -338,7 +338,7 @@ async fn session(
             }
             Ok(Err(e)) => {
                 failed_tries += 1;
-                s.errors.record(e);
+                s.errors.record(without_user(e));
             }
             // The deadline passed during the try.
             Err(_) => {
@@ -354,6 +354,18 @@ async fn session(
         failed_tries,
     });
     None
+}
+
+/// "LOGIN u17: …" as "LOGIN: …", so that the same failure for different
+/// users counts as one kind.
+fn without_user(e: String) -> String {
+    match e
+        .strip_prefix("LOGIN ")
+        .and_then(|rest| rest.split_once(": "))
+    {
+        Some((_, why)) => format!("LOGIN: {why}"),
+        None => e,
+    }
 }
 
 /// Waits for the teardown signal, then DONE and LOGOUT.
@@ -458,6 +470,15 @@ mod tests {
         assert!(parse_pids("99\n", 99).is_err());
         assert!(parse_pids("12 34\n", 99).is_err());
         assert!(parse_pids("abc\n", 99).is_err());
+    }
+
+    #[test]
+    fn failures_without_users() {
+        assert_eq!(
+            without_user("LOGIN u17: connection closed by the server".into()),
+            "LOGIN: connection closed by the server"
+        );
+        assert_eq!(without_user("connect: refused".into()), "connect: refused");
     }
 
     #[test]
