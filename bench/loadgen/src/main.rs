@@ -3,7 +3,9 @@
 //! Each subcommand drives one benchmark phase against a proxy (or a backend
 //! directly), prints ONE line of JSON on stdout and exits 0, or prints a
 //! message on stderr and exits 1. Every loop is bounded in count or time,
-//! every read by a 10 s timeout, and only loopback targets are accepted.
+//! every read by a 10 s timeout (a storm session waiting in IDLE to be told,
+//! or a held half-open connection, by the phase's length), and only
+//! loopback targets are accepted.
 
 mod conn;
 mod halfopen;
