@@ -253,10 +253,13 @@ def render_storm(records):
             own = machine["peer_cpu_s"] + machine["backend_cpu_s"] + machine["helper_cpu_s"] + storm["loadgen_cpu_ms"] / 1000
             other = machine["busy_cpu_s"] - own
             capacity = machine["secs"] * machine["cpus"]
-            if capacity and other > 0.05 * capacity:
+            if capacity and other > 0.1 * capacity:
                 notes.append(f"{name}: processes outside the benchmark used about {other:.0f} of the "
                              f"{capacity:.0f} CPU s while the storm was followed ({other / capacity:.0%} of "
                              "the machine); the saturation figure includes them")
+            if machine.get("tick_share", 1) < 0.9:
+                notes.append(f"{name}: the kernel counted only {machine['tick_share']:.0%} of the clock's CPU ticks "
+                             "while the storm was followed; busy time is taken as clock time less idle time")
         else:
             saturated = "—"
         lines.append(
