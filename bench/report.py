@@ -274,6 +274,12 @@ def render_storm(records):
             notes.append(f"{name}: {storm['dropped_before_kill']} sessions were closed before the kill")
         if storm.get("failures"):
             notes.append(f"{name}: failed tries saw: " + "; ".join(f"`{f}`" for f in storm["failures"]))
+    kills = [r["storm"] for r in records if r.get("storm") and "kill_ms" in r["storm"]]
+    if kills:
+        counts = sorted({k["killed"] for k in kills})
+        spans = sorted(k["kill_ms"] for k in kills)
+        notes.append(f"SIGKILL reached backend B's {'/'.join(map(str, counts))} processes within "
+                     f"{spans[0]:.0f}–{spans[-1]:.0f} ms of the first; *told* counts from the first")
     if notes:
         lines.append("")
         lines.extend(f"- {n}" for n in notes)

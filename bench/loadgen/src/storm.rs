@@ -162,9 +162,12 @@ pub(crate) async fn storm(a: StormArgs) -> Result<String> {
     let cpu0 = own_cpu_ms();
     t0_tx.send_replace(Some(t0));
     let (killed, already_gone) = kill_all(&pids)?;
+    // Told times include this: the last process was signalled this long
+    // after t0.
+    let kill_ms = t0.elapsed().as_secs_f64() * 1000.0;
     eprintln!(
-        "postern-loadgen: SIGKILL sent to {killed} processes ({already_gone} already gone); \
-         following the sessions for {} s",
+        "postern-loadgen: SIGKILL sent to {killed} processes ({already_gone} already gone) \
+         in {kill_ms:.1} ms; following the sessions for {} s",
         a.deadline_secs
     );
 
@@ -208,7 +211,8 @@ pub(crate) async fn storm(a: StormArgs) -> Result<String> {
     };
     let json = format!(
         "{{\"sessions\":{idling},\"setup_failed\":{setup_failed},\"setup_secs\":{setup_secs:.2},\
-         \"killed\":{killed},\"already_gone\":{already_gone},\"dropped_before_kill\":{dropped},\
+         \"killed\":{killed},\"already_gone\":{already_gone},\"kill_ms\":{kill_ms:.1},\
+         \"dropped_before_kill\":{dropped},\
          \"affected\":{},\"told_p50_s\":{},\"told_p99_s\":{},\"told_max_s\":{},\
          \"back\":{},\"back_p50_s\":{},\"back_p99_s\":{},\"back_max_s\":{},\
          \"failed_tries\":{failed_tries},\"never_back\":{},\"deadline_secs\":{},\"backoff_ms\":{},\
