@@ -278,8 +278,9 @@ def render_storm(records):
     if kills:
         counts = sorted({k["killed"] for k in kills})
         spans = sorted(k["kill_ms"] for k in kills)
+        span = f"{spans[0]:.0f}–{spans[-1]:.0f}" if f"{spans[0]:.0f}" != f"{spans[-1]:.0f}" else f"{spans[0]:.0f}"
         notes.append(f"SIGKILL reached backend B's {'/'.join(map(str, counts))} processes within "
-                     f"{spans[0]:.0f}–{spans[-1]:.0f} ms of the first; *told* counts from the first")
+                     f"{span} ms of the first; *told* counts from the first")
     if notes:
         lines.append("")
         lines.extend(f"- {n}" for n in notes)
