@@ -14,7 +14,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use rustls::{ClientConfig, DigitallySignedStruct, HandshakeKind, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -69,10 +69,19 @@ impl ServerCertVerifier for AcceptAnyCert {
     }
 }
 
-/// A TLS connector that trusts anything, sends SNI `localhost`, offers no
-/// ALPN, and never resumes: every connection pays a full handshake, as a
-/// fleet of distinct clients would.
-pub fn tls_connector() -> Result<TlsConnector> {
+/// How many servers' tickets a resuming connector's store keeps; the
+/// benchmark talks to one (`localhost`), and rustls keeps up to 8 TLS 1.3
+/// tickets per server.
+const RESUMPTION_SERVERS: usize = 8;
+
+/// A TLS connector that trusts anything, sends SNI `localhost` and offers
+/// no ALPN. Without `resume` it never resumes: every connection pays a full
+/// handshake, as a fleet of distinct clients would. With `resume` it keeps
+/// the TLS 1.3 session tickets it receives in its own in-memory store and
+/// offers one (the newest; each is used once) on its next connection, as
+/// one client that reconnects does: give each client loop its own
+/// connector, so that loops do not share tickets.
+pub fn tls_connector(resume: bool) -> Result<TlsConnector> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -80,7 +89,11 @@ pub fn tls_connector() -> Result<TlsConnector> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
         .with_no_client_auth();
-    config.resumption = Resumption::disabled();
+    config.resumption = if resume {
+        Resumption::in_memory_sessions(RESUMPTION_SERVERS)
+    } else {
+        Resumption::disabled()
+    };
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
@@ -206,6 +219,15 @@ impl Conn {
         }
     }
 
+    /// Whether the TLS handshake resumed an earlier session (with a ticket)
+    /// rather than doing a full one; false without TLS.
+    pub fn resumed(&self) -> bool {
+        match &self.stream {
+            Stream::Plain(_) => false,
+            Stream::Tls(s) => s.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed),
+        }
+    }
+
     pub async fn send(&mut self, data: &[u8]) -> Result<()> {
         // write_all + flush: a TLS stream holds records until flushed.
         let io = async {
@@ -218,9 +240,11 @@ impl Conn {
             .map_err(|e| format!("write: {e}"))
     }
 
-    /// Reads more bytes into the buffer (compacting or growing it first);
-    /// end of stream is an error, since every caller still expects data.
-    async fn fill(&mut self) -> Result<()> {
+    /// Reads more bytes into the buffer (compacting or growing it first),
+    /// waiting at most `limit`; end of stream is an error, since every
+    /// caller still expects data. Cancel-safe: bytes count as read only once
+    /// the read has returned them.
+    async fn fill(&mut self, limit: Duration) -> Result<()> {
         if self.pos == self.end {
             self.pos = 0;
             self.end = 0;
@@ -236,9 +260,9 @@ impl Conn {
                 self.buf.resize(len, 0);
             }
         }
-        let n = timeout(READ_TIMEOUT, self.stream.read(&mut self.buf[self.end..]))
+        let n = timeout(limit, self.stream.read(&mut self.buf[self.end..]))
             .await
-            .map_err(|_| "read: timed out after 10 s".to_string())?
+            .map_err(|_| format!("read: timed out after {} s", limit.as_secs()))?
             .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed by the server".into());
@@ -249,6 +273,13 @@ impl Conn {
 
     /// One response line without its CRLF (lossy UTF-8; only for matching).
     pub async fn line(&mut self) -> Result<String> {
+        self.line_within(READ_TIMEOUT).await
+    }
+
+    /// As `line`, but each read waits up to `limit` instead of
+    /// `READ_TIMEOUT`: for a session that waits in IDLE for the server to
+    /// speak. Cancel-safe, so it can race another event in `select!`.
+    pub async fn line_within(&mut self, limit: Duration) -> Result<String> {
         let mut scanned = 0;
         loop {
             let unread = &self.buf[self.pos..self.end];
@@ -264,7 +295,7 @@ impl Conn {
             // fill() may move the unread bytes to the buffer's start, but
             // keeps their order, so `scanned` stays valid.
             scanned = unread.len();
-            self.fill().await?;
+            self.fill(limit).await?;
         }
     }
 

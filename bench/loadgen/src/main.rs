@@ -3,9 +3,13 @@
 //! Each subcommand drives one benchmark phase against a proxy (or a backend
 //! directly), prints ONE line of JSON on stdout and exits 0, or prints a
 //! message on stderr and exits 1. Every loop is bounded in count or time,
-//! every read by a 10 s timeout, and only loopback targets are accepted.
+//! every read by a 10 s timeout (a storm session waiting in IDLE to be told,
+//! or a held half-open connection, by the phase's length), and only
+//! loopback targets are accepted.
 
 mod conn;
+mod halfopen;
+mod storm;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -52,6 +56,12 @@ enum Command {
     /// Repeated full POP3 logins (connect, TLS, AUTH PLAIN or USER/PASS,
     /// STAT, QUIT) for a fixed time.
     Pop3(Pop3Args),
+    /// Hold many connections that each sent part of a TLS handshake record
+    /// (or nothing), to measure what a stalled handshake costs the peer.
+    Halfopen(halfopen::HalfopenArgs),
+    /// Hold many sessions in IDLE, SIGKILL a backend's processes, and time
+    /// how the sessions that lose it are told and reconnect.
+    Storm(storm::StormArgs),
 }
 
 #[derive(Args)]
@@ -71,15 +81,30 @@ enum TlsMode {
 }
 
 impl Target {
-    /// Checks the target is loopback and builds the TLS connector, if any.
+    /// Checks the target is loopback and builds the TLS connector, if any
+    /// (one that never resumes).
     fn prepare(&self) -> Result<Option<TlsConnector>> {
-        if !self.target.ip().is_loopback() {
-            return Err(format!("refusing non-loopback target {}", self.target));
-        }
+        check_loopback(self.target)?;
+        self.connector(false)
+    }
+
+    /// A new TLS connector (with its own ticket store when `resume`), or
+    /// None for plain text.
+    fn connector(&self, resume: bool) -> Result<Option<TlsConnector>> {
         match self.tls {
-            TlsMode::Implicit => conn::tls_connector().map(Some),
+            TlsMode::Implicit => conn::tls_connector(resume).map(Some),
+            TlsMode::None if resume => Err("--resume needs --tls implicit".into()),
             TlsMode::None => Ok(None),
         }
+    }
+}
+
+/// Only loopback targets: the benchmark never loads another machine.
+fn check_loopback(target: SocketAddr) -> Result<()> {
+    if target.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!("refusing non-loopback target {target}"))
     }
 }
 
@@ -107,6 +132,12 @@ struct RepeatArgs {
     /// No login starts after this many seconds.
     #[arg(long, default_value_t = 10)]
     duration_secs: u64,
+    /// Resume TLS 1.3 sessions as a reconnecting client does: each loop
+    /// keeps the session tickets it receives and offers one on its next
+    /// connection (its first connection does a full handshake). The JSON
+    /// counts the connections that did resume.
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -193,13 +224,18 @@ fn main() -> ExitCode {
             Command::Idle(a) => idle(a).await,
             Command::Append(a) => append(a).await,
             Command::Pop3(a) => pop3(a).await,
+            Command::Halfopen(a) => halfopen::halfopen(a).await,
+            // Prints its JSON itself, before closing its sessions.
+            Command::Storm(a) => storm::storm(a).await,
         }
     });
     // Tasks still blocked on a dead peer must not delay the exit.
     runtime.shutdown_background();
     match outcome {
         Ok(json) => {
-            println!("{json}");
+            if !json.is_empty() {
+                println!("{json}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -224,6 +260,11 @@ impl Errors {
 
     fn count(&self) -> u64 {
         self.0.lock().expect("errors lock").0
+    }
+
+    /// The first few distinct messages.
+    fn first(&self) -> Vec<String> {
+        self.0.lock().expect("errors lock").1.clone()
     }
 
     /// "N errors, first: a | b" for stderr and failure messages.
@@ -277,41 +318,55 @@ async fn logout(c: &mut Conn, scratch: &mut Vec<u8>) -> Result<()> {
     command(c, "c", "LOGOUT", "LOGOUT", scratch).await
 }
 
-/// One whole client visit; returns the TLS parameters it negotiated.
+/// What a successful visit reports: the TLS parameters it negotiated and
+/// whether its handshake resumed an earlier session.
+struct Visited {
+    tls: String,
+    resumed: bool,
+}
+
+impl Visited {
+    fn of(c: &Conn) -> Visited {
+        Visited {
+            tls: c.tls_description(),
+            resumed: c.resumed(),
+        }
+    }
+}
+
+/// One whole client visit.
 async fn one_login(
     target: SocketAddr,
     tls: Option<&TlsConnector>,
     user: &str,
     password: &str,
-) -> Result<String> {
+) -> Result<Visited> {
     let mut scratch = Vec::new();
     let mut c = Conn::open(target, tls, SMALL_BUF).await?;
     login(&mut c, user, password, &mut scratch).await?;
     select_inbox(&mut c, &mut scratch).await?;
     logout(&mut c, &mut scratch).await?;
-    Ok(c.tls_description())
+    Ok(Visited::of(&c))
 }
 
 async fn logins(a: LoginsArgs) -> Result<String> {
-    let tls = a.target.prepare()?;
     let (target, password) = (a.target.target, Arc::new(a.password));
-    let visit = move |user: String| {
-        let (tls, password) = (tls.clone(), password.clone());
+    let visit = move |user: String, tls: Option<TlsConnector>| {
+        let password = password.clone();
         async move { one_login(target, tls.as_ref(), &user, &password).await }
     };
-    let summary = timed_logins(&a.repeat, visit).await?;
+    let summary = timed_logins(&a.repeat, &a.target, visit).await?;
     Ok(format!("{{{summary}}}"))
 }
 
-/// One POP3 visit: greeting, authentication, STAT, QUIT; returns the TLS
-/// parameters it negotiated.
+/// One POP3 visit: greeting, authentication, STAT, QUIT.
 async fn one_pop3_login(
     target: SocketAddr,
     tls: Option<&TlsConnector>,
     auth: Pop3Auth,
     user: &str,
     password: &str,
-) -> Result<String> {
+) -> Result<Visited> {
     let mut c = Conn::connect(target, tls, SMALL_BUF).await?;
     c.pop3_ok("greeting").await?;
     match auth {
@@ -333,17 +388,16 @@ async fn one_pop3_login(
     c.pop3_ok("STAT").await?;
     c.send(b"QUIT\r\n").await?;
     c.pop3_ok("QUIT").await?;
-    Ok(c.tls_description())
+    Ok(Visited::of(&c))
 }
 
 async fn pop3(a: Pop3Args) -> Result<String> {
-    let tls = a.target.prepare()?;
     let (target, password, auth) = (a.target.target, Arc::new(a.password), a.auth);
-    let visit = move |user: String| {
-        let (tls, password) = (tls.clone(), password.clone());
+    let visit = move |user: String, tls: Option<TlsConnector>| {
+        let password = password.clone();
         async move { one_pop3_login(target, tls.as_ref(), auth, &user, &password).await }
     };
-    let summary = timed_logins(&a.repeat, visit).await?;
+    let summary = timed_logins(&a.repeat, &a.target, visit).await?;
     let auth = match a.auth {
         Pop3Auth::Plain => "plain",
         Pop3Auth::User => "user",
@@ -351,18 +405,25 @@ async fn pop3(a: Pop3Args) -> Result<String> {
     Ok(format!("{{{summary},\"auth\":\"{auth}\"}}"))
 }
 
-/// Runs `visit(user)` in `concurrency` loops until the duration has passed,
-/// users cycling over PREFIX0 … PREFIX{N-1}; returns the JSON fields (without
-/// braces) of the outcome: logins, errors, rate, latency percentiles, the
-/// loadgen's own CPU and the TLS parameters seen.
-async fn timed_logins<F, Fut>(r: &RepeatArgs, visit: F) -> Result<String>
+/// Runs `visit(user, connector)` in `concurrency` loops until the duration
+/// has passed, users cycling over PREFIX0 … PREFIX{N-1}; each loop has a
+/// TLS connector of its own (so with `--resume` its own ticket store).
+/// Returns the JSON fields (without braces) of the outcome: logins, errors,
+/// rate, latency percentiles, the loadgen's own CPU, the TLS parameters
+/// seen, and whether resumption was on and how many logins resumed.
+async fn timed_logins<F, Fut>(r: &RepeatArgs, target: &Target, visit: F) -> Result<String>
 where
-    F: Fn(String) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Result<String>> + Send,
+    F: Fn(String, Option<TlsConnector>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<Visited>> + Send,
 {
+    check_loopback(target.target)?;
     if r.users == 0 || r.concurrency == 0 {
         return Err("--users and --concurrency must be positive".into());
     }
+    let connectors = (0..r.concurrency)
+        .map(|_| target.connector(r.resume))
+        .collect::<Result<Vec<_>>>()?;
+    let resumed = Arc::new(AtomicUsize::new(0));
     let next_user = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(Errors::default());
     let tls_used = Arc::new(OnceLock::new());
@@ -371,12 +432,13 @@ where
     let deadline = start + Duration::from_secs(r.duration_secs);
 
     let mut loops = Vec::with_capacity(r.concurrency);
-    for _ in 0..r.concurrency {
-        let (visit, next_user, errors, tls_used) = (
+    for connector in connectors {
+        let (visit, next_user, errors, tls_used, resumed) = (
             visit.clone(),
             next_user.clone(),
             errors.clone(),
             tls_used.clone(),
+            resumed.clone(),
         );
         let (prefix, users) = (r.user_prefix.clone(), r.users);
         loops.push(tokio::spawn(async move {
@@ -390,10 +452,13 @@ where
                     next_user.fetch_add(1, Ordering::Relaxed) % users
                 );
                 let began = Instant::now();
-                match visit(user).await {
-                    Ok(description) => {
+                match visit(user, connector.clone()).await {
+                    Ok(visited) => {
                         latencies_us.push(began.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        tls_used.get_or_init(|| description);
+                        if visited.resumed {
+                            resumed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        tls_used.get_or_init(|| visited.tls);
                     }
                     Err(e) => {
                         errors.record(e);
@@ -418,7 +483,7 @@ where
     latencies.sort_unstable();
     let ms = |p: f64| percentile(&latencies, p) as f64 / 1000.0;
     Ok(format!(
-        "\"logins\":{},\"errors\":{},\"secs\":{:.3},\"logins_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"loadgen_cpu_ms\":{},\"tls\":{}",
+        "\"logins\":{},\"errors\":{},\"secs\":{:.3},\"logins_per_sec\":{:.1},\"p50_ms\":{:.2},\"p99_ms\":{:.2},\"loadgen_cpu_ms\":{},\"tls\":{},\"concurrency\":{},\"resume\":{},\"resumed\":{}",
         latencies.len(),
         errors.count(),
         secs,
@@ -427,6 +492,9 @@ where
         ms(0.99),
         cpu_ms,
         json_string(tls_used.get().map(String::as_str).unwrap_or("")),
+        r.concurrency,
+        r.resume,
+        resumed.load(Ordering::Relaxed),
     ))
 }
 
@@ -575,11 +643,7 @@ async fn idle(a: IdleArgs) -> Result<String> {
     let setup_secs = start.elapsed().as_secs_f64();
     errors.report("idle setup");
     eprintln!("postern-loadgen: {idling} sessions idling, {failed} failed, after {setup_secs:.1} s; holding {} s", a.hold_secs);
-    // Written whole and then renamed, so a watcher never reads it half-done.
-    let partial = a.ready_file.with_extension("partial");
-    std::fs::write(&partial, idling.to_string())
-        .and_then(|()| std::fs::rename(&partial, &a.ready_file))
-        .map_err(|e| format!("write {}: {e}", a.ready_file.display()))?;
+    write_ready(&a.ready_file, idling)?;
 
     tokio::time::sleep(Duration::from_secs(a.hold_secs)).await;
 
@@ -602,6 +666,15 @@ async fn idle(a: IdleArgs) -> Result<String> {
         setup_secs,
         teardown_errors.count(),
     ))
+}
+
+/// Writes `count` to the ready file whole, then renames it into place, so a
+/// watcher never reads it half-done.
+fn write_ready(path: &std::path::Path, count: usize) -> Result<()> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, count.to_string())
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| format!("write {}: {e}", path.display()))
 }
 
 async fn append(a: AppendArgs) -> Result<String> {
