@@ -6,7 +6,9 @@
 //! thousands of IDLE sessions that buffer is most of a session's memory.
 //! Here the ciphertext buffers come from [`crate::buffer`]: the receive
 //! buffer is taken only once the socket is readable and given back as soon
-//! as every received byte has been processed; the send buffer lives from
+//! as every received byte has been processed (a part of a record left
+//! when the socket goes quiet moves to a buffer of its own size, so a peer
+//! that stalls mid-record holds what it sent, not a whole buffer); the send buffer lives from
 //! the first encrypted write to the flush that empties it. Between bursts
 //! a session holds the socket and the rustls state (keys, sequence
 //! numbers), nothing else.
